@@ -1,0 +1,71 @@
+"""The Python API of the original design: ``predict_image``."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from ichscan.dicom import OK, decode_instance
+from ichscan.labels import LABELS
+
+
+@lru_cache(maxsize=4)
+def _screener(weights: str | None):
+    from ichscan.engine import Screener
+    from ichscan.models import load_model
+    from ichscan.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    return Screener(pm, load_model(pm, weights), "auto")
+
+
+def predict_image(
+    path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None, show: bool = False
+) -> tuple[list[str], dict[str, float], np.ndarray]:
+    """Screen one DICOM file.
+
+    Parameters
+    ----------
+    path
+        A CT DICOM file.
+    weights
+        A checkpoint from ``ichscan train``; default: the bundled weights.
+    show
+        Display the image with the prediction in a matplotlib window.
+
+    Returns
+    -------
+    predictions
+        Label names at or above their threshold (``any`` included when positive).
+    probabilities
+        ``label -> probability`` for all six labels.
+    image
+        The brain-window (40/80 HU) image, H x W uint8.
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be screened (not DICOM, not CT, unreadable...).
+    """
+    from ichscan.overlay import brain_window_image
+
+    decoded = decode_instance(path)
+    if decoded.status != OK or decoded.pixels is None:
+        raise ValueError(f"{path}: {decoded.status}: {decoded.error}")
+    screener = _screener(os.fspath(weights) if weights is not None else None)
+    result = screener.screen([decoded])[0]
+    if result.status != OK or result.probabilities is None or result.positive is None:
+        raise ValueError(f"{path}: {result.status}: {result.error}")
+    predictions = [label for label in LABELS if result.positive[label]]
+    image = brain_window_image(decoded.pixels, decoded.slope, decoded.intercept)
+    if show:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(image, cmap="gray")
+        ax.set_title(f"{result.top_label} {result.top_probability:.2f} | any {result.probabilities['any']:.2f}")
+        ax.axis("off")
+        plt.show()
+    return predictions, dict(result.probabilities), image

@@ -1,0 +1,156 @@
+"""``ichscan batch``: screen every file under a folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+import torch
+
+from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
+from ichscan.engine import Progress, Screener, cpu_count, default_batch_size, default_workers, resolve_device, run_stream
+from ichscan.models import load_model
+from ichscan.overlay import OVERLAY_CHOICES
+from ichscan.plugins import get_plugin_manager
+from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunSummary
+from ichscan.sources.folder import check_input_folder, count_folder, iter_folder
+
+log = logging.getLogger(__name__)
+
+
+class RunError(Exception):
+    """The run could not happen (bad input folder, unwritable output...)."""
+
+
+@dataclass
+class BatchOptions:
+    input_dir: Path
+    out: Path = Path("results.csv")
+    studies_out: Path | None = None  # default: <out stem>_studies.csv beside out
+    overlays_dir: Path | None = None  # default: overlays/ beside out
+    overlays_for: str = "positive"
+    weights: Path | None = None
+    model_name: str | None = None
+    thresholds: dict[str, float] | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    plugins_dirs: tuple[Path, ...] = ()
+    progress: bool = True
+    limits: DecodeLimits = DEFAULT_LIMITS
+    options: dict = field(default_factory=dict)
+
+
+def default_studies_out(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_studies.csv")
+
+
+def prepare_output_file(path: Path, what: str) -> None:
+    """Create the parent folder and check that ``path`` can be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create folder for {what} {path}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise RunError(f"{what} {path} is a folder, not a file")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RunError(f"{what} {path} is not writable")
+
+
+def prepare_folder(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise RunError(f"{what} {path} is not writable")
+
+
+def collect_reporters(pm: pluggy.PluginManager, config: RunConfig) -> list[Reporter]:
+    reporters: list[Reporter] = []
+    pm.hook.ichscan_register_reporters(register=reporters.append, config=config)
+    return reporters
+
+
+def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> RunSummary:
+    """Screen ``opts.input_dir``; write the CSVs (and overlays); return the counts.
+
+    Raises
+    ------
+    RunError, ValueError, ichscan.models.ModelError, ichscan.plugins.PluginError
+        When the run cannot happen; each carries a one-line message.
+    """
+    try:
+        root = check_input_folder(opts.input_dir)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    if opts.overlays_for not in OVERLAY_CHOICES:
+        raise RunError(f"--overlays-for must be one of {', '.join(OVERLAY_CHOICES)}")
+    out = Path(opts.out)
+    studies_out = Path(opts.studies_out) if opts.studies_out else default_studies_out(out)
+    overlays_dir = None
+    if opts.overlays_for != "none":
+        overlays_dir = Path(opts.overlays_dir) if opts.overlays_dir else out.parent / "overlays"
+    prepare_output_file(out, "--out")
+    prepare_output_file(studies_out, "--studies-out")
+    if overlays_dir is not None:
+        prepare_folder(overlays_dir, "overlays folder")
+
+    pm = pm or get_plugin_manager(opts.plugins_dirs)
+    device = resolve_device(opts.device)
+    loaded = load_model(pm, opts.weights, model_name=opts.model_name, thresholds=opts.thresholds)
+    if not loaded.trained:
+        log.warning(
+            "no trained weights: using an UNTRAINED %s (%s); its probabilities are meaningless. "
+            "Pass --weights FILE from 'ichscan train'.",
+            loaded.name,
+            loaded.source,
+        )
+    workers = default_workers(device) if opts.workers is None else opts.workers
+    batch_size = opts.batch_size or default_batch_size(device)
+    if device.type == "cpu":
+        # The model gets the cores the decode workers leave free.
+        torch.set_num_threads(max(1, cpu_count() - workers))
+    screener = Screener(pm, loaded, device)
+    config = RunConfig(
+        out=out,
+        studies_out=studies_out,
+        overlays_dir=overlays_dir,
+        overlays_for=opts.overlays_for,
+        thresholds=loaded.thresholds,
+        model_name=loaded.name,
+        weights=loaded.source,
+        trained=loaded.trained,
+        input_root=root,
+        options=dict(opts.options),
+    )
+    try:
+        reporters = collect_reporters(pm, config)
+    except OSError as exc:
+        raise RunError(f"cannot open output: {exc}") from None
+    total = count_folder(root) if opts.progress else None
+    log.info(
+        "screening %s with %s (%s) on %s: batch %d, %d decode workers, %d torch threads",
+        root,
+        loaded.name,
+        loaded.source,
+        device,
+        batch_size,
+        workers,
+        torch.get_num_threads(),
+    )
+    summary, _ = run_stream(
+        iter_folder(root),
+        screener,
+        ReporterSet(reporters),
+        batch_size=batch_size,
+        workers=workers,
+        limits=opts.limits,
+        overlays_dir=overlays_dir,
+        overlays_for=opts.overlays_for,
+        progress=Progress(total=total, enabled=opts.progress),
+    )
+    return summary

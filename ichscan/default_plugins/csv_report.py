@@ -1,0 +1,125 @@
+"""Built-in reporter: per-slice results CSV and the per-study summary CSV."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+from ichscan import hookimpl
+from ichscan.labels import LABELS
+from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "path",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "instance_number",
+    "status",
+    "error",
+    *(f"p_{label}" for label in LABELS),
+    *LABELS,
+    "top_label",
+    "top_probability",
+    "overlay",
+)
+STUDY_COLUMNS: tuple[str, ...] = (
+    "study_instance_uid",
+    "slices",
+    "positive_slices",
+    *(f"p_{label}" for label in LABELS),
+    "top_label",
+    "top_probability",
+)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(cell: object) -> object:
+    """Defuse spreadsheet formulas: text starting with = + - @ gets a leading quote."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
+def _prob(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def result_row(result: SliceResult) -> list[object]:
+    probs = result.probabilities
+    positive = result.positive
+    row: list[object] = [
+        result.path,
+        result.sop_instance_uid,
+        result.study_instance_uid,
+        result.series_instance_uid,
+        "" if result.instance_number is None else result.instance_number,
+        result.status,
+        result.error,
+        *(_prob(probs[label]) if probs else "" for label in LABELS),
+        *(int(positive[label]) if positive else "" for label in LABELS),
+        result.top_label if probs else "",
+        _prob(result.top_probability) if probs else "",
+        result.overlay,
+    ]
+    return [neutralise(cell) for cell in row]
+
+
+def write_studies_csv(path: Path, studies: StudyTable) -> None:
+    """Rewrite the study summary atomically (temporary file + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(STUDY_COLUMNS)
+        for study in studies.sorted():
+            writer.writerow(
+                [
+                    neutralise(study.study_instance_uid),
+                    study.slices,
+                    study.positive_slices,
+                    *(_prob(study.max_probabilities[label]) for label in LABELS),
+                    study.top_label,
+                    _prob(study.top_probability),
+                ]
+            )
+    os.replace(tmp, path)
+
+
+class CsvReporter(Reporter):
+    """Appends one row per file to ``--out``; keeps ``--studies-out`` current."""
+
+    name = "csv"
+    #: Rewrite the study file at most this often during a run (always at the end).
+    studies_interval_s = 2.0
+
+    def __init__(self, out: Path, studies_out: Path | None):
+        self.out = out
+        self.studies_out = studies_out
+        self._fh = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in on_finish
+        self._writer = csv.writer(self._fh)
+        self._writer.writerow(RESULT_COLUMNS)
+        self._fh.flush()
+        self._last_studies = 0.0
+        self._studies_dirty = False
+
+    def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
+        self._writer.writerows(result_row(r) for r in results)
+        self._fh.flush()
+        self._studies_dirty |= bool(studies.changed)
+        now = time.monotonic()
+        if self.studies_out and self._studies_dirty and now - self._last_studies >= self.studies_interval_s:
+            write_studies_csv(self.studies_out, studies)
+            self._last_studies, self._studies_dirty = now, False
+
+    def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
+        self._fh.close()
+        if self.studies_out:
+            write_studies_csv(self.studies_out, studies)
+
+
+@hookimpl
+def ichscan_register_reporters(register, config: RunConfig):
+    if config.out is not None:
+        register(CsvReporter(config.out, config.studies_out))

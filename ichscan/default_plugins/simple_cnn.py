@@ -1,0 +1,47 @@
+"""The default model: the SimpleCNN of the original design."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ichscan import hookimpl
+from ichscan.labels import LABELS
+
+
+class SimpleCNN(nn.Module):
+    """conv 3->16 (3x3), ReLU, 2x2 max-pool; conv 16->32, ReLU, 2x2 max-pool; flatten;
+    fully connected -> 128, ReLU; -> 6 logits (apply a sigmoid for probabilities).
+
+    Parameters
+    ----------
+    in_channels
+        Input channels (three CT windows by default).
+    input_size
+        Square input size; fixes the width of the first fully connected layer.
+    """
+
+    def __init__(self, in_channels: int = 3, input_size: int = 224, num_labels: int = len(LABELS)):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        side = input_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * side * side, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_labels),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@hookimpl
+def ichscan_register_models(register):
+    register("simplecnn", SimpleCNN)

@@ -1,0 +1,362 @@
+"""Safe DICOM decoding: one file in, one :class:`DecodedSlice` out, never an exception.
+
+This module runs in the decode worker processes, so it must not import torch (a CUDA
+build of torch costs seconds per process). It hands over the stored pixel values with
+their rescale (after the RSNA 12-bit fix); Hounsfield units are ``pixels * slope +
+intercept``, computed batched by :mod:`ichscan.preprocess` on whatever device runs the
+model.
+
+Everything read here is untrusted: sizes are checked before anything large is
+allocated, deflated data sets are inflated under a cap, and UIDs must be plain
+dotted-decimal strings before they are reported or used in a path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+SKIPPED = "skipped"
+ERROR = "error"
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Caps applied before anything large is allocated.
+
+    Parameters
+    ----------
+    max_file_bytes
+        Files larger than this are refused unread (a CT slice is about 0.5 MB).
+    max_pixels
+        Largest ``Rows * Columns`` decoded (default 4096 x 4096).
+    max_inflated_bytes
+        Largest size a Deflated Explicit VR Little Endian data set may inflate to.
+    """
+
+    max_file_bytes: int = 256 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_inflated_bytes: int = 256 * 1024 * 1024
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+class Refused(Exception):
+    """Input that is refused with status ``error``; the message is the row's reason."""
+
+
+class NotScreenable(Exception):
+    """Readable DICOM that is not a single-frame greyscale CT image (status ``skipped``)."""
+
+
+@dataclass
+class DecodedSlice:
+    """The outcome of decoding one file.
+
+    ``pixels`` holds the stored values (2-D, after the RSNA 12-bit fix) only when
+    ``status`` is ``ok``; ``error`` holds a one-line reason otherwise.
+    """
+
+    path: str
+    status: str = ERROR
+    error: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    instance_number: int | None = None
+    sop_class_uid: str = ""
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    slope: float = 1.0
+    intercept: float = 0.0
+    rsna_fixed: bool = False
+
+    def hu(self) -> np.ndarray:
+        """Hounsfield units as float32 (only for ``ok`` slices)."""
+        if self.pixels is None:
+            raise ValueError(f"{self.path}: no pixels ({self.status}: {self.error})")
+        return self.pixels.astype(np.float32) * np.float32(self.slope) + np.float32(self.intercept)
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a dotted-decimal UID of at most 64 characters (safe in a path)."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def decode_instance(
+    path: str | os.PathLike[str],
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    *,
+    any_modality: bool = False,
+) -> DecodedSlice:
+    """Read one file and return its :class:`DecodedSlice`; never raises.
+
+    Parameters
+    ----------
+    path
+        File to read.
+    limits
+        Size caps (see :class:`DecodeLimits`).
+    any_modality
+        Decode greyscale single-frame images of any modality, not only CT (for tools
+        and tests that exercise the decoders; screening always requires CT).
+
+    Returns
+    -------
+    DecodedSlice
+        ``ok`` with pixels, ``skipped`` with a reason (readable DICOM that is not a
+        single-frame greyscale CT image), or ``error`` with a reason.
+    """
+    result = DecodedSlice(path=os.fspath(path))
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns on many recoverable oddities; they are not our user's business
+            # unless they end in a refusal, which carries its own reason.
+            warnings.simplefilter("ignore")
+            _decode_into(result, limits, any_modality)
+    except Refused as exc:
+        result.status, result.error, result.pixels = ERROR, _one_line(str(exc)), None
+    except NotScreenable as exc:
+        result.status, result.error, result.pixels = SKIPPED, _one_line(str(exc)), None
+    except MemoryError:
+        result.status, result.error, result.pixels = ERROR, "out of memory while decoding", None
+    except Exception as exc:  # noqa: BLE001 - every input must end in a row, never a traceback
+        result.status, result.pixels = ERROR, None
+        result.error = _one_line(f"{type(exc).__name__}: {exc}")
+    return result
+
+
+def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool) -> None:
+    data = _read_file(result.path, limits)
+    ds = _parse(data, limits)
+    _read_identity(ds, result)
+    _check_screenable(ds, limits, any_modality)
+    pixels = _decode_pixels(ds, limits)
+    slope, intercept = _rescale(ds)
+    bits_stored = int(ds.get("BitsStored", 16) or 16)
+    if bits_stored == 12 and int(ds.get("PixelRepresentation", 0) or 0) == 0 and intercept > -100:
+        pixels = rsna_12bit_fix(pixels)
+        intercept = -1000.0
+        result.rsna_fixed = True
+    result.pixels, result.slope, result.intercept = pixels, slope, intercept
+    result.status, result.error = OK, ""
+
+
+def rsna_12bit_fix(pixels: np.ndarray) -> np.ndarray:
+    """Undo the RSNA 2019 wrap-around: stored values are HU modulo 4096 (intercept -1000).
+
+    Some RSNA images declare BitsStored 12, PixelRepresentation 0 and an intercept
+    above -100 while storing ``HU mod 4096``; adding 1000 and wrapping values
+    >= 4096 back by 4096 gives values that read correctly with intercept -1000.
+    """
+    fixed = pixels.astype(np.int32) + 1000
+    fixed[fixed >= 4096] -= 4096
+    return fixed.astype(np.uint16)
+
+
+def _read_file(path: str, limits: DecodeLimits) -> bytes:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Refused(f"cannot read file: {exc.strerror or exc}") from None
+    if not os.path.isfile(path):
+        raise Refused("not a regular file")
+    if st.st_size == 0:
+        raise Refused("empty file")
+    if st.st_size > limits.max_file_bytes:
+        raise Refused(f"file is {st.st_size} bytes, over the {limits.max_file_bytes} byte limit")
+    try:
+        with open(path, "rb") as fh:
+            # Bounded by the size check: read one byte more to notice a file that grew.
+            data = fh.read(limits.max_file_bytes + 1)
+    except OSError as exc:
+        raise Refused(f"cannot read file: {exc.strerror or exc}") from None
+    if len(data) > limits.max_file_bytes:
+        raise Refused(f"file is over the {limits.max_file_bytes} byte limit")
+    return data
+
+
+def _looks_like_bare_dataset(data: bytes) -> bool:
+    """A file without preamble may still be DICOM if it starts with group 0002 or 0008."""
+    if len(data) < 8:
+        return False
+    for order in "<>":  # big endian files without meta exist too (retired, still seen)
+        group, element = struct.unpack(order + "HH", data[:4])
+        if group in (0x0002, 0x0008) and element < 0x0100:
+            return True
+    return False
+
+
+def _parse(data: bytes, limits: DecodeLimits) -> pydicom.FileDataset:
+    has_marker = data[128:132] == b"DICM"
+    if not has_marker and not _looks_like_bare_dataset(data):
+        raise Refused("not a DICOM file (no 'DICM' marker at byte 128)")
+    force = not has_marker
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, force)
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # noqa: BLE001
+        raise Refused(f"unreadable DICOM file meta information: {_one_line(str(exc))}") from None
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        # pydicom inflates the whole data set in one call: check the size first, so a
+        # deflate bomb is refused instead of filling memory.
+        _check_inflated_size(data[fp.tell():], limits.max_inflated_bytes)
+    try:
+        # BytesIO reads never allocate past the end of the data, so a declared length of
+        # 4 GB on a small file yields a short value instead of a 4 GB buffer.
+        return pydicom.dcmread(io.BytesIO(data), force=force)
+    except InvalidDicomError as exc:
+        raise Refused(f"not a DICOM file ({_one_line(str(exc))})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise Refused(f"unreadable DICOM data set: {type(exc).__name__}: {exc}") from None
+
+
+def _check_inflated_size(zipped: bytes, cap: int) -> None:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    chunk = 1 << 20
+    for start in range(0, len(zipped), chunk):
+        piece = zipped[start : start + chunk]
+        while piece:
+            out = inflater.decompress(piece, cap + 1 - total)
+            total += len(out)
+            if total > cap:
+                raise Refused(f"deflated data set inflates to over {cap} bytes (deflate bomb?)")
+            piece = inflater.unconsumed_tail
+    try:
+        total += len(inflater.flush())
+    except zlib.error as exc:
+        raise Refused(f"corrupt deflated data set: {exc}") from None
+    if total > cap:
+        raise Refused(f"deflated data set inflates to over {cap} bytes (deflate bomb?)")
+
+
+def _read_identity(ds: pydicom.Dataset, result: DecodedSlice) -> None:
+    for keyword, attr in (
+        ("SOPInstanceUID", "sop_instance_uid"),
+        ("StudyInstanceUID", "study_instance_uid"),
+        ("SeriesInstanceUID", "series_instance_uid"),
+    ):
+        value = _text(ds, keyword)
+        if value and not is_valid_uid(value):
+            raise Refused(f"invalid {keyword} {value[:80]!r}")
+        setattr(result, attr, value)
+    sop_class = _text(ds, "SOPClassUID") or _text(ds.get("file_meta", {}), "MediaStorageSOPClassUID")
+    result.sop_class_uid = sop_class if is_valid_uid(sop_class) else ""
+    try:
+        number = ds.get("InstanceNumber")
+        result.instance_number = None if number in (None, "") else int(number)
+    except (TypeError, ValueError):
+        result.instance_number = None
+
+
+def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: bool = False) -> None:
+    meta = getattr(ds, "file_meta", None) or {}
+    media_class = _text(meta, "MediaStorageSOPClassUID")
+    if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise NotScreenable("DICOMDIR (media storage directory), not an image")
+    sop_class = _text(ds, "SOPClassUID") or media_class
+    pixel_keyword = next((k for k in _PIXEL_DATA_TAGS if k in ds), None)
+    modality = _text(ds, "Modality")
+    class_name = UID(sop_class).name if sop_class else "unknown SOP class"
+    if pixel_keyword is None:
+        raise NotScreenable(f"no pixel data ({class_name}, modality {modality or 'unknown'})")
+    is_ct = modality == "CT" or (not modality and sop_class == CT_IMAGE_STORAGE)
+    if not is_ct and not any_modality:
+        raise NotScreenable(f"modality {modality or 'missing'} is not CT ({class_name})")
+    if pixel_keyword != "PixelData":
+        raise NotScreenable(f"{pixel_keyword} is not integer CT pixel data")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames != 1:
+        raise NotScreenable(f"multi-frame image ({frames} frames)")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise NotScreenable(f"colour image ({photometric}, {samples} samples per pixel), not greyscale")
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if rows <= 0 or cols <= 0:
+        raise Refused(f"missing or invalid image size (Rows {rows}, Columns {cols})")
+    if rows * cols > limits.max_pixels:
+        raise Refused(f"image is {rows}x{cols}, over the {limits.max_pixels} pixel limit")
+    bits = _int(ds, "BitsAllocated", 0)
+    if bits not in (8, 16, 32):
+        raise Refused(f"unsupported BitsAllocated {bits}")
+    expected = rows * cols * (bits // 8)
+    element = ds["PixelData"]
+    transfer_syntax = UID(_text(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
+    if not transfer_syntax.is_compressed:
+        length = len(element.value or b"")
+        if length < expected:
+            raise Refused(f"pixel data truncated: {length} bytes, {rows}x{cols}x{bits} bits needs {expected}")
+    elif not element.value:
+        raise Refused("compressed pixel data is empty")
+
+
+def _decode_pixels(ds: pydicom.Dataset, limits: DecodeLimits) -> np.ndarray:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001
+        ts = UID(_text(ds.file_meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
+        raise Refused(f"cannot decode pixel data ({ts.name}): {_one_line(str(exc))}") from None
+    if arr.shape != (rows, cols):
+        raise Refused(f"decoded pixel array has shape {arr.shape}, expected ({rows}, {cols})")
+    if arr.dtype.kind not in "iu":
+        raise Refused(f"pixel data of type {arr.dtype} is not integer")
+    return arr
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError) as exc:
+        raise Refused(f"invalid rescale slope/intercept: {exc}") from None
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        raise Refused(f"invalid rescale slope {slope} / intercept {intercept}")
+    return slope, intercept
+
+
+def _text(ds: object, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a malformed element reads as missing
+        return ""
+    if value is None:
+        return ""
+    return str(value).strip().rstrip("\x00")
+
+
+def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        raise Refused(f"invalid {keyword} {ds.get(keyword)!r}") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

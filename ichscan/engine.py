@@ -1,0 +1,332 @@
+"""The streaming engine: decode workers -> batches -> preprocess + model -> reporters.
+
+Decoding runs in worker processes (``forkserver``: they import pydicom and numpy, never
+torch); the main process runs full batches through the model and hands results to the
+reporters. At most a few batches of decoded images are in flight, so memory does not
+grow with the number of files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import pluggy
+import torch
+
+from ichscan.dicom import DEFAULT_LIMITS, ERROR, OK, DecodedSlice, DecodeLimits, decode_instance
+from ichscan.labels import LABELS
+from ichscan.models import LoadedModel
+from ichscan.overlay import wants_overlay, write_overlay
+from ichscan.reporting import ReporterSet, RunSummary, SliceResult, StudyTable, top_finding
+from ichscan.sources.folder import FolderEntry
+
+log = logging.getLogger(__name__)
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (try --device auto or cpu)")
+    return device
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: on the CPU about half the cores (the model needs the rest); on a
+    GPU all cores but one, since decoding is then the bottleneck."""
+    cores = cpu_count()
+    if device.type == "cuda":
+        return max(1, cores - 1)
+    return max(1, cores // 2)
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 16
+
+
+class Screener:
+    """The model side: preprocessing hook + model + thresholds on one device."""
+
+    def __init__(self, pm: pluggy.PluginManager, loaded: LoadedModel, device: torch.device | str = "auto"):
+        self.pm = pm
+        self.loaded = loaded
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.thresholds = loaded.thresholds
+        self.settings = loaded.preprocessing
+        # channels-last is the faster convolution layout on both CPU and GPU.
+        self.channels_last = True
+        self.model = loaded.model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.amp_dtype: torch.dtype | None = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def predict(self, pixels: list[np.ndarray], slopes: list[float], intercepts: list[float]) -> np.ndarray:
+        """Probabilities ``(N, 6)`` for stored pixel arrays."""
+        with torch.inference_mode():
+            batch = self.pm.hook.ichscan_preprocess(
+                pixels=pixels,
+                slopes=slopes,
+                intercepts=intercepts,
+                settings=self.settings,
+                device=self.device,
+                channels_last=self.channels_last,
+            )
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+            )
+            with autocast:
+                logits = self.model(batch)
+            # One copy back per batch.
+            return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def screen(self, decoded: list[DecodedSlice]) -> list[SliceResult]:
+        """Results for a list of decoded slices; only ``ok`` ones go through the model."""
+        results = [to_result(d) for d in decoded]
+        ok = [r for r in results if r.status == OK]
+        if ok:
+            try:
+                probs = self.predict([r.pixels for r in ok], [r.slope for r in ok], [r.intercept for r in ok])
+            except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows, the run goes on
+                log.error("model failed on a batch of %d: %s: %s", len(ok), type(exc).__name__, exc)
+                for r in ok:
+                    r.status, r.error = ERROR, f"model failed: {type(exc).__name__}: {exc}"
+                return results
+            for r, row in zip(ok, probs, strict=True):
+                self.annotate(r, row)
+        return results
+
+    def annotate(self, result: SliceResult, row: np.ndarray) -> None:
+        result.probabilities = {label: float(p) for label, p in zip(LABELS, row, strict=True)}
+        result.positive = {label: result.probabilities[label] >= self.thresholds[label] for label in LABELS}
+        result.top_label, result.top_probability = top_finding(result.probabilities, result.positive["any"])
+
+
+def to_result(decoded: DecodedSlice) -> SliceResult:
+    return SliceResult(
+        path=decoded.path,
+        status=decoded.status,
+        error=decoded.error,
+        sop_instance_uid=decoded.sop_instance_uid,
+        study_instance_uid=decoded.study_instance_uid,
+        series_instance_uid=decoded.series_instance_uid,
+        instance_number=decoded.instance_number,
+        pixels=decoded.pixels,
+        slope=decoded.slope,
+        intercept=decoded.intercept,
+    )
+
+
+def _decode_chunk(paths: list[str], limits: DecodeLimits) -> list[DecodedSlice]:
+    return [decode_instance(path, limits) for path in paths]
+
+
+def _refused(entry: FolderEntry) -> DecodedSlice:
+    return DecodedSlice(path=entry.path, status=ERROR, error=entry.refusal)
+
+
+class DecodePool:
+    """Decodes files in worker processes, streaming results in completion order.
+
+    ``workers=0`` decodes in the calling process. A worker that dies (a decoder crash
+    on a hostile file) is replaced; the files it held are retried one at a time, and
+    the one that kills a worker again gets an ``error`` row instead of being lost.
+    """
+
+    def __init__(self, workers: int, limits: DecodeLimits = DEFAULT_LIMITS, chunk_size: int = 8, max_in_flight: int | None = None):
+        self.workers = workers
+        self.limits = limits
+        self.chunk_size = max(1, chunk_size)
+        self.max_in_flight = max_in_flight or max(2, 3 * workers)
+        self._executor: cf.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        if self._executor is None:
+            ctx = multiprocessing.get_context("forkserver")
+            # Workers import the decoder only: a CUDA build of torch costs seconds per process.
+            ctx.set_forkserver_preload(["ichscan.dicom"])
+            self._executor = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        return self._executor
+
+    def _restart(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def decode(self, entries: Iterable[FolderEntry | str]) -> Iterator[DecodedSlice]:
+        """Decode every entry; yields exactly one :class:`DecodedSlice` per entry."""
+        entries = (FolderEntry(e) if isinstance(e, str) else e for e in entries)
+        if self.workers <= 0:
+            for entry in entries:
+                yield _refused(entry) if entry.refusal else decode_instance(entry.path, self.limits)
+            return
+        in_flight: dict[cf.Future, list[str]] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(in_flight) < self.max_in_flight:
+                chunk: list[str] = []
+                for entry in entries:
+                    if entry.refusal:
+                        yield _refused(entry)
+                        continue
+                    chunk.append(entry.path)
+                    if len(chunk) >= self.chunk_size:
+                        break
+                else:
+                    exhausted = True
+                if chunk:
+                    in_flight[self._pool().submit(_decode_chunk, chunk, self.limits)] = chunk
+            if not in_flight:
+                return
+            done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+            broken: list[str] = []
+            for future in done:
+                paths = in_flight.pop(future)
+                try:
+                    yield from future.result()
+                except BrokenProcessPool:
+                    broken.extend(paths)
+            if broken:
+                broken.extend(p for paths in in_flight.values() for p in paths)
+                in_flight.clear()
+                log.warning("a decode worker died; retrying %d files one at a time", len(broken))
+                self._restart()
+                yield from self._decode_isolated(broken)
+
+    def _decode_isolated(self, paths: list[str]) -> Iterator[DecodedSlice]:
+        for path in paths:
+            try:
+                yield from self._pool().submit(_decode_chunk, [path], self.limits).result()
+            except BrokenProcessPool:
+                self._restart()
+                log.error("decoder crashed on %s", path)
+                yield DecodedSlice(path=path, status=ERROR, error="decoder process crashed while reading this file")
+
+
+@dataclass
+class Progress:
+    """A progress line on a terminal; a plain log line every ``interval`` s otherwise."""
+
+    total: int | None = None
+    enabled: bool = True
+    interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        import sys
+
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._tty = self.enabled and sys.stderr.isatty()
+        self._stream = sys.stderr
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self._tty:
+            if now - self._last >= 0.1:
+                self._last = now
+                self._stream.write("\r" + self._line(now))
+                self._stream.flush()
+        elif now - self._last >= self.interval:
+            self._last = now
+            log.info("%s", self._line(now))
+
+    def close(self) -> None:
+        if self.enabled and self._tty:
+            self._stream.write("\r" + self._line(time.monotonic()) + "\n")
+            self._stream.flush()
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            pct = 100.0 * self.done / self.total
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            return f"screened {self.done}/{self.total} files ({pct:3.0f}%) {rate:6.1f} files/s, ETA {eta:5.0f} s "
+        return f"screened {self.done} files, {rate:6.1f} files/s "
+
+
+def run_stream(
+    entries: Iterable[FolderEntry | str],
+    screener: Screener,
+    reporters: ReporterSet,
+    *,
+    batch_size: int,
+    workers: int,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    overlays_dir: os.PathLike[str] | str | None = None,
+    overlays_for: str = "positive",
+    progress: Progress | None = None,
+) -> tuple[RunSummary, StudyTable]:
+    """Screen every entry, in full batches, and hand each batch of results to reporters."""
+    from pathlib import Path
+
+    overlay_path = Path(overlays_dir) if overlays_dir is not None else None
+    studies = StudyTable(screener.thresholds)
+    summary = RunSummary()
+    progress = progress or Progress(enabled=False)
+    start = time.monotonic()
+    ready: list[DecodedSlice] = []
+    other: list[DecodedSlice] = []
+
+    def flush() -> None:
+        results = screener.screen(ready) if ready else []
+        results += [to_result(d) for d in other]
+        ready.clear()
+        other.clear()
+        if overlay_path is not None:
+            for result in results:
+                if wants_overlay(result, overlays_for):
+                    try:
+                        result.overlay = write_overlay(result, overlay_path) or ""
+                    except OSError as exc:
+                        log.error("cannot write overlay for %s: %s", result.path, exc)
+        studies.add(results)
+        summary.count(results)
+        reporters.on_results(results, studies)
+        for result in results:
+            result.pixels = None
+        progress.update(len(results))
+
+    with DecodePool(workers, limits) as pool:
+        for decoded in pool.decode(entries):
+            (ready if decoded.status == OK else other).append(decoded)
+            if len(ready) >= batch_size or len(other) >= batch_size:
+                flush()
+        if ready or other:
+            flush()
+    summary.seconds = time.monotonic() - start
+    reporters.on_finish(summary, studies)
+    progress.close()
+    return summary, studies

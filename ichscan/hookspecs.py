@@ -1,0 +1,73 @@
+"""Hook specifications for ichscan plugins (pluggy project name ``ichscan``).
+
+Implement any of these in a module with ``@ichscan.hookimpl`` and install it under the
+entry-point group ``ichscan``, or drop the ``.py`` file into a ``--plugins-dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ichscan.preprocess import PreprocessSettings
+    from ichscan.reporting import Reporter, RunConfig
+
+hookspec = pluggy.HookspecMarker("ichscan")
+
+
+@hookspec
+def ichscan_register_models(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Register model architectures by name.
+
+    Call ``register(name, factory)`` once per model; ``factory(**kwargs)`` returns a
+    ``torch.nn.Module`` mapping an ``(N, C, S, S)`` float batch to ``(N, 6)`` logits in
+    the label order of :data:`ichscan.LABELS`. Names must be unique across plugins.
+    The built-in ``simplecnn`` is registered this way.
+
+    :param register: callback taking the model name and its factory.
+    """
+
+
+@hookspec(firstresult=True)
+def ichscan_preprocess(
+    pixels: Sequence[np.ndarray | torch.Tensor],
+    slopes: Sequence[float],
+    intercepts: Sequence[float],
+    settings: PreprocessSettings,
+    device: torch.device,
+    channels_last: bool,
+) -> torch.Tensor | None:
+    """Turn a batch of stored pixel arrays into the model's input tensor.
+
+    Used for inference and for training alike. Stops at the first non-None result;
+    the built-in windowing (three CT windows, 224 x 224) runs last, so a plugin that
+    returns a tensor replaces it and one that returns None leaves it in place.
+
+    :param pixels: 2-D arrays of stored values, one per image (sizes may differ).
+    :param slopes: RescaleSlope per image (``HU = pixels * slope + intercept``).
+    :param intercepts: RescaleIntercept per image (after the RSNA 12-bit fix).
+    :param settings: windows and output size saved with the model's checkpoint.
+    :param device: where the result must live.
+    :param channels_last: whether the caller wants channels-last memory format.
+    :return: an ``(N, C, S, S)`` float32 tensor on ``device``, or None to pass.
+    """
+
+
+@hookspec
+def ichscan_register_reporters(register: Callable[[Reporter], None], config: RunConfig) -> None:
+    """Add reporters to a screening run.
+
+    A reporter (subclass of :class:`ichscan.reporting.Reporter`) sees every batch of
+    results with ``on_results`` and the end of the run with ``on_finish``. An exception
+    in one reporter is logged and does not stop the others. Called for every hook
+    implementation (not first-result).
+
+    :param register: callback taking a reporter instance.
+    :param config: the run's settings: output paths, thresholds, model, options.
+    """

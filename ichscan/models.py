@@ -1,0 +1,155 @@
+"""Model registry (filled by ``ichscan_register_models``) and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+from torch import nn
+
+from ichscan.labels import LABELS, merge_thresholds
+from ichscan.preprocess import PreprocessSettings
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "ichscan-checkpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_MODEL = "simplecnn"
+#: Demo weights shipped in the package (absent until trained ones are committed).
+BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "simplecnn_demo.pt"
+UNTRAINED_SEED = 20190923  # fixed, so the untrained stand-in is the same on every run
+
+
+class ModelError(Exception):
+    """A model or checkpoint could not be loaded; the message says why."""
+
+
+def model_factories(pm: pluggy.PluginManager) -> dict[str, Callable[..., nn.Module]]:
+    """All models registered through ``ichscan_register_models``, by name."""
+    factories: dict[str, Callable[..., nn.Module]] = {}
+
+    def register(name: str, factory: Callable[..., nn.Module]) -> None:
+        if name in factories:
+            raise ModelError(f"two plugins register a model named {name!r}")
+        factories[name] = factory
+
+    pm.hook.ichscan_register_models(register=register)
+    return factories
+
+
+def create_model(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> nn.Module:
+    factories = model_factories(pm)
+    if name not in factories:
+        raise ModelError(f"unknown model {name!r}; registered: {', '.join(sorted(factories)) or 'none'}")
+    return factories[name](**kwargs)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus what it needs to be used correctly."""
+
+    model: nn.Module
+    name: str
+    thresholds: dict[str, float]
+    preprocessing: PreprocessSettings
+    source: str  # checkpoint path, or "untrained (seed N)"
+    trained: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    model_name: str,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    thresholds: dict[str, float] | None = None,
+    preprocessing: PreprocessSettings = PreprocessSettings(),
+    extra: dict[str, Any] | None = None,
+    half: bool = False,
+) -> None:
+    """Save weights with everything ``ichscan batch --weights`` needs (atomically)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs or {}),
+        "labels": list(LABELS),
+        "thresholds": merge_thresholds(thresholds),
+        "preprocessing": preprocessing.to_dict(),
+        "state_dict": state,
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a checkpoint file (``weights_only``: no code runs from it)."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"weights file not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is not an ichscan checkpoint")
+    if list(payload.get("labels", [])) != list(LABELS):
+        raise ModelError(f"{path} has labels {payload.get('labels')}, expected {list(LABELS)}")
+    return payload
+
+
+def load_model(
+    pm: pluggy.PluginManager,
+    weights: str | Path | None = None,
+    *,
+    model_name: str | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> LoadedModel:
+    """Build the model from ``weights``, else the bundled weights, else an untrained one.
+
+    Thresholds: ``thresholds`` (command line) over the checkpoint's over 0.5.
+    """
+    if weights is None and BUNDLED_WEIGHTS.exists() and model_name in (None, DEFAULT_MODEL):
+        weights = BUNDLED_WEIGHTS
+    if weights is None:
+        name = model_name or DEFAULT_MODEL
+        torch.manual_seed(UNTRAINED_SEED)
+        model = create_model(pm, name)
+        loaded = LoadedModel(
+            model=model,
+            name=name,
+            thresholds=merge_thresholds(thresholds),
+            preprocessing=PreprocessSettings(),
+            source=f"untrained (seed {UNTRAINED_SEED})",
+            trained=False,
+        )
+    else:
+        payload = read_checkpoint(weights)
+        name = payload["model"]
+        if model_name and model_name != name:
+            raise ModelError(f"{weights} holds a {name!r} model, not {model_name!r}")
+        model = create_model(pm, name, **payload.get("model_kwargs", {}))
+        try:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        except RuntimeError as exc:
+            raise ModelError(f"{weights} does not fit model {name!r}: {str(exc).splitlines()[0]}") from None
+        loaded = LoadedModel(
+            model=model,
+            name=name,
+            thresholds=merge_thresholds(payload.get("thresholds"), thresholds),
+            preprocessing=PreprocessSettings.from_dict(payload.get("preprocessing")),
+            source=str(weights),
+            trained=True,
+            extra=dict(payload.get("extra", {})),
+        )
+    loaded.model.eval()
+    return loaded

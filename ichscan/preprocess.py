@@ -1,0 +1,128 @@
+"""The one preprocessing function: stored pixels -> HU -> 224x224 -> three CT windows.
+
+Used unchanged by inference on the CPU, inference on a GPU and training, so the model
+always sees the same numbers for the same file. It works on batches, on any device:
+decode workers hand over stored values plus rescale, and all arithmetic runs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: (centre, width) in HU: brain, subdural, bone; the windows the top RSNA 2019 entries used.
+DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
+DEFAULT_SIZE = 224
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """What the model expects; saved in every checkpoint.
+
+    Each window maps ``[centre - width/2, centre + width/2]`` HU to ``[0, 1]``, clipped;
+    that is the whole normalisation (no ImageNet statistics: no pretrained weights).
+    """
+
+    windows: tuple[tuple[float, float], ...] = field(default=DEFAULT_WINDOWS)
+    size: int = DEFAULT_SIZE
+
+    def to_dict(self) -> dict:
+        return {"windows": [list(w) for w in self.windows], "size": self.size}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> PreprocessSettings:
+        if not data:
+            return cls()
+        windows = tuple((float(c), float(w)) for c, w in data.get("windows", DEFAULT_WINDOWS))
+        return cls(windows=windows, size=int(data.get("size", DEFAULT_SIZE)))
+
+    def __post_init__(self) -> None:
+        if not self.windows or any(w <= 0 for _, w in self.windows):
+            raise ValueError(f"invalid windows {self.windows}")
+        if self.size < 8:
+            raise ValueError(f"invalid input size {self.size}")
+
+
+
+def window(hu: torch.Tensor, windows: Sequence[tuple[float, float]]) -> torch.Tensor:
+    """Map an ``(N, 1, H, W)`` HU tensor to ``(N, len(windows), H, W)`` in ``[0, 1]``."""
+    channels = [((hu - (c - w / 2.0)) / w).clamp_(0.0, 1.0) for c, w in windows]
+    return torch.cat(channels, dim=1)
+
+
+def preprocess(
+    pixels: Sequence[np.ndarray | torch.Tensor],
+    slopes: Sequence[float],
+    intercepts: Sequence[float],
+    settings: PreprocessSettings = PreprocessSettings(),
+    device: torch.device | str = "cpu",
+    *,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Turn stored pixel arrays into a model-ready ``(N, C, size, size)`` float32 batch.
+
+    Parameters
+    ----------
+    pixels
+        2-D arrays of stored values (any integer or float dtype; sizes may differ).
+    slopes, intercepts
+        Rescale per image: ``HU = pixels * slope + intercept``.
+    settings
+        Windows and output size.
+    device
+        Where the arithmetic runs (and where the result lives).
+    channels_last
+        Return the batch in channels-last memory format (faster convolutions on CPU).
+
+    Notes
+    -----
+    HU is resized first (bilinear, antialiased) and windowed after: one channel to
+    resize instead of three. Images of the same shape are processed together.
+    """
+    device = torch.device(device)
+    n = len(pixels)
+    size = settings.size
+    out = torch.empty((n, len(settings.windows), size, size), dtype=torch.float32, device=device)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    if n == 0:
+        return out
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, arr in enumerate(pixels):
+        if arr.ndim != 2:
+            raise ValueError(f"image {i} has shape {tuple(arr.shape)}, expected 2-D")
+        groups.setdefault(tuple(arr.shape), []).append(i)
+    for shape, index in groups.items():
+        raw = _stack(pixels, index, device)
+        scale = torch.tensor([float(slopes[i]) for i in index], dtype=torch.float32, device=device)
+        shift = torch.tensor([float(intercepts[i]) for i in index], dtype=torch.float32, device=device)
+        hu = raw.view(len(index), 1, *shape) * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1)
+        if shape != (size, size):
+            hu = F.interpolate(hu, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[torch.as_tensor(index, device=device)] = window(hu, settings.windows)
+    return out
+
+
+def _stack(pixels: Sequence[np.ndarray | torch.Tensor], index: list[int], device: torch.device) -> torch.Tensor:
+    first = pixels[index[0]]
+    if isinstance(first, torch.Tensor):
+        batch = torch.stack([pixels[i] for i in index])  # type: ignore[misc]
+    else:
+        batch = torch.from_numpy(np.stack([_to_float_compatible(pixels[i]) for i in index]))  # type: ignore[arg-type]
+    if device.type == "cuda":
+        # Integer pixels travel to the GPU at their stored width (2 bytes) and become float there.
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device=device, dtype=torch.float32)
+
+
+def _to_float_compatible(arr: np.ndarray) -> np.ndarray:
+    # torch has limited uint16/uint32 support; widen those to a signed type it handles.
+    if arr.dtype == np.uint16:
+        return arr.astype(np.int32)
+    if arr.dtype == np.uint32:
+        return arr.astype(np.int64)
+    return arr

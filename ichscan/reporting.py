@@ -1,0 +1,173 @@
+"""Results, per-study aggregation and the reporter interface."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichscan.labels import LABELS, SUBTYPES
+
+log = logging.getLogger(__name__)
+
+NO_FINDING = "none"
+
+
+@dataclass
+class SliceResult:
+    """One input file's outcome: identity, status and (for ``ok``) probabilities."""
+
+    path: str
+    status: str
+    error: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    instance_number: int | None = None
+    probabilities: dict[str, float] | None = None
+    positive: dict[str, bool] | None = None
+    top_label: str = ""
+    top_probability: float | None = None
+    overlay: str = ""
+    #: Stored pixels and rescale, kept only while overlays need them.
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    @property
+    def is_positive(self) -> bool:
+        return bool(self.positive and self.positive["any"])
+
+
+def top_finding(probabilities: Mapping[str, float], positive: bool) -> tuple[str, float]:
+    """``(top subtype, its probability)``; the label is ``none`` for a negative slice.
+
+    The probability is the highest subtype probability either way, so a near-miss
+    stays visible in the output.
+    """
+    label = max(SUBTYPES, key=lambda name: probabilities[name])
+    return (label if positive else NO_FINDING), float(probabilities[label])
+
+
+@dataclass
+class StudySummary:
+    study_instance_uid: str
+    slices: int = 0
+    positive_slices: int = 0
+    max_probabilities: dict[str, float] = field(default_factory=lambda: {label: 0.0 for label in LABELS})
+    top_label: str = NO_FINDING
+    top_probability: float = 0.0
+    best_slice: str = ""  # path of the slice with the highest p_any
+
+
+class StudyTable:
+    """Per-study maxima over ``ok`` slices; memory grows with studies, not slices."""
+
+    def __init__(self, thresholds: Mapping[str, float]):
+        self.thresholds = dict(thresholds)
+        self.studies: dict[str, StudySummary] = {}
+        self.changed: set[str] = set()
+
+    def add(self, results: Iterable[SliceResult]) -> None:
+        for result in results:
+            if result.status != "ok" or result.probabilities is None:
+                continue
+            uid = result.study_instance_uid or "(no study uid)"
+            study = self.studies.get(uid)
+            if study is None:
+                study = self.studies[uid] = StudySummary(uid)
+            study.slices += 1
+            study.positive_slices += int(result.is_positive)
+            if result.probabilities["any"] >= study.max_probabilities["any"]:
+                study.best_slice = result.path
+            for label in LABELS:
+                study.max_probabilities[label] = max(study.max_probabilities[label], result.probabilities[label])
+            positive = study.max_probabilities["any"] >= self.thresholds["any"]
+            study.top_label, study.top_probability = top_finding(study.max_probabilities, positive)
+            self.changed.add(uid)
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def sorted(self) -> list[StudySummary]:
+        return sorted(self.studies.values(), key=lambda s: s.study_instance_uid)
+
+
+@dataclass
+class RunConfig:
+    """Settings of one screening run, as reporters see them."""
+
+    out: Path | None = None
+    studies_out: Path | None = None
+    overlays_dir: Path | None = None
+    overlays_for: str = "positive"
+    thresholds: dict[str, float] = field(default_factory=dict)
+    model_name: str = ""
+    weights: str = ""
+    trained: bool = True
+    input_root: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    files: int = 0
+    ok: int = 0
+    skipped: int = 0
+    error: int = 0
+    positive: int = 0
+    seconds: float = 0.0
+    reporter_errors: dict[str, int] = field(default_factory=dict)
+
+    def count(self, results: Iterable[SliceResult]) -> None:
+        for result in results:
+            self.files += 1
+            setattr(self, result.status, getattr(self, result.status) + 1)
+            self.positive += int(result.is_positive)
+
+
+class Reporter:
+    """Base class for reporters: override what you need.
+
+    ``on_results`` is called with each batch of results (every input file appears in
+    exactly one batch) and the study table after it was updated; ``on_finish`` once at
+    the end. A reporter that raises is logged and the others carry on.
+    """
+
+    name = "reporter"
+
+    def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
+        """Handle one batch of results."""
+
+    def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
+        """Flush and close; the run is over."""
+
+
+class ReporterSet:
+    """Calls every reporter, isolating their failures from one another."""
+
+    def __init__(self, reporters: list[Reporter]):
+        self.reporters = reporters
+        self.errors: dict[str, int] = {}
+
+    def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
+        for reporter in self.reporters:
+            self._call(reporter, "on_results", results, studies)
+        studies.changed.clear()
+
+    def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
+        for reporter in self.reporters:
+            self._call(reporter, "on_finish", summary, studies)
+        summary.reporter_errors = dict(self.errors)
+
+    def _call(self, reporter: Reporter, method: str, *args: Any) -> None:
+        try:
+            getattr(reporter, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - one reporter must not take the others down
+            name = getattr(reporter, "name", type(reporter).__name__)
+            self.errors[name] = self.errors.get(name, 0) + 1
+            log.error("reporter %s failed in %s: %s: %s", name, method, type(exc).__name__, exc)
