@@ -1,0 +1,139 @@
+"""The engine: decode workers, batching, checkpoints, thresholds."""
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from ichscan.dicom import decode_instance
+from ichscan.engine import DecodePool, Screener
+from ichscan.models import ModelError, load_model, read_checkpoint, save_checkpoint
+from ichscan.plugins import get_plugin_manager
+from ichscan.sources.folder import FolderEntry, iter_folder
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+CT_SMALL = TEST_FILES / "CT_small.dcm"
+
+
+@pytest.fixture
+def many_ct(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(60):
+        shutil.copy(CT_SMALL, folder / f"{i:03d}.dcm")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def test_pool_yields_each_entry_once_including_refusals(many_ct):
+    entries = [FolderEntry(p) for p in many_ct] + [FolderEntry("/nowhere/link", "symbolic link leaves the input folder; not followed")]
+    with DecodePool(workers=2, chunk_size=4) as pool:
+        out = list(pool.decode(entries))
+    assert sorted(d.path for d in out) == sorted(e.path for e in entries)
+    assert sum(d.status == "ok" for d in out) == 60
+    refused = [d for d in out if d.path == "/nowhere/link"][0]
+    assert refused.status == "error" and "leaves the input folder" in refused.error
+
+
+def test_pool_survives_a_killed_worker(many_ct):
+    """A worker killed mid-run (as a decoder crash would) loses no file."""
+    seen = []
+    with DecodePool(workers=1, chunk_size=4, max_in_flight=4) as pool:
+        for i, decoded in enumerate(pool.decode(many_ct)):
+            seen.append(decoded)
+            if i == 5:
+                pids = list(pool._executor._processes)  # the live worker processes
+                assert pids
+                os.kill(pids[0], signal.SIGKILL)
+    assert sorted(d.path for d in seen) == many_ct
+    assert all(d.status == "ok" for d in seen), [d.error for d in seen if d.status != "ok"]
+
+
+def test_in_process_pool_matches_workers(many_ct):
+    with DecodePool(workers=0) as pool:
+        inline = {d.path: d for d in pool.decode(many_ct[:5])}
+    with DecodePool(workers=1) as pool:
+        remote = {d.path: d for d in pool.decode(many_ct[:5])}
+    for path, d in inline.items():
+        assert np.array_equal(d.pixels, remote[path].pixels)
+        assert d.intercept == remote[path].intercept
+
+
+def test_checkpoint_round_trip_and_thresholds(tmp_path):
+    pm = get_plugin_manager()
+    loaded = load_model(pm)
+    assert not loaded.trained
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, loaded.model, "simplecnn", thresholds={"any": 0.9, "epidural": 0.2})
+    again = load_model(pm, ckpt)
+    assert again.trained and again.name == "simplecnn"
+    assert again.thresholds["any"] == 0.9 and again.thresholds["epidural"] == 0.2 and again.thresholds["subdural"] == 0.5
+    override = load_model(pm, ckpt, thresholds={"any": 0.1})
+    assert override.thresholds["any"] == 0.1 and override.thresholds["epidural"] == 0.2
+    decoded = decode_instance(CT_SMALL)
+    a = Screener(pm, loaded, "cpu").predict([decoded.pixels], [decoded.slope], [decoded.intercept])
+    b = Screener(pm, again, "cpu").predict([decoded.pixels], [decoded.slope], [decoded.intercept])
+    assert np.allclose(a, b, atol=1e-6)
+
+
+def test_half_precision_checkpoint_is_smaller_and_close(tmp_path):
+    pm = get_plugin_manager()
+    loaded = load_model(pm)
+    full, half = tmp_path / "f.pt", tmp_path / "h.pt"
+    save_checkpoint(full, loaded.model, "simplecnn")
+    save_checkpoint(half, loaded.model, "simplecnn", half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(x), load_model(pm, half).model(x), atol=1e-2)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    pm = get_plugin_manager()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read weights"):
+        load_model(pm, junk)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something"}, other)
+    with pytest.raises(ModelError, match="not an ichscan checkpoint"):
+        read_checkpoint(other)
+    with pytest.raises(ModelError, match="not found"):
+        load_model(pm, tmp_path / "missing.pt")
+
+
+def test_screener_marks_positive_by_any_threshold():
+    pm = get_plugin_manager()
+    screener = Screener(pm, load_model(pm, thresholds={"any": 0.0}), "cpu")
+    decoded = decode_instance(CT_SMALL)
+    [result] = screener.screen([decoded])
+    assert result.status == "ok" and result.is_positive
+    assert result.top_label in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+    screener = Screener(pm, load_model(pm, thresholds={"any": 1.0}), "cpu")
+    [result] = screener.screen([decode_instance(CT_SMALL)])
+    assert not result.is_positive and result.top_label == "none"
+
+
+def test_folder_walk_skips_hidden_and_outside_links(tmp_path):
+    root = tmp_path / "root"
+    (root / "P" / "S" / ".hidden").mkdir(parents=True)
+    (root / "P" / "S" / "a.dcm").write_bytes(b"x")
+    (root / "P" / "S" / "b").write_bytes(b"x")
+    (root / "P" / "S" / ".c.dcm").write_bytes(b"x")
+    (root / "P" / "S" / ".hidden" / "d.dcm").write_bytes(b"x")
+    outside = tmp_path / "outside.dcm"
+    outside.write_bytes(b"x")
+    (root / "P" / "out-link.dcm").symlink_to(outside)
+    (root / "P" / "in-link.dcm").symlink_to(root / "P" / "S" / "a.dcm")
+    (root / "P" / "loop").symlink_to(root)
+    entries = {os.path.relpath(e.path, root): e.refusal for e in iter_folder(root)}
+    assert entries == {
+        "P/S/a.dcm": "",
+        "P/S/b": "",
+        "P/in-link.dcm": "",
+        "P/out-link.dcm": "symbolic link leaves the input folder; not followed",
+    }

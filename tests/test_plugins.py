@@ -1,0 +1,221 @@
+"""The plugin surface: loading from entry points and --plugins-dir, isolation, docs."""
+
+import csv
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from ichscan import hookspecs
+from ichscan.batch import BatchOptions, run_batch
+from ichscan.cli import cli
+from ichscan.plugins import PluginError, describe_plugins, get_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+HOOK_NAMES = sorted(name for name in dir(hookspecs) if name.startswith("ichscan_"))
+
+
+@pytest.fixture
+def ct_folder(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(CT_SMALL, folder / "a.dcm")
+    (folder / "notes.txt").write_text("not dicom")
+    return folder
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+CONSTANT_MODEL = """
+import torch
+from torch import nn
+import ichscan
+
+class Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]))
+    def forward(self, x):
+        return self.bias.expand(x.shape[0], 6)
+
+@ichscan.hookimpl
+def ichscan_register_models(register):
+    register("constant", Constant)
+"""
+
+
+def make_entry_point_dist(site: Path, name: str, source: str) -> None:
+    (site / f"{name}.py").write_text(textwrap.dedent(source))
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[ichscan]\n{name} = {name}\n")
+
+
+def test_entry_point_plugin_model_is_used(tmp_path, monkeypatch, ct_folder):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_entry_point_dist(site, "ichscan_constant_model", CONSTANT_MODEL)
+    monkeypatch.syspath_prepend(str(site))
+    pm = get_plugin_manager()
+    names = {info.name: info for info in describe_plugins(pm)}
+    assert "ichscan_constant_model" in names
+    assert names["ichscan_constant_model"].source.startswith("entry point")
+    out = tmp_path / "r.csv"
+    run_batch(BatchOptions(input_dir=ct_folder, out=out, model_name="constant", workers=0, progress=False, overlays_for="none"), pm)
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    ok = rows["a.dcm"]
+    assert ok["status"] == "ok"
+    # sigmoid(-3)=0.047426, sigmoid(2)=0.880797: the plugin's model produced these.
+    assert float(ok["p_epidural"]) == pytest.approx(0.047426, abs=1e-6)
+    assert float(ok["p_any"]) == pytest.approx(0.880797, abs=1e-6)
+    assert ok["top_label"] == "subdural"
+    assert rows["notes.txt"]["status"] == "error"
+
+
+def test_allow_list_env_blocks_entry_point(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_entry_point_dist(site, "ichscan_blocked_model", CONSTANT_MODEL)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("ICHSCAN_LOAD_PLUGINS", "something_else")
+    names = [info.name for info in describe_plugins(get_plugin_manager())]
+    assert "ichscan_blocked_model" not in names
+    assert "ichscan.default_plugins.simple_cnn" in names  # built-ins always load
+
+
+def test_example_plugin_through_plugins_dir_cli(tmp_path, ct_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli, ["--plugins-dir", str(ROOT / "plugins"), "batch", str(ct_folder), "--out", "out/r.csv", "--workers", "0", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "out" / "r.csv")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "r.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(x["path"] for x in lines)
+    by_path = {x["path"]: x for x in lines}
+    for row in rows:
+        if row["status"] == "ok":
+            assert by_path[row["path"]]["probabilities"]["any"] == pytest.approx(float(row["p_any"]), abs=1e-6)
+
+
+def test_plugins_command_lists_dir_plugin_and_hooks():
+    result = CliRunner().invoke(cli, ["--plugins-dir", str(ROOT / "plugins"), "plugins"])
+    assert result.exit_code == 0, result.output
+    assert "jsonl_report  [" in result.output
+    assert "ichscan_register_reporters" in result.output
+    assert "models: simplecnn" in result.output
+
+
+def test_hook_name_typo_is_an_error_at_start_up(tmp_path):
+    (tmp_path / "typo.py").write_text("import ichscan\n@ichscan.hookimpl\ndef ichscan_register_modles(register):\n    pass\n")
+    with pytest.raises(PluginError, match="ichscan_register_modles"):
+        get_plugin_manager([tmp_path])
+
+
+def test_broken_plugin_file_gives_one_line_error(tmp_path):
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    result = CliRunner().invoke(cli, ["--plugins-dir", str(tmp_path), "plugins"])
+    assert result.exit_code == 1
+    assert "broken.py failed to load: RuntimeError: boom" in result.output
+    assert "Traceback" not in result.output
+
+
+FAILING_REPORTER = """
+import ichscan
+from ichscan.reporting import Reporter
+
+class Exploding(Reporter):
+    name = "exploding"
+    def on_results(self, results, studies):
+        raise RuntimeError("reporter bug")
+    def on_finish(self, summary, studies):
+        raise RuntimeError("reporter bug at the end")
+
+@ichscan.hookimpl
+def ichscan_register_reporters(register, config):
+    register(Exploding())
+"""
+
+
+def test_failing_reporter_does_not_lose_csv(tmp_path, ct_folder, caplog):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "exploding.py").write_text(FAILING_REPORTER)
+    pm = get_plugin_manager([plugins])
+    out = tmp_path / "r.csv"
+    summary = run_batch(BatchOptions(input_dir=ct_folder, out=out, workers=0, progress=False, overlays_for="none"), pm)
+    assert len(read_rows(out)) == 2
+    assert len(read_rows(tmp_path / "r_studies.csv")) == 1
+    assert summary.reporter_errors["exploding"] == 2
+    assert "reporter exploding failed" in caplog.text
+
+
+PREPROCESS_PLUGIN = """
+import torch
+import ichscan
+
+@ichscan.hookimpl
+def ichscan_preprocess(pixels, slopes, intercepts, settings, device, channels_last):
+    return torch.zeros((len(pixels), 3, settings.size, settings.size), device=device)
+"""
+
+
+def test_hook_ichscan_preprocess_replaces_builtin(tmp_path):
+    import numpy as np
+    import torch
+
+    from ichscan.engine import Screener
+    from ichscan.models import load_model
+
+    (tmp_path / "zeros.py").write_text(PREPROCESS_PLUGIN)
+    pm = get_plugin_manager([tmp_path])
+    screener = Screener(pm, load_model(pm), "cpu")
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 3000, (64, 64)).astype(np.int16)]
+    with torch.inference_mode():
+        expected = torch.sigmoid(screener.model(torch.zeros((1, 3, 224, 224)))).numpy()
+    assert np.allclose(screener.predict(pixels, [1.0], [-1024.0]), expected, atol=1e-6)
+
+
+def test_hook_ichscan_register_models_duplicate_name_is_an_error(tmp_path):
+    from ichscan.models import ModelError, model_factories
+
+    (tmp_path / "dup.py").write_text(
+        "import ichscan\n@ichscan.hookimpl\ndef ichscan_register_models(register):\n    register('simplecnn', object)\n"
+    )
+    with pytest.raises(ModelError, match="simplecnn"):
+        model_factories(get_plugin_manager([tmp_path]))
+
+
+def test_hook_ichscan_register_reporters_sees_config(tmp_path, ct_folder):
+    seen = {}
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "spy.py").write_text(
+        "import ichscan\nSEEN = {}\n@ichscan.hookimpl\ndef ichscan_register_reporters(register, config):\n"
+        "    SEEN['thresholds'] = dict(config.thresholds)\n    SEEN['out'] = config.out\n"
+    )
+    pm = get_plugin_manager([plugins])
+    run_batch(
+        BatchOptions(input_dir=ct_folder, out=tmp_path / "r.csv", thresholds={"any": 0.25}, workers=0, progress=False, overlays_for="none"),
+        pm,
+    )
+    seen = pm.get_plugin("spy").SEEN
+    assert seen["thresholds"]["any"] == 0.25 and seen["thresholds"]["subdural"] == 0.5
+    assert seen["out"] == tmp_path / "r.csv"
+
+
+@pytest.mark.parametrize("hook", HOOK_NAMES)
+def test_every_hook_is_documented_and_tested(hook):
+    readme = (ROOT / "README.md").read_text()
+    assert hook in readme, f"{hook} is not documented in README.md"
+    assert f"def test_hook_{hook}" in Path(__file__).read_text(), f"no test_hook_{hook}"
