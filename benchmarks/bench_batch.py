@@ -97,7 +97,7 @@ class Clock(Reporter):
         return (end[1] - start[1]) / (end[0] - start[0])
 
 
-def engine_rate(folder: Path, overlays_for: str, workers: int | None, batch_size: int | None) -> float:
+def engine_rate(folder: Path, overlays_for: str, workers: int | None, batch_size: int | None, threads: int | None = None) -> float:
     import ichscan
 
     clock = Clock()
@@ -118,6 +118,7 @@ def engine_rate(folder: Path, overlays_for: str, workers: int | None, batch_size
                 device="cpu",
                 workers=workers,
                 batch_size=batch_size,
+                threads=threads,
                 progress=False,
             ),
             pm,
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=800)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="also try workers x threads x batch size combinations")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -140,8 +143,14 @@ def main() -> None:
     model = load_model(pm).model
     torch.set_num_threads(cpu_count())
     naive = naive_loop(files[: min(len(files), 300)], model)
-    csv_only = engine_rate(folder, "none", args.workers, args.batch_size)
-    overlays_all = engine_rate(folder, "all", args.workers, args.batch_size)
+    if args.sweep:
+        for workers in (1, 2):
+            for threads in (1, 2):
+                for batch_size in (8, 16, 32):
+                    rate = engine_rate(folder, "none", workers, batch_size, threads)
+                    print(f"sweep workers {workers} threads {threads} batch {batch_size}: {rate:.1f} images/s", flush=True)
+    csv_only = engine_rate(folder, "none", args.workers, args.batch_size, args.threads)
+    overlays_all = engine_rate(folder, "all", args.workers, args.batch_size, args.threads)
     figures = {
         "machine": f"{platform.machine()}, {cpu_count()} cores, torch {torch.__version__}",
         "files": len(files),

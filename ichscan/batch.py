@@ -11,7 +11,15 @@ import pluggy
 import torch
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
-from ichscan.engine import Progress, Screener, cpu_count, default_batch_size, default_workers, resolve_device, run_stream
+from ichscan.engine import (
+    Progress,
+    Screener,
+    default_batch_size,
+    default_threads,
+    default_workers,
+    resolve_device,
+    run_stream,
+)
 from ichscan.models import load_model
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
@@ -38,6 +46,7 @@ class BatchOptions:
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
+    threads: int | None = None
     plugins_dirs: tuple[Path, ...] = ()
     progress: bool = True
     limits: DecodeLimits = DEFAULT_LIMITS
@@ -111,9 +120,10 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         )
     workers = default_workers(device) if opts.workers is None else opts.workers
     batch_size = opts.batch_size or default_batch_size(device)
-    if device.type == "cpu":
-        # The model gets the cores the decode workers leave free.
-        torch.set_num_threads(max(1, cpu_count() - workers))
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(default_threads(workers))
     screener = Screener(pm, loaded, device)
     config = RunConfig(
         out=out,

@@ -15,13 +15,25 @@ log = logging.getLogger("ichscan")
 
 OVERLAYS_FOR = ("positive", "all", "none")
 DEVICES = ("auto", "cpu", "cuda")
+SYNTH_SYNTAXES = {
+    "explicit": "ExplicitVRLittleEndian",
+    "implicit": "ImplicitVRLittleEndian",
+    "deflated": "DeflatedExplicitVRLittleEndian",
+    "rle": "RLELossless",
+    "jpeg2000": "JPEG2000Lossless",
+}
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="ichscan %(levelname)s: %(message)s", stream=sys.stderr, force=True)
-    if verbose < 2:
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # Libraries (pydicom, openjpeg...) log chatter at INFO: show theirs from -vv only.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.WARNING,
+        format="ichscan %(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    log.setLevel(level)
 
 
 class ThresholdType(click.ParamType):
@@ -167,7 +179,7 @@ def batch(ctx, folder, out, studies_out, overlays_dir, overlays_for, weights, mo
     "--transfer-syntax",
     "transfer_syntaxes",
     multiple=True,
-    type=click.Choice(["explicit", "implicit", "deflated", "rle", "jpeg2000"]),
+    type=click.Choice(list(SYNTH_SYNTAXES)),
     help="Restrict transfer syntaxes (repeatable).  [default: all, varied per study]",
 )
 def synth(out_dir, studies, slices, seed, layout, size, transfer_syntaxes):
@@ -177,9 +189,9 @@ def synth(out_dir, studies, slices, seed, layout, size, transfer_syntaxes):
     five bleed types in their typical shapes and places; scanner conventions vary per
     study. Not real patients.
     """
-    from ichscan.synth import TRANSFER_SYNTAX_NAMES, generate
+    from ichscan.synth import generate
 
-    ts = [TRANSFER_SYNTAX_NAMES[name] for name in transfer_syntaxes] or None
+    ts = [SYNTH_SYNTAXES[name] for name in transfer_syntaxes] or None
     records = generate(out_dir, studies=studies, slices=slices, seed=seed, layout=layout, transfer_syntaxes=ts, size=size)
     positives = sum(r.labels["any"] for r in records)
     counts = ", ".join(f"{label} {sum(r.labels[label] for r in records)}" for label in LABELS[:-1])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -155,12 +156,26 @@ def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool)
     pixels = _decode_pixels(ds, limits)
     slope, intercept = _rescale(ds)
     bits_stored = int(ds.get("BitsStored", 16) or 16)
-    if bits_stored == 12 and int(ds.get("PixelRepresentation", 0) or 0) == 0 and intercept > -100:
+    if (
+        bits_stored == 12
+        and int(ds.get("PixelRepresentation", 0) or 0) == 0
+        and intercept > -100
+        and _is_ct(ds)  # a CT-only correction: with any_modality, MR/CR values must stay as stored
+    ):
         pixels = rsna_12bit_fix(pixels)
         intercept = -1000.0
         result.rsna_fixed = True
     result.pixels, result.slope, result.intercept = pixels, slope, intercept
     result.status, result.error = OK, ""
+
+
+def decode_many(paths: list[str], limits: DecodeLimits = DEFAULT_LIMITS) -> list[DecodedSlice]:
+    """Decode several files (the unit of work sent to a decode worker).
+
+    It lives here, not in the engine, so that unpickling it in a worker imports only
+    this module and never torch.
+    """
+    return [decode_instance(path, limits) for path in paths]
 
 
 def rsna_12bit_fix(pixels: np.ndarray) -> np.ndarray:
@@ -170,9 +185,11 @@ def rsna_12bit_fix(pixels: np.ndarray) -> np.ndarray:
     above -100 while storing ``HU mod 4096``; adding 1000 and wrapping values
     >= 4096 back by 4096 gives values that read correctly with intercept -1000.
     """
-    fixed = pixels.astype(np.int32) + 1000
-    fixed[fixed >= 4096] -= 4096
-    return fixed.astype(np.uint16)
+    # (x + 1000) mod 4096 for 12-bit x, in three cheap uint16 passes.
+    fixed = pixels.astype(np.uint16) & 0x0FFF
+    fixed += 1000
+    fixed &= 0x0FFF
+    return fixed
 
 
 def _read_file(path: str, limits: DecodeLimits) -> bytes:
@@ -213,39 +230,64 @@ def _parse(data: bytes, limits: DecodeLimits) -> pydicom.FileDataset:
     if not has_marker and not _looks_like_bare_dataset(data):
         raise Refused("not a DICOM file (no 'DICM' marker at byte 128)")
     force = not has_marker
-    fp = io.BytesIO(data)
-    try:
-        read_preamble(fp, force)
-        meta = _read_file_meta_info(fp)
-    except Exception as exc:  # noqa: BLE001
-        raise Refused(f"unreadable DICOM file meta information: {_one_line(str(exc))}") from None
-    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        # pydicom inflates the whole data set in one call: check the size first, so a
-        # deflate bomb is refused instead of filling memory.
-        _check_inflated_size(data[fp.tell():], limits.max_inflated_bytes)
+    if _may_be_deflated(data, has_marker):
+        fp = io.BytesIO(data)
+        try:
+            read_preamble(fp, force)
+            meta = _read_file_meta_info(fp)
+        except Exception as exc:  # noqa: BLE001
+            raise Refused(f"unreadable DICOM file meta information: {_one_line(str(exc))}") from None
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # pydicom inflates the whole data set in one call: check the size first, so a
+            # deflate bomb is refused instead of filling memory.
+            _check_inflated_size(data[fp.tell() :], limits.max_inflated_bytes)
     try:
         # BytesIO reads never allocate past the end of the data, so a declared length of
         # 4 GB on a small file yields a short value instead of a 4 GB buffer.
-        return pydicom.dcmread(io.BytesIO(data), force=force)
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
     except InvalidDicomError as exc:
         raise Refused(f"not a DICOM file ({_one_line(str(exc))})") from None
     except Exception as exc:  # noqa: BLE001
         raise Refused(f"unreadable DICOM data set: {type(exc).__name__}: {exc}") from None
+    _check_complete(ds)
+    return ds
+
+
+def _check_complete(ds: pydicom.Dataset) -> None:
+    """pydicom silently keeps a value cut short by the end of the file: refuse it."""
+    for elem in ds.elements():  # raw (unconverted) top-level elements
+        length, value = getattr(elem, "length", None), getattr(elem, "value", None)
+        if isinstance(value, bytes) and isinstance(length, int) and length != 0xFFFFFFFF and len(value) < length:
+            name = keyword_for_tag(elem.tag) or str(elem.tag)
+            raise Refused(f"file truncated: {name} declares {length} bytes, the file holds {len(value)}")
+
+
+_DEFLATED_UID_BYTES = str(DeflatedExplicitVRLittleEndian).encode()
+
+
+def _may_be_deflated(data: bytes, has_marker: bool) -> bool:
+    """Cheap pre-check: does the file meta group mention the deflated transfer syntax?"""
+    if has_marker and data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+        # (0002,0000) group length gives the end of the meta group.
+        (group_length,) = struct.unpack("<I", data[140:144])
+        return _DEFLATED_UID_BYTES in data[144 : 144 + group_length]
+    return _DEFLATED_UID_BYTES in data  # no group length: search it all (rare files)
 
 
 def _check_inflated_size(zipped: bytes, cap: int) -> None:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     chunk = 1 << 20
-    for start in range(0, len(zipped), chunk):
-        piece = zipped[start : start + chunk]
-        while piece:
-            out = inflater.decompress(piece, cap + 1 - total)
-            total += len(out)
-            if total > cap:
-                raise Refused(f"deflated data set inflates to over {cap} bytes (deflate bomb?)")
-            piece = inflater.unconsumed_tail
     try:
+        for start in range(0, len(zipped), chunk):
+            piece = zipped[start : start + chunk]
+            while piece:
+                # At most `chunk` bytes of output per call: memory stays flat whatever the ratio.
+                out = inflater.decompress(piece, min(chunk, cap + 1 - total))
+                total += len(out)
+                if total > cap:
+                    raise Refused(f"deflated data set inflates to over {cap} bytes (deflate bomb?)")
+                piece = inflater.unconsumed_tail
         total += len(inflater.flush())
     except zlib.error as exc:
         raise Refused(f"corrupt deflated data set: {exc}") from None
@@ -281,10 +323,11 @@ def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: b
     pixel_keyword = next((k for k in _PIXEL_DATA_TAGS if k in ds), None)
     modality = _text(ds, "Modality")
     class_name = UID(sop_class).name if sop_class else "unknown SOP class"
+    if pixel_keyword is None and sop_class == CT_IMAGE_STORAGE:
+        raise Refused("CT image without pixel data (file truncated?)")
     if pixel_keyword is None:
         raise NotScreenable(f"no pixel data ({class_name}, modality {modality or 'unknown'})")
-    is_ct = modality == "CT" or (not modality and sop_class == CT_IMAGE_STORAGE)
-    if not is_ct and not any_modality:
+    if not _is_ct(ds) and not any_modality:
         raise NotScreenable(f"modality {modality or 'missing'} is not CT ({class_name})")
     if pixel_keyword != "PixelData":
         raise NotScreenable(f"{pixel_keyword} is not integer CT pixel data")
@@ -314,8 +357,19 @@ def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: b
         raise Refused("compressed pixel data is empty")
 
 
+def _is_ct(ds: pydicom.Dataset) -> bool:
+    """Modality CT, or no modality and the CT Image Storage SOP class."""
+    modality = _text(ds, "Modality")
+    meta = getattr(ds, "file_meta", None) or {}
+    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
+    return modality == "CT" or (not modality and sop_class == CT_IMAGE_STORAGE)
+
+
 def _decode_pixels(ds: pydicom.Dataset, limits: DecodeLimits) -> np.ndarray:
     rows, cols = int(ds.Rows), int(ds.Columns)
+    transfer_syntax = UID(_text(ds.file_meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
+    if not transfer_syntax.is_compressed and _int(ds, "BitsAllocated", 0) in (8, 16, 32):
+        return _native_pixels(ds, transfer_syntax, rows, cols)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001
@@ -328,9 +382,30 @@ def _decode_pixels(ds: pydicom.Dataset, limits: DecodeLimits) -> np.ndarray:
     return arr
 
 
+def _native_pixels(ds: pydicom.Dataset, transfer_syntax: UID, rows: int, cols: int) -> np.ndarray:
+    """Uncompressed pixel data straight from the buffer (pydicom's general path re-parses)."""
+    bits = _int(ds, "BitsAllocated", 16)
+    signed = _int(ds, "PixelRepresentation", 0) == 1
+    order = ">" if transfer_syntax == "1.2.840.10008.1.2.2" else "<"
+    dtype = np.dtype(f"{order}{'i' if signed else 'u'}{bits // 8}")
+    arr = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    arr = arr.astype(dtype.newbyteorder("="), copy=True)  # native order, writable
+    stored = _int(ds, "BitsStored", bits)
+    if 0 < stored < bits:
+        # Bits above the high bit are not pixel data: drop them (sign-extend if signed).
+        if signed:
+            shift = bits - stored
+            arr <<= shift
+            arr >>= shift
+        else:
+            arr &= (1 << stored) - 1
+    return arr
+
+
 def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
     try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        slope = ds.get("RescaleSlope")
+        slope = 1.0 if slope in (None, "") else float(slope)  # not `or 1.0`: a slope of 0 is refused below
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError) as exc:
         raise Refused(f"invalid rescale slope/intercept: {exc}") from None

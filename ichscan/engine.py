@@ -22,7 +22,7 @@ import numpy as np
 import pluggy
 import torch
 
-from ichscan.dicom import DEFAULT_LIMITS, ERROR, OK, DecodedSlice, DecodeLimits, decode_instance
+from ichscan.dicom import DEFAULT_LIMITS, ERROR, OK, DecodedSlice, DecodeLimits, decode_instance, decode_many
 from ichscan.labels import LABELS
 from ichscan.models import LoadedModel
 from ichscan.overlay import wants_overlay, write_overlay
@@ -56,6 +56,11 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, cores - 1)
     return max(1, cores // 2)
+
+
+def default_threads(workers: int) -> int:
+    """Model threads on the CPU: the cores the decode workers leave free, at least one."""
+    return max(1, cpu_count() - workers)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -134,10 +139,6 @@ def to_result(decoded: DecodedSlice) -> SliceResult:
     )
 
 
-def _decode_chunk(paths: list[str], limits: DecodeLimits) -> list[DecodedSlice]:
-    return [decode_instance(path, limits) for path in paths]
-
-
 def _refused(entry: FolderEntry) -> DecodedSlice:
     return DecodedSlice(path=entry.path, status=ERROR, error=entry.refusal)
 
@@ -203,7 +204,7 @@ class DecodePool:
                 else:
                     exhausted = True
                 if chunk:
-                    in_flight[self._pool().submit(_decode_chunk, chunk, self.limits)] = chunk
+                    in_flight[self._pool().submit(decode_many, chunk, self.limits)] = chunk
             if not in_flight:
                 return
             done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
@@ -224,7 +225,7 @@ class DecodePool:
     def _decode_isolated(self, paths: list[str]) -> Iterator[DecodedSlice]:
         for path in paths:
             try:
-                yield from self._pool().submit(_decode_chunk, [path], self.limits).result()
+                yield from self._pool().submit(decode_many, [path], self.limits).result()
             except BrokenProcessPool:
                 self._restart()
                 log.error("decoder crashed on %s", path)

@@ -98,31 +98,34 @@ def preprocess(
         groups.setdefault(tuple(arr.shape), []).append(i)
     for shape, index in groups.items():
         raw = _stack(pixels, index, device)
-        scale = torch.tensor([float(slopes[i]) for i in index], dtype=torch.float32, device=device)
-        shift = torch.tensor([float(intercepts[i]) for i in index], dtype=torch.float32, device=device)
-        hu = raw.view(len(index), 1, *shape) * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1)
+        scale = torch.tensor([float(slopes[i]) for i in index], dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+        shift = torch.tensor([float(intercepts[i]) for i in index], dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+        stored = raw.view(len(index), 1, *shape)
         if shape != (size, size):
-            hu = F.interpolate(hu, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            # Resizing is linear with weights summing to 1, so resizing stored values and
+            # rescaling after gives the same HU as the other way round, on 5x fewer pixels.
+            stored = F.interpolate(stored, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        hu = stored.mul_(scale).add_(shift)  # ``raw`` is a fresh buffer: in place is safe
         out[torch.as_tensor(index, device=device)] = window(hu, settings.windows)
     return out
 
 
 def _stack(pixels: Sequence[np.ndarray | torch.Tensor], index: list[int], device: torch.device) -> torch.Tensor:
+    """Stack same-shaped images into one float32 tensor on ``device`` (one conversion pass)."""
     first = pixels[index[0]]
-    if isinstance(first, torch.Tensor):
-        batch = torch.stack([pixels[i] for i in index])  # type: ignore[misc]
-    else:
-        batch = torch.from_numpy(np.stack([_to_float_compatible(pixels[i]) for i in index]))  # type: ignore[arg-type]
     if device.type == "cuda":
-        # Integer pixels travel to the GPU at their stored width (2 bytes) and become float there.
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device=device, dtype=torch.float32)
+        # Integer pixels travel to the GPU at their stored width and become float there.
+        host = torch.stack([_as_tensor(pixels[i]) for i in index])
+        return host.pin_memory().to(device, non_blocking=True).float()
+    batch = torch.empty((len(index), *first.shape), dtype=torch.float32)
+    for row, i in enumerate(index):
+        batch[row].copy_(_as_tensor(pixels[i]))
+    return batch if device.type == "cpu" else batch.to(device)
 
 
-def _to_float_compatible(arr: np.ndarray) -> np.ndarray:
-    # torch has limited uint16/uint32 support; widen those to a signed type it handles.
-    if arr.dtype == np.uint16:
-        return arr.astype(np.int32)
-    if arr.dtype == np.uint32:
-        return arr.astype(np.int64)
-    return arr
+def _as_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(arr, torch.Tensor):
+        return arr
+    if arr.dtype == np.uint32:  # torch has no general uint32 support
+        arr = arr.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(arr))

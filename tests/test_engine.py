@@ -137,3 +137,17 @@ def test_folder_walk_skips_hidden_and_outside_links(tmp_path):
         "P/in-link.dcm": "",
         "P/out-link.dcm": "symbolic link leaves the input folder; not followed",
     }
+
+
+def test_simplecnn_matches_the_original_layer_order():
+    """The forward pass reorders ReLU and max-pool for speed; results must not change."""
+    from ichscan.default_plugins.simple_cnn import SimpleCNN
+
+    torch.manual_seed(0)
+    model = SimpleCNN().eval()
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(3, 16, (3, 3)), (16, 32, (3, 3))]
+    assert [m.out_features for m in model.classifier if isinstance(m, torch.nn.Linear)] == [128, 6]
+    x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(model(x), model.classifier(model.features(x)))

@@ -39,7 +39,12 @@ class SimpleCNN(nn.Module):
         )
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        conv1, relu1, pool1, conv2, relu2, pool2 = self.features
+        # Max-pool before ReLU: the two commute exactly, and ReLU then touches a quarter
+        # of the values (these element-wise passes dominate the CPU time of this model).
+        x = relu1(pool1(conv1(x)))
+        x = relu2(pool2(conv2(x)))
+        return self.classifier(x)
 
 
 @hookimpl
