@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ichscan.dicom import OK, decode_instance
+from ichscan.dicom import OK, decode_many
 from ichscan.labels import LABELS
 
 
@@ -49,17 +49,17 @@ def predict_image(
     ValueError
         When the file cannot be screened (not DICOM, not CT, unreadable...).
     """
-    from ichscan.overlay import brain_window_image
-
-    decoded = decode_instance(path)
-    if decoded.status != OK or decoded.pixels is None:
-        raise ValueError(f"{path}: {decoded.status}: {decoded.error}")
     screener = _screener(os.fspath(weights) if weights is not None else None)
+    # The same decode path as `ichscan batch` on this device, so the numbers agree.
+    resize_to = screener.settings.size if screener.device.type == "cpu" else None
+    [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True)
+    if decoded.status != OK or decoded.pixels is None or decoded.display is None:
+        raise ValueError(f"{path}: {decoded.status}: {decoded.error}")
+    image = decoded.display
     result = screener.screen([decoded])[0]
     if result.status != OK or result.probabilities is None or result.positive is None:
         raise ValueError(f"{path}: {result.status}: {result.error}")
     predictions = [label for label in LABELS if result.positive[label]]
-    image = brain_window_image(decoded.pixels, decoded.slope, decoded.intercept)
     if show:
         import matplotlib.pyplot as plt
 

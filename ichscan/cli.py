@@ -112,16 +112,19 @@ def _plugin_manager(ctx: click.Context):
     "Overrides the checkpoint's.  [default: 0.5 each]",
 )
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch.  [default: 16 on CPU, 256 on GPU]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch.  [default: 32 on CPU, 256 on GPU]")
 @click.option(
     "--workers",
     type=click.IntRange(0, 256),
     default=None,
-    help="Decode worker processes; 0 decodes in the main process.  [default: half the cores on CPU, all but one with a GPU]",
+    help="Decode worker processes; 0 decodes in the main process.  [default: one per core on CPU, all cores but one with a GPU]",
 )
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Model threads on the CPU.  [default: one per core]")
 @click.option("--progress/--no-progress", default=True, help="Progress bar (on a terminal) or periodic log lines.")
 @click.pass_context
-def batch(ctx, folder, out, studies_out, overlays_dir, overlays_for, weights, model_name, thresholds, device, batch_size, workers, progress):
+def batch(
+    ctx, folder, out, studies_out, overlays_dir, overlays_for, weights, model_name, thresholds, device, batch_size, workers, threads, progress
+):
     """Screen every DICOM file under FOLDER (recursively) into a results CSV.
 
     Every file gets exactly one row with status ok (screened), skipped (readable DICOM
@@ -146,6 +149,7 @@ def batch(ctx, folder, out, studies_out, overlays_dir, overlays_for, weights, mo
         device=device,
         batch_size=batch_size,
         workers=workers,
+        threads=threads,
         progress=progress,
     )
     try:

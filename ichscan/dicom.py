@@ -89,6 +89,8 @@ class DecodedSlice:
     instance_number: int | None = None
     sop_class_uid: str = ""
     pixels: np.ndarray | None = field(default=None, repr=False)
+    #: Full-resolution brain-window uint8 image, when the caller asked for one.
+    display: np.ndarray | None = field(default=None, repr=False)
     slope: float = 1.0
     intercept: float = 0.0
     rsna_fixed: bool = False
@@ -169,13 +171,38 @@ def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool)
     result.status, result.error = OK, ""
 
 
-def decode_many(paths: list[str], limits: DecodeLimits = DEFAULT_LIMITS) -> list[DecodedSlice]:
+def decode_many(
+    paths: list[str],
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    resize_to: int | None = None,
+    display: bool = False,
+) -> list[DecodedSlice]:
     """Decode several files (the unit of work sent to a decode worker).
 
+    Parameters
+    ----------
+    resize_to
+        Resize the stored values of ``ok`` slices to this square size (float32) here,
+        in the worker, instead of in the model process (the CPU path).
+    display
+        Also keep the full-resolution brain-window image (for overlays).
+
+    Notes
+    -----
     It lives here, not in the engine, so that unpickling it in a worker imports only
-    this module and never torch.
+    torch-free modules.
     """
-    return [decode_instance(path, limits) for path in paths]
+    from ichscan.imaging import brain_window_image, resize_stored
+
+    results = [decode_instance(path, limits) for path in paths]
+    for result in results:
+        if result.pixels is None:
+            continue
+        if display:
+            result.display = brain_window_image(result.pixels, result.slope, result.intercept)
+        if resize_to:
+            result.pixels = resize_stored(result.pixels, resize_to)
+    return results
 
 
 def rsna_12bit_fix(pixels: np.ndarray) -> np.ndarray:

@@ -49,7 +49,8 @@ def ichscan_preprocess(
     the built-in windowing (three CT windows, 224 x 224) runs last, so a plugin that
     returns a tensor replaces it and one that returns None leaves it in place.
 
-    :param pixels: 2-D arrays of stored values, one per image (sizes may differ).
+    :param pixels: 2-D arrays of stored values, one per image (sizes may differ; on
+        the CPU the decode workers have already resized them to ``settings.size``).
     :param slopes: RescaleSlope per image (``HU = pixels * slope + intercept``).
     :param intercepts: RescaleIntercept per image (after the RSNA 12-bit fix).
     :param settings: windows and output size saved with the model's checkpoint.

@@ -10,20 +10,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ichscan.dicom import is_valid_uid
+from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS
 from ichscan.reporting import SliceResult
 
-BRAIN_WINDOW = (40.0, 80.0)
 OVERLAY_CHOICES = ("positive", "all", "none")
 MIN_OVERLAY_SIDE = 512
-
-
-def brain_window_image(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Stored pixels -> brain window (40/80 HU) as an H x W uint8 image."""
-    centre, width = BRAIN_WINDOW
-    low = centre - width / 2.0
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept - low)
-    return np.clip(hu * np.float32(255.0 / width), 0, 255).astype(np.uint8)
 
 
 def overlay_name(result: SliceResult) -> str | None:
@@ -88,9 +80,14 @@ def render_overlay(image: np.ndarray, result: SliceResult) -> Image.Image:
 def write_overlay(result: SliceResult, directory: Path) -> str | None:
     """Render and save the overlay for ``result`` (atomically); return its path."""
     name = overlay_name(result)
-    if name is None or result.pixels is None:
+    if name is None:
         return None
-    image = brain_window_image(result.pixels, result.slope, result.intercept)
+    if result.display is not None:
+        image = result.display
+    elif result.pixels is not None:
+        image = brain_window_image(result.pixels, result.slope, result.intercept)
+    else:
+        return None
     target = directory / name
     tmp = directory / f".{name}.{os.getpid()}.tmp"
     render_overlay(image, result).save(tmp, format="PNG", compress_level=1)

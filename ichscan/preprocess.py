@@ -86,9 +86,8 @@ def preprocess(
     device = torch.device(device)
     n = len(pixels)
     size = settings.size
-    out = torch.empty((n, len(settings.windows), size, size), dtype=torch.float32, device=device)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, len(settings.windows), size, size), dtype=torch.float32, device=device, memory_format=layout)
     if n == 0:
         return out
     groups: dict[tuple[int, int], list[int]] = {}

@@ -33,8 +33,10 @@ class SliceResult:
     top_label: str = ""
     top_probability: float | None = None
     overlay: str = ""
-    #: Stored pixels and rescale, kept only while overlays need them.
+    #: Stored pixels (possibly resized for the model) and rescale; dropped after reporting.
     pixels: np.ndarray | None = field(default=None, repr=False)
+    #: Full-resolution brain-window image from the decode worker, when overlays are on.
+    display: np.ndarray | None = field(default=None, repr=False)
     slope: float = 1.0
     intercept: float = 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ichscan import hookimpl
@@ -38,13 +39,25 @@ class SimpleCNN(nn.Module):
             nn.Linear(128, num_labels),
         )
 
+    #: On the CPU, run the convolutions a few images at a time: their activations
+    #: (3 MB per image after conv1) then stay in cache, which halves the time, while
+    #: the fully connected layer still sees the whole batch (its 51 MB of weights are
+    #: read once per batch, not once per chunk).
+    cpu_chunk = 4
+
     def forward(self, x):
+        if x.device.type == "cpu" and x.shape[0] > self.cpu_chunk:
+            features = torch.cat([self._features(part) for part in x.split(self.cpu_chunk)])
+        else:
+            features = self._features(x)
+        return self.classifier(features)
+
+    def _features(self, x):
         conv1, relu1, pool1, conv2, relu2, pool2 = self.features
         # Max-pool before ReLU: the two commute exactly, and ReLU then touches a quarter
         # of the values (these element-wise passes dominate the CPU time of this model).
         x = relu1(pool1(conv1(x)))
-        x = relu2(pool2(conv2(x)))
-        return self.classifier(x)
+        return relu2(pool2(conv2(x)))
 
 
 @hookimpl
