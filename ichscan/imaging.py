@@ -26,4 +26,4 @@ def resize_stored(pixels: np.ndarray, size: int) -> np.ndarray:
     if pixels.shape == (size, size):
         return pixels.astype(np.float32, copy=False)
     image = Image.fromarray(pixels.astype(np.float32, copy=False), mode="F")
-    return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return np.array(image.resize((size, size), Image.BILINEAR), dtype=np.float32)  # writable copy

@@ -99,7 +99,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ModelError(f"weights file not found: {path}") from None
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+        # torch's messages run to several paragraphs; keep the first line.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot read weights {path}: not an ichscan checkpoint ({type(exc).__name__}: {first[:120]})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not an ichscan checkpoint")
     if list(payload.get("labels", [])) != list(LABELS):

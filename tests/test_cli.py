@@ -1,0 +1,201 @@
+"""`ichscan` end to end on generated phantoms, through the real console script."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ichscan import __version__
+from ichscan.cli import cli
+from ichscan.default_plugins.csv_report import RESULT_COLUMNS, STUDY_COLUMNS
+from ichscan.labels import LABELS, SUBTYPES
+from ichscan.synth import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+ICHSCAN = Path(sys.executable).with_name("ichscan")
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    records = generate(folder / "dicom", studies=3, slices=5, seed=11)
+    (folder / "dicom" / "README.txt").write_text("a stray text file in the archive")
+    (folder / "dicom" / ".DS_Store").write_bytes(b"\0hidden")
+    return folder / "dicom", records
+
+
+@pytest.fixture(scope="module")
+def batch_run(phantoms, tmp_path_factory):
+    """One real `ichscan batch` run as a subprocess, with worker processes."""
+    folder, records = phantoms
+    out_dir = tmp_path_factory.mktemp("out")
+    proc = subprocess.run(
+        [str(ICHSCAN), "batch", str(folder), "--out", str(out_dir / "results.csv"), "--overlays-for", "all", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc, out_dir, records
+
+
+@pytest.mark.slow
+def test_batch_end_to_end(batch_run, phantoms):
+    proc, out_dir, records = batch_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "UNTRAINED" in proc.stderr  # no trained weights ship yet: the user is told
+    header, rows = read_csv(out_dir / "results.csv")
+    assert tuple(header) == RESULT_COLUMNS
+    assert len(rows) == len(records) + 1  # every phantom + README.txt; the hidden file is skipped
+    by_sop = {r["sop_instance_uid"]: r for r in rows if r["status"] == "ok"}
+    assert set(by_sop) == {rec.sop_instance_uid for rec in records}
+    stray = [r for r in rows if r["path"].endswith("README.txt")]
+    assert stray[0]["status"] == "error" and "not a DICOM file" in stray[0]["error"]
+    for row in by_sop.values():
+        probs = {label: float(row[f"p_{label}"]) for label in LABELS}
+        assert all(0.0 <= p <= 1.0 for p in probs.values())
+        for label in LABELS:
+            assert row[label] == str(int(probs[label] >= 0.5))
+        if row["any"] == "1":
+            assert row["top_label"] == max(SUBTYPES, key=probs.get)
+        else:
+            assert row["top_label"] == "none"
+        assert Path(row["overlay"]).is_file()  # --overlays-for all
+        assert Path(row["overlay"]).parent == out_dir / "overlays"
+    study_header, studies = read_csv(out_dir / "results_studies.csv")
+    assert tuple(study_header) == STUDY_COLUMNS
+    assert {s["study_instance_uid"] for s in studies} == {rec.study_instance_uid for rec in records}
+    for study in studies:
+        mine = [r for r in by_sop.values() if r["study_instance_uid"] == study["study_instance_uid"]]
+        assert int(study["slices"]) == len(mine) == 5
+        assert int(study["positive_slices"]) == sum(r["any"] == "1" for r in mine)
+        for label in LABELS:
+            assert float(study[f"p_{label}"]) == pytest.approx(max(float(r[f"p_{label}"]) for r in mine), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_image_agrees_with_batch(batch_run):
+    from ichscan import predict_image
+
+    _, out_dir, records = batch_run
+    _, rows = read_csv(out_dir / "results.csv")
+    row = next(r for r in rows if r["status"] == "ok")
+    predictions, probabilities, image = predict_image(row["path"])
+    for label in LABELS:
+        assert probabilities[label] == pytest.approx(float(row[f"p_{label}"]), abs=1e-5)
+    assert predictions == [label for label in LABELS if row[label] == "1"]
+    assert image.dtype.name == "uint8" and image.ndim == 2 and image.shape[0] >= 400
+
+
+
+def test_threshold_option_sets_positive_flags(phantoms, tmp_path):
+    folder, records = phantoms
+    result = CliRunner().invoke(
+        cli,
+        ["batch", str(folder), "--out", str(tmp_path / "r.csv"), "--threshold", "any=0.0,subdural=1.0", "--workers", "0", "--overlays-for", "none", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    _, rows = read_csv(tmp_path / "r.csv")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["any"] == "1" and r["subdural"] == "0" for r in ok)
+    assert not (tmp_path / "overlays").exists()  # --overlays-for none
+
+
+def test_checkpoint_thresholds_apply_and_cli_overrides(phantoms, tmp_path):
+    from ichscan.models import load_model, save_checkpoint
+    from ichscan.plugins import get_plugin_manager
+
+    folder, _ = phantoms
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, load_model(get_plugin_manager()).model, "simplecnn", thresholds={"any": 1.0})
+    base = ["batch", str(folder), "--weights", str(ckpt), "--workers", "0", "--overlays-for", "none", "--no-progress"]
+    result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a.csv")])
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" not in result.output
+    _, rows = read_csv(tmp_path / "a.csv")
+    assert all(r["any"] == "0" and r["top_label"] == "none" for r in rows if r["status"] == "ok")
+    result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b.csv"), "--threshold", "0"])
+    _, rows = read_csv(tmp_path / "b.csv")
+    assert all(r["any"] == "1" for r in rows if r["status"] == "ok")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["batch", "/no/such/folder"], "does not exist"),
+        (["batch", "{file}"], "is not a folder"),
+        (["batch", "{dir}", "--out", "/proc/forbidden/r.csv"], "cannot create folder"),
+        (["batch", "{dir}", "--weights", "{file}"], "not an ichscan checkpoint"),
+        (["batch", "{dir}", "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    ],
+)
+def test_run_that_cannot_happen_exits_1_with_one_line(tmp_path, args, message):
+    some_file = tmp_path / "f.pt"
+    some_file.write_bytes(b"x")
+    args = [a.format(file=some_file, dir=tmp_path) for a in args]
+    result = CliRunner().invoke(cli, [*args, "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+
+
+def test_bad_threshold_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--threshold", "bleed=0.3"])
+    assert result.exit_code == 2
+    assert "unknown label 'bleed'" in result.output
+
+
+def test_version_and_help_show_defaults():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    result = CliRunner().invoke(cli, ["batch", "--help"])
+    assert result.exit_code == 0
+    text_out = " ".join(result.output.split())  # help wraps lines
+    for text in ("--out", "default: results.csv", "--overlays-for", "default: positive", "--device", "default: auto", "--threshold"):
+        assert text in text_out
+
+
+def test_synth_command_and_reproducibility(tmp_path):
+    for name in ("a", "b"):
+        result = CliRunner().invoke(cli, ["synth", str(tmp_path / name), "--studies", "1", "--slices", "2", "--seed", "4", "--size", "128", "--layout", "rsna"])
+        assert result.exit_code == 0, result.output
+        assert "wrote 2 slices" in result.output
+    a = sorted((tmp_path / "a").rglob("*.dcm"))
+    b = sorted((tmp_path / "b").rglob("*.dcm"))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 2
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    assert (tmp_path / "a" / "stage_2_train.csv").read_text() == (tmp_path / "b" / "stage_2_train.csv").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["predict_phantom.py", "custom_plugin.py"])
+def test_examples_run(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    if script == "predict_phantom.py":
+        assert "probabilities: epidural" in proc.stdout and "true labels:" in proc.stdout
+    else:
+        assert "screened 8 files" in proc.stdout
+        _, rows = read_csv(tmp_path / "results.csv")
+        assert len(rows) == 8
+
+
+def test_readme_quick_start_commands_exist():
+    """The README's first commands must name options that exist."""
+    readme = (ROOT / "README.md").read_text()
+    first = readme[: readme.index("## Commands")]
+    assert "pip install -e ." in first and "ichscan synth" in first and "ichscan batch" in first
+    assert "pytest" in first
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pytest" in ci
