@@ -21,6 +21,30 @@ def _screener(weights: str | None):
     return Screener(pm, load_model(pm, weights), "auto")
 
 
+def screen_file(path, weights=None, thresholds=None, pm=None):
+    """Screen one file; return ``(SliceResult, brain-window image)`` or raise ValueError."""
+    from ichscan.engine import Screener
+    from ichscan.models import load_model
+
+    if pm is None and thresholds is None:
+        screener = _screener(os.fspath(weights) if weights is not None else None)
+    else:
+        from ichscan.plugins import get_plugin_manager
+
+        pm = pm or get_plugin_manager()
+        screener = Screener(pm, load_model(pm, weights, thresholds=thresholds), "auto")
+    # The same decode path as `ichscan batch` on this device, so the numbers agree.
+    resize_to = screener.settings.size if screener.device.type == "cpu" else None
+    [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True)
+    if decoded.status != OK or decoded.pixels is None or decoded.display is None:
+        raise ValueError(f"{path}: {decoded.status}: {decoded.error}")
+    image = decoded.display
+    result = screener.screen([decoded])[0]
+    if result.status != OK or result.probabilities is None or result.positive is None:
+        raise ValueError(f"{path}: {result.status}: {result.error}")
+    return result, image
+
+
 def predict_image(
     path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None, show: bool = False
 ) -> tuple[list[str], dict[str, float], np.ndarray]:
@@ -49,16 +73,7 @@ def predict_image(
     ValueError
         When the file cannot be screened (not DICOM, not CT, unreadable...).
     """
-    screener = _screener(os.fspath(weights) if weights is not None else None)
-    # The same decode path as `ichscan batch` on this device, so the numbers agree.
-    resize_to = screener.settings.size if screener.device.type == "cpu" else None
-    [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True)
-    if decoded.status != OK or decoded.pixels is None or decoded.display is None:
-        raise ValueError(f"{path}: {decoded.status}: {decoded.error}")
-    image = decoded.display
-    result = screener.screen([decoded])[0]
-    if result.status != OK or result.probabilities is None or result.positive is None:
-        raise ValueError(f"{path}: {result.status}: {result.error}")
+    result, image = screen_file(path, weights)
     predictions = [label for label in LABELS if result.positive[label]]
     if show:
         import matplotlib.pyplot as plt

@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -256,6 +257,8 @@ class Progress:
     total: int | None = None
     enabled: bool = True
     interval: float = 10.0
+    label: str = "screened"
+    unit: str = "files"
 
     def __post_init__(self) -> None:
         import sys
@@ -291,8 +294,8 @@ class Progress:
         if self.total:
             pct = 100.0 * self.done / self.total
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            return f"screened {self.done}/{self.total} files ({pct:3.0f}%) {rate:6.1f} files/s, ETA {eta:5.0f} s "
-        return f"screened {self.done} files, {rate:6.1f} files/s "
+            return f"{self.label} {self.done}/{self.total} {self.unit} ({pct:3.0f}%) {rate:6.1f} {self.unit}/s, ETA {eta:5.0f} s "
+        return f"{self.label} {self.done} {self.unit}, {rate:6.1f} {self.unit}/s "
 
 
 def run_stream(
@@ -353,3 +356,164 @@ def run_stream(
     reporters.on_finish(summary, studies)
     progress.close()
     return summary, studies
+
+
+def screen_decoded(
+    decoded: list[DecodedSlice],
+    screener: Screener,
+    overlays_dir: os.PathLike[str] | str | None = None,
+    overlays_for: str = "positive",
+) -> list[SliceResult]:
+    """Results for one batch of decoded slices: model on the ``ok`` ones, then overlays.
+
+    The per-batch step of :func:`run_stream`, for callers that form batches themselves
+    (``ichscan watch``); the pixels stay on the results until the caller drops them.
+    """
+    from pathlib import Path
+
+    ready = [d for d in decoded if d.status == OK]
+    results = screener.screen(ready) if ready else []
+    results += [to_result(d) for d in decoded if d.status != OK]
+    if overlays_dir is not None:
+        for result in results:
+            if wants_overlay(result, overlays_for):
+                try:
+                    result.overlay = write_overlay(result, Path(overlays_dir)) or ""
+                except OSError as exc:
+                    log.error("cannot write overlay for %s: %s", result.path, exc)
+    return results
+
+
+class MicroBatcher:
+    """Collects decoded slices until a batch is full or its oldest slice waited too long.
+
+    Parameters
+    ----------
+    batch_size
+        A batch goes to the model as soon as it holds this many ``ok`` slices.
+    max_latency
+        ...or once its first slice has waited this many seconds, so a trickle of single
+        files is screened promptly while a burst still runs full batches.
+    """
+
+    def __init__(self, batch_size: int, max_latency: float):
+        self.batch_size = max(1, batch_size)
+        self.max_latency = max(0.0, max_latency)
+        self._ok: list[DecodedSlice] = []
+        self._other: list[DecodedSlice] = []
+        self._since: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._ok) + len(self._other)
+
+    def add(self, decoded: Iterable[DecodedSlice], now: float | None = None) -> None:
+        for item in decoded:
+            if self._since is None:
+                self._since = time.monotonic() if now is None else now
+            (self._ok if item.status == OK else self._other).append(item)
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until the latency bound forces a batch; ``None`` when empty, 0 when due."""
+        if self._since is None:
+            return None
+        if len(self._ok) >= self.batch_size or len(self._other) >= self.batch_size:
+            return 0.0
+        return max(0.0, self._since + self.max_latency - now)
+
+    def take(self, now: float | None = None, force: bool = False) -> list[DecodedSlice]:
+        """The next batch when it is due (or ``force``); ``[]`` otherwise.
+
+        At most ``batch_size`` ``ok`` slices; slices that need no model (``skipped``,
+        ``error``) ride along with them.
+        """
+        now = time.monotonic() if now is None else now
+        due = self.due_in(now)
+        if due is None or (due > 0 and not force):
+            return []
+        batch = self._ok[: self.batch_size] + self._other
+        self._ok = self._ok[self.batch_size :]
+        self._other = []
+        # What stays behind already waited: it goes with the next batch without a new wait.
+        self._since = now - self.max_latency if self._ok else None
+        return batch
+
+
+class StreamingDecodePool(DecodePool):
+    """A :class:`DecodePool` fed incrementally: :meth:`submit` paths, :meth:`collect` results.
+
+    For sources where files arrive over time (``ichscan watch``). The workers block
+    SIGINT and SIGTERM, so a Ctrl-C on the terminal (sent to the whole process group)
+    stops the main process cleanly instead of killing workers mid-file; they exit
+    when the pool is closed.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        chunk_size: int = 8,
+        max_in_flight: int | None = None,
+        *,
+        resize_to: int | None = None,
+        display: bool = False,
+    ):
+        super().__init__(workers, limits, chunk_size, max_in_flight, resize_to=resize_to, display=display)
+        self._in_flight: dict[cf.Future, list[str]] = {}
+        self._done: list[DecodedSlice] = []
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        if self._executor is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["ichscan.dicom"])
+            self._executor = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=ctx,
+                initializer=signal.pthread_sigmask,
+                initargs=(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM]),
+            )
+        return self._executor
+
+    @property
+    def pending(self) -> int:
+        """Files submitted and not yet collected."""
+        return sum(len(paths) for paths in self._in_flight.values()) + len(self._done)
+
+    def free_slots(self) -> int:
+        """How many more files :meth:`submit` takes without exceeding ``max_in_flight`` chunks."""
+        if self.workers <= 0:
+            return self.chunk_size
+        return max(0, self.max_in_flight - len(self._in_flight)) * self.chunk_size
+
+    def submit(self, paths: list[str]) -> None:
+        """Start decoding ``paths`` (in chunks of at most ``chunk_size``)."""
+        if self.workers <= 0:
+            self._done.extend(decode_many(list(paths), *self._work_args))
+            return
+        for start in range(0, len(paths), self.chunk_size):
+            chunk = list(paths[start : start + self.chunk_size])
+            self._in_flight[self._pool().submit(decode_many, chunk, *self._work_args)] = chunk
+
+    def collect(self, timeout: float) -> list[DecodedSlice]:
+        """Results finished within ``timeout`` seconds (possibly none); one per submitted file."""
+        out, self._done = self._done, []
+        if not self._in_flight:
+            return out
+        done, _ = cf.wait(self._in_flight, timeout=0 if out else timeout, return_when=cf.FIRST_COMPLETED)
+        broken: list[str] = []
+        for future in done:
+            paths = self._in_flight.pop(future)
+            try:
+                out.extend(future.result())
+            except BrokenProcessPool:
+                broken.extend(paths)
+        if broken:
+            broken.extend(p for paths in self._in_flight.values() for p in paths)
+            self._in_flight.clear()
+            log.warning("a decode worker died; retrying %d files one at a time", len(broken))
+            self._restart()
+            out.extend(self._decode_isolated(broken))
+        return out
+
+    def close(self) -> None:
+        self._in_flight.clear()
+        super().close()

@@ -1,0 +1,88 @@
+"""``ichscan evaluate``: metrics, report, confusion matrices and ROC curves for a checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pluggy
+import torch
+
+from ichscan.engine import cpu_count, resolve_device
+from ichscan.labels import LABELS
+from ichscan.models import load_model
+from ichscan.plugins import get_plugin_manager
+from ichscan.train.dataset import RSNADataset, read_rsna_labels
+from ichscan.train.loop import TrainingError, _loader, predict_loader
+from ichscan.train.metrics import (
+    classification_report_text,
+    per_label_metrics,
+    plot_confusion_matrices,
+    plot_roc_curves,
+    weighted_log_loss,
+)
+from ichscan.train.split import images_in, read_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateOptions:
+    data_dir: Path
+    labels: Path
+    out_dir: Path
+    weights: Path | None = None
+    split_file: Path | None = None
+    split: str = "test"
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int | None = None
+    thresholds: dict[str, float] | None = None
+
+
+def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None) -> dict:
+    """Evaluate; write metrics.json, report.txt, the two PNGs and predictions.csv."""
+    pm = pm or get_plugin_manager()
+    loaded = load_model(pm, opts.weights, thresholds=opts.thresholds)
+    device = resolve_device(opts.device)
+    labels = read_rsna_labels(opts.labels)
+    ids = None
+    if opts.split_file is not None:
+        ids = images_in(read_split(opts.split_file), opts.split)
+        if not ids:
+            raise TrainingError(f"{opts.split_file} has no images in split {opts.split!r}")
+    dataset = RSNADataset(opts.data_dir, labels, ids, loaded.preprocessing)
+    if not len(dataset):
+        raise TrainingError(f"no labelled images found under {opts.data_dir}")
+    model = loaded.model.to(device).to(memory_format=torch.channels_last)
+    workers = cpu_count() if opts.workers is None else opts.workers
+    unreadable: set[str] = set()
+    probs, targets, image_ids, _ = predict_loader(model, _loader(dataset, opts.batch_size, workers), device, unreadable)
+    thresholds = loaded.thresholds
+    metrics = {
+        "weights": loaded.source,
+        "model": loaded.name,
+        "trained": loaded.trained,
+        "images": len(image_ids),
+        "unreadable": len(unreadable),
+        "weighted_log_loss": weighted_log_loss(targets, probs),
+        "per_label": per_label_metrics(targets, probs, thresholds),
+    }
+    out = opts.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "report.txt").write_text(
+        f"weights: {loaded.source}\nimages: {len(image_ids)}\nweighted log loss: {metrics['weighted_log_loss']:.4f}\n\n"
+        + classification_report_text(targets, probs, thresholds)
+    )
+    plot_confusion_matrices(out / "confusion_matrices.png", targets, probs, thresholds)
+    plot_roc_curves(out / "roc_curves.png", targets, probs)
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", *(f"p_{label}" for label in LABELS), *(f"true_{label}" for label in LABELS)])
+        for image_id, p, t in zip(image_ids, probs, targets, strict=True):
+            writer.writerow([image_id, *(f"{v:.6f}" for v in p), *(int(v) for v in t)])
+    return metrics

@@ -1,0 +1,303 @@
+"""``ichscan train``: split by patient, balanced sampling, checkpoint at the best validation loss."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pluggy
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ichscan.engine import Progress, cpu_count, resolve_device
+from ichscan.labels import LABELS
+from ichscan.models import DEFAULT_MODEL, create_model, save_checkpoint
+from ichscan.plugins import get_plugin_manager
+from ichscan.preprocess import PreprocessSettings
+from ichscan.train.dataset import RSNADataset, SafeView, collate_skipping, match_items, read_rsna_labels
+from ichscan.train.metrics import aucs, plot_history, weighted_log_loss
+from ichscan.train.sampler import BalancedSampler
+from ichscan.train.split import images_in, patient_key, read_split, split_by_patient, write_split
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_weighted_log_loss", *(f"val_auc_{label}" for label in LABELS), "lr", "seconds")
+
+
+class TrainingError(Exception):
+    """Training could not start; the message says why."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a resumable checkpoint was saved."""
+
+
+@dataclass
+class TrainOptions:
+    data_dir: Path
+    labels: Path
+    out_dir: Path
+    epochs: int = 5
+    model_name: str = DEFAULT_MODEL
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: Path | None = None  # default: <out_dir>/cache
+    cache: bool = True
+    resume: bool = False
+    augment: bool = True
+    workers: int | None = None  # DataLoader workers; default: one per core
+    warmup_fraction: float = 0.05
+    progress: bool = True
+    settings: PreprocessSettings = field(default_factory=PreprocessSettings)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up from 10 % to 100 % over ``warmup`` steps, then cosine down to 0."""
+    if warmup > 0 and step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _cache_key(split: str, ids: list[str], settings: PreprocessSettings) -> str:
+    digest = hashlib.sha1(json.dumps([ids, settings.to_dict()]).encode()).hexdigest()[:12]
+    return f"{split}-{digest}"
+
+
+def _loader(dataset: RSNADataset, batch_size: int, workers: int, sampler=None) -> DataLoader:
+    return DataLoader(
+        SafeView(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        persistent_workers=False,
+    )
+
+
+class _StopFlag:
+    """SIGINT sets a flag; the loop stops after the current batch and saves."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: Callable | int | None = None
+
+    def __enter__(self) -> _StopFlag:
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handler(self, signum, frame) -> None:
+        if self.set:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.set = True
+        log.warning("interrupted: finishing this batch, then saving a resumable checkpoint (Ctrl-C again to abort)")
+
+
+def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, unreadable: set[str]) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+    """Probabilities, targets, ids and mean BCE loss over a loader (no gradients)."""
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    model.eval()
+    probs, targets, ids = [], [], []
+    total_loss, count = 0.0, 0
+    with torch.inference_mode():
+        for inputs, target, batch_ids, bad in loader:
+            _note_unreadable(bad, unreadable)
+            if not batch_ids:
+                continue
+            inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
+            target = target.to(device)
+            logits = model(inputs).float()
+            total_loss += float(loss_fn(logits, target))
+            count += target.numel()
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+            targets.append(target.cpu().numpy())
+            ids.extend(batch_ids)
+    if not probs:
+        raise TrainingError("no readable images to evaluate")
+    return np.concatenate(probs), np.concatenate(targets), ids, total_loss / max(1, count)
+
+
+def _note_unreadable(bad: list[str], unreadable: set[str]) -> None:
+    for message in bad:
+        if message not in unreadable:
+            unreadable.add(message)
+            log.warning("left out: %s", message)
+
+
+def prepare_split(opts: TrainOptions, labels: dict[str, np.ndarray]) -> dict[str, str]:
+    split_path = opts.out_dir / "split.csv"
+    if opts.resume and split_path.exists():
+        return read_split(split_path)
+    items = match_items(opts.data_dir, labels)
+    if not items:
+        raise TrainingError(f"no labelled images found under {opts.data_dir}")
+    patients = {item.image_id: patient_key(item.path) for item in items}
+    assignment = split_by_patient(patients, opts.seed)
+    write_split(split_path, assignment, patients)
+    return assignment
+
+
+def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> dict:
+    """Train; returns a summary (best epoch, its validation loss and AUCs, paths).
+
+    Raises
+    ------
+    TrainingError
+        When training cannot start (no data, bad labels, nothing to resume).
+    Interrupted
+        After Ctrl-C, once ``last.pt`` (resumable) is saved.
+    """
+    pm = pm or get_plugin_manager()
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    np.random.seed(opts.seed % (2**32))
+    device = resolve_device(opts.device)
+    workers = cpu_count() if opts.workers is None else opts.workers
+    labels = read_rsna_labels(opts.labels)
+    assignment = prepare_split(opts, labels)
+    train_ids, val_ids = images_in(assignment, "train"), images_in(assignment, "validation")
+    if not train_ids or not val_ids:
+        raise TrainingError(f"too few patients to split: {len(train_ids)} training and {len(val_ids)} validation images")
+    cache_dir = (opts.cache_dir or opts.out_dir / "cache") if opts.cache else None
+    settings = opts.settings
+    train_set = RSNADataset(opts.data_dir, labels, train_ids, settings, cache_dir, augment=opts.augment, cache_key=_cache_key("train", train_ids, settings))
+    val_set = RSNADataset(opts.data_dir, labels, val_ids, settings, cache_dir, cache_key=_cache_key("validation", val_ids, settings))
+    log.info("training on %d images, validating on %d (split by patient: %s)", len(train_set), len(val_set), opts.out_dir / "split.csv")
+
+    model = create_model(pm, opts.model_name).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
+    sampler = BalancedSampler(train_set.targets, seed=opts.seed)
+    steps_per_epoch = math.ceil(len(sampler) / opts.batch_size)
+    total_steps = steps_per_epoch * opts.epochs
+    warmup = int(opts.warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    history: list[dict] = []
+    best_loss, best_epoch, start_epoch, skip_steps = math.inf, 0, 1, 0
+    last_path, best_path = opts.out_dir / "last.pt", opts.out_dir / "best.pt"
+    if opts.resume:
+        if not last_path.exists():
+            raise TrainingError(f"nothing to resume: {last_path} does not exist")
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best_loss, best_epoch = state["history"], state["best_loss"], state["best_epoch"]
+        start_epoch, skip_steps = state["epoch"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming at epoch %d, step %d", start_epoch, skip_steps)
+
+    def save_last(epoch: int, step: int) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+            "best_loss": best_loss,
+            "best_epoch": best_epoch,
+            "epoch": epoch,
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+            "options": {"model": opts.model_name, "epochs": opts.epochs, "seed": opts.seed},
+        }
+        tmp = last_path.with_name(last_path.name + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(last_path)
+
+    unreadable: set[str] = set()
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, opts.epochs + 1):
+            started = time.monotonic()
+            sampler.set_epoch(epoch, skip=skip_steps * opts.batch_size)
+            model.train()
+            progress = Progress(total=len(sampler), enabled=opts.progress, label=f"epoch {epoch}/{opts.epochs}", unit="images")
+            running, seen, step = 0.0, 0, skip_steps
+            try:
+                for inputs, targets, ids, bad in _loader(train_set, opts.batch_size, workers, sampler):
+                    _note_unreadable(bad, unreadable)
+                    if ids:
+                        inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                        targets = targets.to(device, non_blocking=True)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = loss_fn(model(inputs), targets)
+                        loss.backward()
+                        optimizer.step()
+                        running += loss.item() * len(ids)
+                        seen += len(ids)
+                    scheduler.step()
+                    step += 1
+                    progress.update(len(ids) + len(bad))
+                    if stop.set:
+                        break
+            except RuntimeError:
+                if not stop.set:  # a DataLoader worker killed by the same Ctrl-C
+                    raise
+            progress.close()
+            if stop.set:
+                save_last(epoch, step)
+                raise Interrupted(f"interrupted in epoch {epoch}; resume with --resume (saved {last_path})")
+            skip_steps = 0
+            probs, targets_np, _, val_loss = predict_loader(model, _loader(val_set, opts.batch_size, workers), device, unreadable)
+            val_aucs = aucs(targets_np, probs)
+            row = {
+                "epoch": epoch,
+                "train_loss": running / max(1, seen),
+                "val_loss": val_loss,
+                "val_weighted_log_loss": weighted_log_loss(targets_np, probs),
+                **{f"val_auc_{label}": val_aucs[label] for label in LABELS},
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.monotonic() - started,
+            }
+            history.append(row)
+            improved = val_loss < best_loss
+            if improved:
+                best_loss, best_epoch = val_loss, epoch
+                save_checkpoint(
+                    best_path,
+                    model,
+                    opts.model_name,
+                    preprocessing=settings,
+                    extra={"epoch": epoch, "val_loss": val_loss, "val_auc": val_aucs, "trained_on": str(opts.data_dir)},
+                )
+            save_last(epoch + 1, 0)
+            _write_history(opts.out_dir / "history.csv", history)
+            plot_history(opts.out_dir / "loss_curve.png", history)
+            auc_text = ", ".join(f"{k} {v:.3f}" for k, v in val_aucs.items() if v is not None)
+            log.info(
+                "epoch %d/%d: train loss %.4f, validation loss %.4f%s, AUC %s (%.0f s)",
+                epoch,
+                opts.epochs,
+                row["train_loss"],
+                val_loss,
+                " (best, saved)" if improved else "",
+                auc_text,
+                row["seconds"],
+            )
+    return {"best_epoch": best_epoch, "best_val_loss": best_loss, "best": str(best_path), "history": history, "unreadable": len(unreadable)}
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)) for k, v in row.items()})
+    tmp.replace(path)
