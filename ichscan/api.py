@@ -22,7 +22,10 @@ def _screener(weights: str | None):
 
 
 def screen_file(path, weights=None, thresholds=None, pm=None):
-    """Screen one file; return ``(SliceResult, brain-window image)`` or raise ValueError."""
+    """Screen one file; return ``(SliceResult, brain-window image, LoadedModel)``.
+
+    Raises ValueError when the file cannot be screened.
+    """
     from ichscan.engine import Screener
     from ichscan.models import load_model
 
@@ -42,7 +45,7 @@ def screen_file(path, weights=None, thresholds=None, pm=None):
     result = screener.screen([decoded])[0]
     if result.status != OK or result.probabilities is None or result.positive is None:
         raise ValueError(f"{path}: {result.status}: {result.error}")
-    return result, image
+    return result, image, screener.loaded
 
 
 def predict_image(
@@ -73,7 +76,7 @@ def predict_image(
     ValueError
         When the file cannot be screened (not DICOM, not CT, unreadable...).
     """
-    result, image = screen_file(path, weights)
+    result, image, _ = screen_file(path, weights)
     predictions = [label for label in LABELS if result.positive[label]]
     if show:
         import matplotlib.pyplot as plt

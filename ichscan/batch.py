@@ -111,13 +111,8 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
     pm = pm or get_plugin_manager(opts.plugins_dirs)
     device = resolve_device(opts.device)
     loaded = load_model(pm, opts.weights, model_name=opts.model_name, thresholds=opts.thresholds)
-    if not loaded.trained:
-        log.warning(
-            "no trained weights: using an UNTRAINED %s (%s); its probabilities are meaningless. "
-            "Pass --weights FILE from 'ichscan train'.",
-            loaded.name,
-            loaded.source,
-        )
+    if loaded.notice():
+        log.warning("%s", loaded.notice())
     workers = default_workers(device) if opts.workers is None else opts.workers
     batch_size = opts.batch_size or default_batch_size(device)
     if opts.threads:

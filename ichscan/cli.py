@@ -170,6 +170,9 @@ def batch(
     )
     for name, count in summary.reporter_errors.items():
         log.error("reporter %s failed %d times; its output may be incomplete", name, count)
+    if summary.interrupted:
+        click.echo(f"ichscan: interrupted after {summary.files} files; their rows are in {out}", err=True)
+        ctx.exit(130)
 
 
 @cli.command()
@@ -304,9 +307,11 @@ def predict(ctx, file, weights, save, thresholds):
     from ichscan.overlay import render_overlay
 
     try:
-        result, image = screen_file(file, weights=weights, thresholds=thresholds, pm=_plugin_manager(ctx))
+        result, image, loaded = screen_file(file, weights=weights, thresholds=thresholds, pm=_plugin_manager(ctx))
     except (ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    if loaded.notice():
+        log.warning("%s", loaded.notice())
     probs = result.probabilities
     verdict = f"POSITIVE: {result.top_label} {result.top_probability:.3f}" if result.is_positive else "negative"
     click.echo(f"{file}: {verdict} (any {probs['any']:.3f})")

@@ -60,6 +60,18 @@ class LoadedModel:
     source: str  # checkpoint path, or "untrained (seed N)"
     trained: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    bundled: bool = False  # the demo weights shipped in the package
+
+    def notice(self) -> str | None:
+        """What a user must be told about these weights, if anything."""
+        if not self.trained:
+            return (
+                f"no trained weights: using an UNTRAINED {self.name} ({self.source}); its probabilities are "
+                "meaningless. Pass --weights FILE from 'ichscan train'."
+            )
+        if self.bundled:
+            return "using the bundled demo weights, trained on synthetic phantoms only: NOT for clinical use."
+        return None
 
 
 def save_checkpoint(
@@ -90,6 +102,16 @@ def save_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
+
+
+def export_half(source: str | Path, target: str | Path) -> None:
+    """Re-save a checkpoint with float16 weights (half the size; loads back as float32)."""
+    payload = read_checkpoint(source)
+    payload["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(target)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -152,6 +174,7 @@ def load_model(
             source=str(weights),
             trained=True,
             extra=dict(payload.get("extra", {})),
+            bundled=Path(weights) == BUNDLED_WEIGHTS,
         )
     loaded.model.eval()
     return loaded

@@ -123,6 +123,7 @@ class RunSummary:
     error: int = 0
     positive: int = 0
     seconds: float = 0.0
+    interrupted: bool = False
     reporter_errors: dict[str, int] = field(default_factory=dict)
 
     def count(self, results: Iterable[SliceResult]) -> None:

@@ -68,6 +68,9 @@ def test_entry_point_plugin_model_is_used(tmp_path, monkeypatch, ct_folder):
     pm = get_plugin_manager()
     names = {info.name: info for info in describe_plugins(pm)}
     assert "ichscan_constant_model" in names
+    from ichscan.models import load_model
+
+    assert "UNTRAINED" in load_model(pm, model_name="constant").notice()  # no checkpoint for it
     assert names["ichscan_constant_model"].source.startswith("entry point")
     out = tmp_path / "r.csv"
     run_batch(BatchOptions(input_dir=ct_folder, out=out, model_name="constant", workers=0, progress=False, overlays_for="none"), pm)
@@ -209,8 +212,12 @@ def test_hook_ichscan_register_reporters_sees_config(tmp_path, ct_folder):
         BatchOptions(input_dir=ct_folder, out=tmp_path / "r.csv", thresholds={"any": 0.25}, workers=0, progress=False, overlays_for="none"),
         pm,
     )
+    from ichscan.models import load_model
+
     seen = pm.get_plugin("spy").SEEN
-    assert seen["thresholds"]["any"] == 0.25 and seen["thresholds"]["subdural"] == 0.5
+    # --threshold any=0.25 wins; the other labels keep the checkpoint's thresholds.
+    assert seen["thresholds"]["any"] == 0.25
+    assert seen["thresholds"]["subdural"] == load_model(pm).thresholds["subdural"]
     assert seen["out"] == tmp_path / "r.csv"
 
 

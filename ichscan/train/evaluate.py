@@ -47,6 +47,8 @@ def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None
     """Evaluate; write metrics.json, report.txt, the two PNGs and predictions.csv."""
     pm = pm or get_plugin_manager()
     loaded = load_model(pm, opts.weights, thresholds=opts.thresholds)
+    if loaded.notice():
+        log.warning("%s", loaded.notice())
     device = resolve_device(opts.device)
     labels = read_rsna_labels(opts.labels)
     ids = None

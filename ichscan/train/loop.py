@@ -25,7 +25,7 @@ from ichscan.models import DEFAULT_MODEL, create_model, save_checkpoint
 from ichscan.plugins import get_plugin_manager
 from ichscan.preprocess import PreprocessSettings
 from ichscan.train.dataset import RSNADataset, SafeView, collate_skipping, match_items, read_rsna_labels
-from ichscan.train.metrics import aucs, plot_history, weighted_log_loss
+from ichscan.train.metrics import aucs, plot_history, weighted_log_loss, youden_thresholds
 from ichscan.train.sampler import BalancedSampler
 from ichscan.train.split import images_in, patient_key, read_split, split_by_patient, write_split
 
@@ -273,6 +273,7 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
                     best_path,
                     model,
                     opts.model_name,
+                    thresholds=youden_thresholds(targets_np, probs),
                     preprocessing=settings,
                     extra={"epoch": epoch, "val_loss": val_loss, "val_auc": val_aucs, "trained_on": str(opts.data_dir)},
                 )

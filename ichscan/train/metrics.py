@@ -57,6 +57,27 @@ def aucs(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, float | No
     return out
 
 
+def youden_thresholds(targets: np.ndarray, probabilities: np.ndarray, default: float = 0.5) -> dict[str, float]:
+    """Per label, the threshold maximising Youden's J (sensitivity + specificity - 1).
+
+    Balanced sampling shows the model far more positives than real data has, so its
+    probabilities run high; thresholds chosen on the (natural) validation split correct
+    for that. A label without both classes keeps ``default``.
+    """
+    from sklearn.metrics import roc_curve
+
+    out: dict[str, float] = {}
+    for j, label in enumerate(LABELS):
+        y = targets[:, j]
+        if not 0 < y.sum() < len(y):
+            out[label] = default
+            continue
+        fpr, tpr, thresholds = roc_curve(y, probabilities[:, j])
+        best = int(np.argmax(tpr - fpr))
+        out[label] = float(min(1.0, max(0.0, thresholds[best])))
+    return out
+
+
 def classification_report_text(targets: np.ndarray, probabilities: np.ndarray, thresholds: dict[str, float]) -> str:
     from sklearn.metrics import classification_report
 
