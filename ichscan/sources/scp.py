@@ -1,0 +1,235 @@
+"""A DICOM C-STORE receiver that writes every instance durably before it answers Success.
+
+The handler only stores and hands the path on; screening never runs inside it. Each
+instance goes to ``STORE/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+through a hidden temporary file in the same folder: write, fsync, atomic rename, fsync
+of the folder, and only then Success (0x0000). Any failure on the way answers 0xA700
+and leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from ichscan.dicom import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
+
+# C-STORE status codes (PS3.4 B.2.3 and the ranges it leaves to implementations).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # the instance could not be stored (disk full, write/fsync/rename error)
+DATASET_MISMATCH = 0xA900  # the data set's SOP class or instance UID disagrees with the request
+CANNOT_UNDERSTAND = 0xC210  # the data set cannot be decoded
+INVALID_UID = 0xC211  # a Study/Series/SOP Instance UID that is not a dotted-decimal UID of <= 64 chars
+
+UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+
+
+def decodable_transfer_syntaxes() -> list[UID]:
+    """Uncompressed syntaxes plus every compressed one an installed decoder can read."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import AllTransferSyntaxes
+
+    accepted = list(UNCOMPRESSED)
+    for uid in map(UID, AllTransferSyntaxes):
+        if uid in accepted or not uid.is_compressed:
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                accepted.append(uid)
+        except (NotImplementedError, ValueError):
+            continue
+    return accepted
+
+
+def durable_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that it is complete on disk when this returns.
+
+    Temporary hidden file in the target's folder, fsync, atomic rename, fsync of the
+    folder. On any error the temporary file is removed and the error is raised.
+    """
+    folder = target.parent
+    tmp = folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class StoreStats:
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, what: str) -> None:
+        with self.lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+
+class StoreHandler:
+    """The C-STORE handler: validate, store durably, hand the path on.
+
+    Parameters
+    ----------
+    store
+        Root folder for received instances.
+    on_stored
+        Called with the path of each newly stored instance (after the durable write,
+        before Success is returned). Must be quick: it only enqueues.
+    """
+
+    def __init__(self, store: Path, on_stored: Callable[[str], None]):
+        self.store = Path(store)
+        self.on_stored = on_stored
+        self.stats = StoreStats()
+        self._dirs_made: set[Path] = set()
+
+    def __call__(self, event) -> int:
+        peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        request = event.request
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception as exc:  # noqa: BLE001
+            self.stats.add("refused")
+            log.warning("C-STORE from %s refused: data set cannot be decoded: %s", peer, exc)
+            return CANNOT_UNDERSTAND
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+        if sop_class != str(request.AffectedSOPClassUID) or sop_instance != str(request.AffectedSOPInstanceUID):
+            self.stats.add("refused")
+            log.warning(
+                "C-STORE from %s refused: data set (%s, %s) does not match the request (%s, %s)",
+                peer,
+                sop_class[:70],
+                sop_instance[:70],
+                request.AffectedSOPClassUID,
+                request.AffectedSOPInstanceUID,
+            )
+            return DATASET_MISMATCH
+        uids = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        bad = [u for u in uids if not is_valid_uid(u)]
+        if bad:
+            self.stats.add("refused")
+            log.warning("C-STORE from %s refused: invalid UID %r (nothing written)", peer, bad[0][:80])
+            return INVALID_UID
+        study, series, sop = uids
+        target = self.store / study / series / f"{sop}.dcm"
+        if target.exists():
+            # Keep the first copy: a re-send after a lost response is answered as stored
+            # and screened once (the ledger knows the file).
+            self.stats.add("duplicates")
+            log.info("C-STORE from %s: %s already stored; kept the first copy", peer, sop)
+            return SUCCESS
+        try:
+            folder = target.parent
+            if folder not in self._dirs_made:
+                folder.mkdir(parents=True, exist_ok=True)
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
+                self._dirs_made.add(folder)
+            durable_write(target, event.encoded_dataset(include_meta=True))
+        except OSError as exc:
+            self.stats.add("failed")
+            log.error("C-STORE from %s: cannot store %s: %s (answered 0xA700)", peer, sop, exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        self.stats.add("stored")
+        self.on_stored(str(target))
+        return SUCCESS
+
+
+@dataclass
+class ScpOptions:
+    port: int = 11112
+    ae_title: str = "ICHSCAN"
+    bind: str = "127.0.0.1"
+    store: Path = Path("ichscan-store")
+    allow_calling: tuple[str, ...] = ()
+    accept_all_storage: bool = False
+    max_associations: int = 10
+    max_pdu: int = 65536
+    idle_timeout: float = 60.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+def tls_context(opts: ScpOptions) -> ssl.SSLContext | None:
+    if opts.tls_cert is None and opts.tls_key is None:
+        return None
+    if opts.tls_cert is None or opts.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=opts.tls_cert, keyfile=opts.tls_key)
+    if opts.tls_ca is not None:
+        # Mutual TLS: peers must present a certificate signed by this CA.
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=opts.tls_ca)
+    return ctx
+
+
+def build_ae(opts: ScpOptions):
+    """A pynetdicom AE configured with the access rules, limits and contexts."""
+    from pynetdicom import AE, StoragePresentationContexts
+
+    ae = AE(ae_title=opts.ae_title)
+    ae.require_called_aet = True
+    if opts.allow_calling:
+        ae.require_calling_aet = list(opts.allow_calling)
+    ae.maximum_associations = opts.max_associations
+    ae.maximum_pdu_size = opts.max_pdu
+    # A slow or silent peer is dropped instead of holding a slot.
+    ae.network_timeout = opts.idle_timeout
+    ae.acse_timeout = min(30.0, opts.idle_timeout)
+    ae.dimse_timeout = opts.idle_timeout
+    syntaxes = decodable_transfer_syntaxes()
+    ae.add_supported_context(VERIFICATION)
+    if opts.accept_all_storage:
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+    else:
+        ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
+    return ae
