@@ -14,9 +14,13 @@ Ratios are against (1), measured in this same process. Not a test: run it by han
 
 from __future__ import annotations
 
+import os
+
+# As the ichscan command does: OpenMP threads sleep instead of spinning (before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from ichscan import __version__
+from ichscan.cli_watch import watch_command
 from ichscan.labels import LABELS, parse_thresholds
 
 log = logging.getLogger("ichscan")
@@ -338,7 +340,14 @@ def plugins_command(ctx):
     click.echo("models: " + ", ".join(sorted(model_factories(pm))))
 
 
+cli.add_command(watch_command)
+
+
 def main(args: list[str] | None = None) -> None:
+    # Model threads sleep between operations instead of spinning: the decode workers
+    # share the cores with them (measured faster in benchmarks/bench_batch.py). Must be
+    # set before torch loads its OpenMP runtime, i.e. before any command imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli.main(args=args, prog_name="ichscan")
 
 

@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
-import signal
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -29,6 +28,7 @@ from ichscan.models import LoadedModel
 from ichscan.overlay import wants_overlay, write_overlay
 from ichscan.reporting import ReporterSet, RunSummary, SliceResult, StudyTable, top_finding
 from ichscan.sources.folder import FolderEntry
+from ichscan.worker_init import guard_decode_worker
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,14 @@ class DecodePool:
             ctx = multiprocessing.get_context("forkserver")
             # Workers import the decoder only: a CUDA build of torch costs seconds per process.
             ctx.set_forkserver_preload(["ichscan.dicom"])
-            self._executor = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._executor = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=ctx,
+                # Workers ignore Ctrl-C (the main process decides how to stop) and exit
+                # when the main process is gone, even after a SIGKILL.
+                initializer=guard_decode_worker,
+                initargs=(os.getpid(),),
+            )
         return self._executor
 
     def _restart(self) -> None:
@@ -322,17 +329,9 @@ def run_stream(
     other: list[DecodedSlice] = []
 
     def flush() -> None:
-        results = screener.screen(ready) if ready else []
-        results += [to_result(d) for d in other]
+        results = screen_decoded(ready + other, screener, overlay_path, overlays_for)
         ready.clear()
         other.clear()
-        if overlay_path is not None:
-            for result in results:
-                if wants_overlay(result, overlays_for):
-                    try:
-                        result.overlay = write_overlay(result, overlay_path) or ""
-                    except OSError as exc:
-                        log.error("cannot write overlay for %s: %s", result.path, exc)
         studies.add(results)
         summary.count(results)
         reporters.on_results(results, studies)
@@ -345,13 +344,18 @@ def run_stream(
     # A GPU resizes faster itself, so there the workers hand over full-size pixels.
     resize_to = screener.settings.size if screener.device.type == "cpu" else None
     display = overlay_path is not None
-    with DecodePool(workers, limits, resize_to=resize_to, display=display) as pool:
-        for decoded in pool.decode(entries):
-            (ready if decoded.status == OK else other).append(decoded)
-            if len(ready) >= batch_size or len(other) >= batch_size:
+    try:
+        with DecodePool(workers, limits, resize_to=resize_to, display=display) as pool:
+            for decoded in pool.decode(entries):
+                (ready if decoded.status == OK else other).append(decoded)
+                if len(ready) >= batch_size or len(other) >= batch_size:
+                    flush()
+            if ready or other:
                 flush()
-        if ready or other:
-            flush()
+    except KeyboardInterrupt:
+        # Ctrl-C: what was screened is reported and the files are closed properly; the
+        # files still in flight get no row (nothing was recorded about them).
+        summary.interrupted = True
     summary.seconds = time.monotonic() - start
     reporters.on_finish(summary, studies)
     progress.close()
@@ -441,10 +445,10 @@ class MicroBatcher:
 class StreamingDecodePool(DecodePool):
     """A :class:`DecodePool` fed incrementally: :meth:`submit` paths, :meth:`collect` results.
 
-    For sources where files arrive over time (``ichscan watch``). The workers block
-    SIGINT and SIGTERM, so a Ctrl-C on the terminal (sent to the whole process group)
-    stops the main process cleanly instead of killing workers mid-file; they exit
-    when the pool is closed.
+    For sources where files arrive over time (``ichscan watch``). The workers run
+    :func:`ichscan.worker_init.guard_decode_worker`: they ignore a Ctrl-C sent to the
+    whole process group (the main process finishes the files in flight, then closes
+    the pool) and exit when the main process is gone, even after a SIGKILL.
     """
 
     def __init__(
@@ -461,17 +465,6 @@ class StreamingDecodePool(DecodePool):
         self._in_flight: dict[cf.Future, list[str]] = {}
         self._done: list[DecodedSlice] = []
 
-    def _pool(self) -> cf.ProcessPoolExecutor:
-        if self._executor is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["ichscan.dicom"])
-            self._executor = cf.ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=ctx,
-                initializer=signal.pthread_sigmask,
-                initargs=(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM]),
-            )
-        return self._executor
 
     @property
     def pending(self) -> int:

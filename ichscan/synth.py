@@ -1212,7 +1212,9 @@ def render_record(record: SynthRecord) -> tuple[FloatImage, dict[str, BoolImage]
 
 
 def _uid(seed: int, *parts: object) -> str:
-    return generate_uid(entropy_srcs=["ichscan.synth", str(seed), *map(str, parts)])
+    # One source with separators: generate_uid concatenates its sources, so ("1", "23")
+    # and ("12", "3") would otherwise give the same UID.
+    return generate_uid(entropy_srcs=["/".join(["ichscan.synth", str(seed), *map(str, parts)])])
 
 
 def _image_id(seed: int, study: int, index: int) -> str:

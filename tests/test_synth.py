@@ -413,3 +413,11 @@ def test_generate_rejects_bad_arguments(tmp_path: Path) -> None:
         synth.generate(tmp_path, 1, 1, seed=0, transfer_syntaxes=["nope"])
     with pytest.raises(ValueError, match="convention"):
         synth.generate(tmp_path, 1, 1, seed=0, conventions=["nope"])
+
+
+def test_uids_unique_across_many_studies(tmp_path):
+    """Study 1 slice 23 and study 12 slice 3 once shared a SOPInstanceUID."""
+    records = synth.generate(tmp_path, studies=13, slices=25, seed=3, size=64, transfer_syntaxes=["ExplicitVRLittleEndian"])
+    assert len({r.sop_instance_uid for r in records}) == len(records) == 325
+    assert len({r.study_instance_uid for r in records}) == 13
+    assert len({r.series_instance_uid for r in records}) == 13

@@ -88,18 +88,31 @@ def write_studies_csv(path: Path, studies: StudyTable) -> None:
 
 
 class CsvReporter(Reporter):
-    """Appends one row per file to ``--out``; keeps ``--studies-out`` current."""
+    """Appends one row per file to ``--out``; keeps ``--studies-out`` current.
+
+    Parameters
+    ----------
+    out
+        The per-slice results CSV.
+    studies_out
+        The per-study CSV, rewritten as studies change; ``None`` to leave it alone.
+    append
+        Keep the rows already in ``out`` and append (the header only into an empty
+        file), for ``ichscan watch``, which reconciles ``out`` with its ledger before
+        it starts; by default ``out`` is rewritten from scratch.
+    """
 
     name = "csv"
     #: Rewrite the study file at most this often during a run (always at the end).
     studies_interval_s = 2.0
 
-    def __init__(self, out: Path, studies_out: Path | None):
+    def __init__(self, out: Path, studies_out: Path | None, *, append: bool = False):
         self.out = out
         self.studies_out = studies_out
-        self._fh = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in on_finish
+        self._fh = open(out, "a" if append else "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in on_finish
         self._writer = csv.writer(self._fh)
-        self._writer.writerow(RESULT_COLUMNS)
+        if self._fh.tell() == 0:
+            self._writer.writerow(RESULT_COLUMNS)
         self._fh.flush()
         self._last_studies = 0.0
         self._studies_dirty = False
@@ -122,4 +135,9 @@ class CsvReporter(Reporter):
 @hookimpl
 def ichscan_register_reporters(register, config: RunConfig):
     if config.out is not None:
-        register(CsvReporter(config.out, config.studies_out))
+        if config.options.get("append"):
+            # ichscan watch: the results CSV grows across runs (reconciled with the
+            # ledger on start) and the watcher writes study rows as studies complete.
+            register(CsvReporter(config.out, None, append=True))
+        else:
+            register(CsvReporter(config.out, config.studies_out))

@@ -1,0 +1,407 @@
+"""The watch ledger: a small SQLite database that is the source of truth for ``ichscan watch``.
+
+Each file handed to the engine gets a row: its identity (path, size, mtime and, once
+decoded, its SOPInstanceUID), its state (``queued`` while in flight, ``done`` once
+screened) and its result (the exact ``results.csv`` row and the probabilities). A
+result is committed here *before* it is appended to the CSV, so after a crash the
+CSV can only lack rows or end in a torn line, never hold a row the ledger does not
+know; :func:`reconcile_csv` repairs both on start. A file whose identity is already
+``done`` is not screened again; a ``queued`` one (in flight when the process died)
+is.
+
+Durability: WAL journal with ``synchronous=FULL``, one transaction per batch, so a
+committed result survives a SIGKILL and a power cut. An exclusive lock file keeps
+two watchers from sharing one ledger (they would screen files twice).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ichscan.labels import LABELS
+from ichscan.reporting import SliceResult, StudySummary, top_finding
+
+log = logging.getLogger(__name__)
+
+QUEUED = "queued"
+DONE = "done"
+SCHEMA_VERSION = 1
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    done_seq INTEGER,
+    done_at REAL,
+    status TEXT,
+    error TEXT,
+    sop_instance_uid TEXT,
+    study_instance_uid TEXT,
+    positive INTEGER,
+    {", ".join(f"p_{label} REAL" for label in LABELS)},
+    csv_row TEXT
+);
+CREATE INDEX IF NOT EXISTS files_path ON files (path, id);
+CREATE INDEX IF NOT EXISTS files_done ON files (done_seq);
+CREATE INDEX IF NOT EXISTS files_study ON files (study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    summarised_at REAL NOT NULL
+);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What makes a file "the same file": a changed size or mtime makes it a new one."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    state: str
+    status: str | None
+
+    @property
+    def identity(self) -> FileIdentity:
+        return FileIdentity(self.path, self.size, self.mtime_ns)
+
+
+class Ledger:
+    """The SQLite ledger behind ``ichscan watch``; use from one thread.
+
+    Parameters
+    ----------
+    path
+        The database file (created with its folder when missing).
+
+    Raises
+    ------
+    LedgerError
+        When the file is not a ledger, is from a newer version, or another process
+        holds it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fh = open(self.lock_path, "a+")  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise LedgerError(f"cannot open state file {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_fh.close()
+            raise LedgerError(f"state file {self.path} is in use by another ichscan watch") from None
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed result survives a power cut, not only a killed process.
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerError(f"state file {self.path} was written by a newer ichscan (schema {version})")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            row = self._db.execute("SELECT COALESCE(MAX(done_seq), 0) FROM files").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._lock_fh.close()
+            raise LedgerError(f"state file {self.path} is not an ichscan ledger: {exc}") from None
+        self._next_seq = int(row[0]) + 1
+
+    def close(self) -> None:
+        """Checkpoint and close the database, then release the lock."""
+        if getattr(self, "_db", None) is not None:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError as exc:
+                log.warning("ledger checkpoint failed: %s", exc)
+            self._db.close()
+            self._db = None
+        if not self._lock_fh.closed:
+            self._lock_fh.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- files ---------------------------------------------------------------------
+
+    def latest(self, path: str) -> LedgerEntry | None:
+        """The most recent row for ``path``, or ``None`` if it was never queued."""
+        row = self._db.execute(
+            "SELECT id, path, size, mtime_ns, state, status FROM files WHERE path = ? ORDER BY id DESC LIMIT 1",
+            (path,),
+        ).fetchone()
+        return LedgerEntry(*row) if row else None
+
+    def is_done(self, identity: FileIdentity) -> LedgerEntry | None:
+        """The ``done`` row for exactly this identity, or ``None`` when it still needs screening."""
+        entry = self.latest(identity.path)
+        if entry is not None and entry.state == DONE and entry.identity == identity:
+            return entry
+        return None
+
+    def queue(self, identities: Sequence[FileIdentity]) -> dict[str, int]:
+        """Record files as handed to the engine (one transaction); returns ``path -> row id``.
+
+        A path whose latest row is still ``queued`` (in flight when a previous run died)
+        reuses that row, so a file never gets two rows for one screening.
+        """
+        ids: dict[str, int] = {}
+        now = time.time()
+        with self._transaction():
+            for ident in identities:
+                entry = self.latest(ident.path)
+                if entry is not None and entry.state == QUEUED:
+                    self._db.execute(
+                        "UPDATE files SET size = ?, mtime_ns = ?, queued_at = ? WHERE id = ?",
+                        (ident.size, ident.mtime_ns, now, entry.id),
+                    )
+                    ids[ident.path] = entry.id
+                else:
+                    cur = self._db.execute(
+                        "INSERT INTO files (path, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?)",
+                        (ident.path, ident.size, ident.mtime_ns, QUEUED, now),
+                    )
+                    ids[ident.path] = int(cur.lastrowid)
+        return ids
+
+    def record(self, results: Iterable[tuple[int, SliceResult, Sequence[object]]]) -> None:
+        """Commit results (one transaction): ``(row id, result, its CSV row)`` each."""
+        now = time.time()
+        with self._transaction():
+            for row_id, result, csv_row in results:
+                probs = result.probabilities or {}
+                self._db.execute(
+                    f"""UPDATE files SET state = ?, done_seq = ?, done_at = ?, status = ?, error = ?,
+                        sop_instance_uid = ?, study_instance_uid = ?, positive = ?,
+                        {", ".join(f"p_{label} = ?" for label in LABELS)}, csv_row = ?
+                        WHERE id = ?""",
+                    (
+                        DONE,
+                        self._next_seq,
+                        now,
+                        result.status,
+                        result.error,
+                        result.sop_instance_uid,
+                        result.study_instance_uid,
+                        int(result.is_positive) if result.probabilities is not None else None,
+                        *(probs.get(label) for label in LABELS),
+                        json.dumps([_cell(c) for c in csv_row]),
+                        row_id,
+                    ),
+                )
+                self._next_seq += 1
+
+    def queued(self) -> list[LedgerEntry]:
+        """Rows still ``queued``: files in flight when a previous run stopped."""
+        rows = self._db.execute(
+            "SELECT id, path, size, mtime_ns, state, status FROM files WHERE state = ? ORDER BY id", (QUEUED,)
+        ).fetchall()
+        return [LedgerEntry(*row) for row in rows]
+
+    def counts(self) -> Counter[str]:
+        """``done`` rows per status."""
+        rows = self._db.execute("SELECT status, COUNT(*) FROM files WHERE state = ? GROUP BY status", (DONE,))
+        return Counter({status: n for status, n in rows})
+
+    def csv_rows(self) -> Iterator[list[str]]:
+        """Every ``done`` file's CSV row, in the order the results were committed."""
+        cur = self._db.execute("SELECT csv_row FROM files WHERE state = ? ORDER BY done_seq", (DONE,))
+        for (raw,) in cur:
+            yield json.loads(raw)
+
+    # -- studies -------------------------------------------------------------------
+
+    def study_summaries(self, thresholds: dict[str, float]) -> dict[str, StudySummary]:
+        """Per-study maxima over the ``ok`` results, as :class:`ichscan.reporting.StudyTable` keeps them."""
+        cols = ", ".join(f"MAX(p_{label})" for label in LABELS)
+        rows = self._db.execute(
+            f"""SELECT COALESCE(NULLIF(study_instance_uid, ''), '(no study uid)'), COUNT(*), SUM(positive), {cols}
+                FROM files WHERE state = ? AND status = 'ok' GROUP BY 1""",
+            (DONE,),
+        )
+        out: dict[str, StudySummary] = {}
+        for uid, slices, positives, *maxima in rows:
+            study = StudySummary(uid, slices=int(slices), positive_slices=int(positives or 0))
+            study.max_probabilities = {label: float(p or 0.0) for label, p in zip(LABELS, maxima, strict=True)}
+            positive = study.max_probabilities["any"] >= thresholds["any"]
+            study.top_label, study.top_probability = top_finding(study.max_probabilities, positive)
+            out[uid] = study
+        return out
+
+    def summarised_studies(self) -> set[str]:
+        """Studies whose summary row was written at least once."""
+        return {uid for (uid,) in self._db.execute("SELECT study_instance_uid FROM studies")}
+
+    def mark_summarised(self, uids: Iterable[str]) -> None:
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO studies (study_instance_uid, summarised_at) VALUES (?, ?) "
+                "ON CONFLICT (study_instance_uid) DO UPDATE SET summarised_at = excluded.summarised_at",
+                [(uid, now) for uid in uids],
+            )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _cell(value: object) -> str:
+    # Exactly what csv.writer writes, so a row read back from the CSV compares equal.
+    return "" if value is None else str(value)
+
+
+# -- the CSV side ------------------------------------------------------------------
+
+
+@dataclass
+class CsvRepair:
+    """What :func:`reconcile_csv` did."""
+
+    torn_bytes: int = 0
+    appended: int = 0
+    unknown: int = 0  # rows in the CSV the ledger does not know (written by another run)
+
+
+def repair_torn_csv(path: Path, columns: Sequence[str]) -> int:
+    """Cut a torn last line (a write interrupted by a crash); returns the bytes removed.
+
+    A complete row has ``len(columns)`` cells and ends with a line break; the file is
+    cut back to the end of its last complete row (a torn header leaves it empty).
+    Line breaks inside quoted cells are handled by parsing, not by splitting lines.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if not data:
+        return 0
+    ends: list[int] = []  # byte offset after each line fed to the parser
+
+    def lines() -> Iterator[str]:
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            nxt = len(data) if nl < 0 else nl + 1
+            ends.append(nxt)
+            yield data[pos:nxt].decode("utf-8", errors="replace")
+            pos = nxt
+
+    keep = 0
+    try:
+        for row in csv.reader(lines()):
+            if len(row) == len(columns) and data[ends[-1] - 1 : ends[-1]] == b"\n":
+                keep = ends[-1]
+    except csv.Error:
+        pass  # an unterminated quote at the end: a torn row
+    removed = len(data) - keep
+    if removed:
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return removed
+
+
+def _check_header(path: Path, columns: Sequence[str]) -> None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64 * 1024)
+    except FileNotFoundError:
+        return
+    expected = ",".join(columns).encode()
+    line, newline, _ = head.partition(b"\n")
+    line = line.rstrip(b"\r")
+    # A complete first line must be our header; an incomplete one (torn) a prefix of it.
+    if (newline and line != expected) or (not newline and not expected.startswith(line)):
+        raise LedgerError(f"{path} exists with other columns; move it away or choose another --out")
+
+
+def reconcile_csv(path: Path, ledger: Ledger, columns: Sequence[str]) -> CsvRepair:
+    """Make ``path`` hold every result in ``ledger`` exactly once.
+
+    Cuts a torn last line, writes the header into a new or empty file, then appends,
+    in commit order, the ledger rows that the CSV lacks. Rows are matched by
+    ``(path, sop_instance_uid)`` as a multiset, so a file screened twice (changed in
+    between) keeps both rows and none is duplicated.
+
+    Raises
+    ------
+    LedgerError
+        When the file exists with other columns (not a results CSV of this version).
+    """
+    _check_header(path, columns)  # before any repair: never cut rows out of someone else's CSV
+    repair = CsvRepair(torn_bytes=repair_torn_csv(path, columns))
+    present: Counter[tuple[str, str]] = Counter()
+    header: list[str] | None = None
+    if path.exists():
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            for row in reader:
+                if len(row) >= 2:
+                    present[(row[0], row[1])] += 1
+    if header is not None and tuple(header) != tuple(columns):
+        raise LedgerError(f"{path} exists with other columns; move it away or choose another --out")
+    missing: list[list[str]] = []
+    for row in ledger.csv_rows():
+        key = (row[0], row[1])
+        if present[key] > 0:
+            present[key] -= 1
+        else:
+            missing.append(row)
+    repair.unknown = sum(present.values())
+    if header is None or missing:
+        with open(path, "a", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            if header is None:
+                writer.writerow(columns)
+            writer.writerows(missing)
+            fh.flush()
+            os.fsync(fh.fileno())
+    repair.appended = len(missing)
+    return repair

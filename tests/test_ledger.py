@@ -1,0 +1,163 @@
+"""The SQLite ledger behind ``ichscan watch`` and the CSV reconciliation it drives."""
+
+import csv
+import sqlite3
+
+import pytest
+
+from ichscan.default_plugins.csv_report import RESULT_COLUMNS, result_row
+from ichscan.ledger import DONE, QUEUED, FileIdentity, Ledger, LedgerError, reconcile_csv, repair_torn_csv
+from ichscan.labels import LABELS
+from ichscan.reporting import SliceResult, StudyTable
+
+STUDY = "1.2.3"
+
+
+def ok_result(path, sop, p_any=0.7, study=STUDY):
+    probs = {label: 0.1 for label in LABELS}
+    probs["subdural"] = probs["any"] = p_any
+    positive = {label: probs[label] >= 0.5 for label in LABELS}
+    top = "subdural" if positive["any"] else "none"
+    return SliceResult(
+        path=path,
+        status="ok",
+        sop_instance_uid=sop,
+        study_instance_uid=study,
+        series_instance_uid="1.2.3.4",
+        instance_number=1,
+        probabilities=probs,
+        positive=positive,
+        top_label=top,
+        top_probability=p_any,
+    )
+
+
+def screen(ledger, results, sizes=None):
+    """Queue and record ``results`` as the watcher does; returns their identities."""
+    idents = [FileIdentity(r.path, (sizes or {}).get(r.path, 100), 1_000) for r in results]
+    ids = ledger.queue(idents)
+    ledger.record((ids[r.path], r, result_row(r)) for r in results)
+    return idents
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
+
+
+def test_done_only_for_the_same_identity(tmp_path):
+    with Ledger(tmp_path / "state.sqlite") as ledger:
+        ident = FileIdentity("/in/a.dcm", 100, 1_000)
+        assert ledger.is_done(ident) is None
+        screen(ledger, [ok_result("/in/a.dcm", "1.1")])
+        assert ledger.is_done(ident).status == "ok"
+        # Rewritten in place (new size or mtime): a new file that needs screening.
+        assert ledger.is_done(FileIdentity("/in/a.dcm", 101, 1_000)) is None
+        assert ledger.is_done(FileIdentity("/in/a.dcm", 100, 2_000)) is None
+
+
+def test_results_survive_reopening_and_queued_rows_are_reused(tmp_path):
+    state = tmp_path / "state.sqlite"
+    with Ledger(state) as ledger:
+        screen(ledger, [ok_result("/in/a.dcm", "1.1")])
+        ids = ledger.queue([FileIdentity("/in/b.dcm", 5, 6)])  # in flight when "killed"
+    with Ledger(state) as ledger:
+        queued = ledger.queued()
+        assert [(e.path, e.state) for e in queued] == [("/in/b.dcm", QUEUED)]
+        # Queued again after the restart: the same row, not a second one.
+        again = ledger.queue([FileIdentity("/in/b.dcm", 7, 8)])
+        assert again == ids
+        assert ledger.counts() == {"ok": 1}
+    rows = sqlite3.connect(state).execute("SELECT path, state, size FROM files ORDER BY id").fetchall()
+    assert rows == [("/in/a.dcm", DONE, 100), ("/in/b.dcm", QUEUED, 7)]
+
+
+def test_a_second_process_cannot_share_the_ledger(tmp_path):
+    with Ledger(tmp_path / "state.sqlite"):
+        with pytest.raises(LedgerError, match="in use by another ichscan watch"):
+            Ledger(tmp_path / "state.sqlite")
+    Ledger(tmp_path / "state.sqlite").close()  # released on close
+
+
+def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
+    bogus = tmp_path / "state.sqlite"
+    bogus.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(LedgerError, match="not an ichscan ledger"):
+        Ledger(bogus)
+
+
+def test_study_summaries_match_the_study_table(tmp_path):
+    results = [ok_result(f"/in/{i}.dcm", f"1.{i}", p_any=p) for i, p in enumerate([0.2, 0.9, 0.6])]
+    results.append(ok_result("/in/other.dcm", "2.1", p_any=0.1, study="9.9"))
+    results.append(SliceResult("/in/bad", "error", "not a DICOM file"))
+    table = StudyTable({label: 0.5 for label in LABELS})
+    table.add(results)
+    with Ledger(tmp_path / "state.sqlite") as ledger:
+        screen(ledger, results)
+        restored = ledger.study_summaries({label: 0.5 for label in LABELS})
+    assert set(restored) == set(table.studies) == {STUDY, "9.9"}
+    for uid, study in table.studies.items():
+        got = restored[uid]
+        assert (got.slices, got.positive_slices, got.top_label) == (study.slices, study.positive_slices, study.top_label)
+        assert got.max_probabilities == pytest.approx(study.max_probabilities)
+
+
+def test_reconcile_appends_missing_rows_once_and_cuts_a_torn_line(tmp_path):
+    out = tmp_path / "results.csv"
+    results = [ok_result(f"/in/{i}.dcm", f"1.{i}") for i in range(5)]
+    with Ledger(tmp_path / "state.sqlite") as ledger:
+        screen(ledger, results)
+        # As after a SIGKILL mid-write: two rows made it, the third is half written.
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(RESULT_COLUMNS)
+            writer.writerows(result_row(r) for r in results[:2])
+            fh.write("/in/2.dcm,1.2,1.2.3,1.2.3.4,1,o")
+        repair = reconcile_csv(out, ledger, RESULT_COLUMNS)
+        assert repair.torn_bytes == len("/in/2.dcm,1.2,1.2.3,1.2.3.4,1,o")
+        assert repair.appended == 3
+        header, rows = read_rows(out)
+        assert tuple(header) == RESULT_COLUMNS
+        assert [r[0] for r in rows] == [f"/in/{i}.dcm" for i in range(5)]
+        assert rows == [[str(c) for c in result_row(r)] for r in results]
+        # Idempotent: a second start changes nothing.
+        before = out.read_bytes()
+        assert reconcile_csv(out, ledger, RESULT_COLUMNS).appended == 0
+        assert out.read_bytes() == before
+
+
+def test_reconcile_keeps_both_rows_of_a_file_screened_twice(tmp_path):
+    out = tmp_path / "results.csv"
+    with Ledger(tmp_path / "state.sqlite") as ledger:
+        screen(ledger, [ok_result("/in/a.dcm", "1.1")], sizes={"/in/a.dcm": 100})
+        screen(ledger, [ok_result("/in/a.dcm", "1.1", p_any=0.2)], sizes={"/in/a.dcm": 200})  # rewritten file
+        reconcile_csv(out, ledger, RESULT_COLUMNS)
+        _, rows = read_rows(out)
+        assert [r[0] for r in rows] == ["/in/a.dcm", "/in/a.dcm"]
+        assert reconcile_csv(out, ledger, RESULT_COLUMNS).appended == 0
+
+
+def test_reconcile_refuses_a_csv_with_other_columns(tmp_path):
+    out = tmp_path / "results.csv"
+    out.write_text("name,score\nx,1\n")
+    with Ledger(tmp_path / "state.sqlite") as ledger, pytest.raises(LedgerError, match="other columns"):
+        reconcile_csv(out, ledger, RESULT_COLUMNS)
+    assert out.read_text() == "name,score\nx,1\n"  # untouched
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        (b"a,b,c\r\n1,2,3\r\n", b"a,b,c\r\n1,2,3\r\n"),
+        (b"a,b,c\r\n1,2,3\r\n4,5", b"a,b,c\r\n1,2,3\r\n"),
+        (b"a,b,c\r\n1,2,3\r\n4,5,6\r", b"a,b,c\r\n1,2,3\r\n"),  # cut between \r and \n
+        (b'a,b,c\r\n"x\r\ny",2,3\r\n"p\r\nq', b'a,b,c\r\n"x\r\ny",2,3\r\n'),  # line breaks inside quotes
+        (b"a,b", b""),  # torn header
+    ],
+)
+def test_repair_torn_csv(tmp_path, content, kept):
+    path = tmp_path / "x.csv"
+    path.write_bytes(content)
+    assert repair_torn_csv(path, ("a", "b", "c")) == len(content) - len(kept)
+    assert path.read_bytes() == kept
