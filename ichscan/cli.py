@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ichscan import __version__
+from ichscan.cli_serve import serve_command
 from ichscan.cli_watch import watch_command
 from ichscan.labels import LABELS, parse_thresholds
 
@@ -341,6 +342,7 @@ def plugins_command(ctx):
 
 
 cli.add_command(watch_command)
+cli.add_command(serve_command)
 
 
 def main(args: list[str] | None = None) -> None:

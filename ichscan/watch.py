@@ -239,13 +239,8 @@ class Watcher:
         opts = self.opts
         self.device = resolve_device(opts.device)
         loaded = load_model(self.pm, opts.weights, model_name=opts.model_name, thresholds=opts.thresholds)
-        if not loaded.trained:
-            log.warning(
-                "no trained weights: using an UNTRAINED %s (%s); its probabilities are meaningless. "
-                "Pass --weights FILE from 'ichscan train'.",
-                loaded.name,
-                loaded.source,
-            )
+        if loaded.notice():
+            log.warning("%s", loaded.notice())
         self.loaded = loaded
         self.workers = default_workers(self.device) if opts.workers is None else opts.workers
         self.batch_size = opts.batch_size or default_batch_size(self.device)

@@ -1,0 +1,201 @@
+"""`ichscan serve-scp` as a real process: receive, screen exactly once, survive a SIGKILL."""
+
+import csv
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from ichscan.sources.scp import CT_IMAGE_STORAGE, decodable_transfer_syntaxes
+from ichscan.synth import generate
+
+ICHSCAN = Path(sys.executable).with_name("ichscan")
+DCMTK = Path("/usr/bin")
+MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
+needs_dcmtk = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def wait_for(condition, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class ServerProcess:
+    def __init__(self, work: Path, port: int, *extra: str):
+        self.work, self.port = work, port
+        self.out = work / "results.csv"
+        self.store = work / "store"
+        work.mkdir(parents=True, exist_ok=True)
+        self.log = work / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen(
+                [str(ICHSCAN), "serve-scp", "--port", str(port), "--store", str(self.store), "--out", str(self.out), "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", *extra],
+                stdout=subprocess.DEVNULL,
+                stderr=fh,
+            )
+        wait_for(self.listening, 120, "the server to listen")
+
+    def listening(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=120)
+
+
+def send_files(port: int, paths: list[Path], results: dict | None = None, ae_title="SENDER") -> dict:
+    """Send with pynetdicom, one association; returns path -> status."""
+    results = {} if results is None else results
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(CT_IMAGE_STORAGE, decodable_transfer_syntaxes()[:4])  # the uncompressed ones
+    for syntax in (pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless):
+        ae.add_requested_context(CT_IMAGE_STORAGE, syntax)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHSCAN")
+    if not assoc.is_established:
+        return results
+    try:
+        for path in paths:
+            try:
+                status = assoc.send_c_store(pydicom.dcmread(path))
+            except RuntimeError:  # the peer went away (killed)
+                break
+            if not status:  # no response: not stored as far as the sender knows
+                break
+            results[path] = status.Status
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    srv = ServerProcess(work, free_port(), "--accept-all-storage")
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+
+
+@pytest.mark.slow
+@needs_dcmtk
+def test_concurrent_senders_several_syntaxes_screened_once(server, tmp_path):
+    records = generate(tmp_path / "ph", studies=6, slices=3, seed=31, size=128)
+    assert len({r.transfer_syntax_uid for r in records}) >= 3
+    by_study: dict[str, list] = {}
+    for r in records:
+        by_study.setdefault(r.study_instance_uid, []).append(r)
+    studies = list(by_study.values())
+    # Three studies through pynetdicom in a thread, three through dcmtk storescu, at once.
+    statuses: dict = {}
+    sender = threading.Thread(target=send_files, args=(server.port, [r.path for s in studies[:3] for r in s], statuses))
+    sender.start()
+    option = {"1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.1": "-x=", "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.90": "-xv"}
+    for study in studies[3:]:
+        for r in study:
+            proc = subprocess.run([str(DCMTK / "storescu"), "-aec", "ICHSCAN", option[str(r.transfer_syntax_uid)], "127.0.0.1", str(server.port), str(r.path)], capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+    sender.join(timeout=120)
+    assert set(statuses.values()) == {0}
+    expected = {r.sop_instance_uid for r in records}
+    wait_for(lambda: expected <= {row["sop_instance_uid"] for row in rows(server.out)}, 120, "all instances screened")
+    mine = [row for row in rows(server.out) if row["sop_instance_uid"] in expected]
+    assert len(mine) == len(expected)  # exactly once
+    assert all(row["status"] == "ok" for row in mine)
+    wait_for(lambda: set(by_study) <= {row["study_instance_uid"] for row in rows(server.work / "results_studies.csv")}, 60, "study rows")
+
+
+@pytest.mark.slow
+def test_duplicate_and_other_storage_class(server):
+    first = send_files(server.port, [MR_SMALL])
+    second = send_files(server.port, [MR_SMALL])  # a re-send: kept first, answered Success
+    assert first == second == {MR_SMALL: 0}
+    uid = pydicom.dcmread(MR_SMALL).SOPInstanceUID
+    wait_for(lambda: any(row["sop_instance_uid"] == uid for row in rows(server.out)), 60, "the MR row")
+    time.sleep(1.0)
+    mr_rows = [row for row in rows(server.out) if row["sop_instance_uid"] == uid]
+    assert len(mr_rows) == 1
+    assert mr_rows[0]["status"] == "skipped" and "not CT" in mr_rows[0]["error"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_transfer_restart_and_resend(tmp_path):
+    records = generate(tmp_path / "ph", studies=4, slices=15, seed=41, size=128, transfer_syntaxes=["ExplicitVRLittleEndian"])
+    paths = [r.path for r in records]
+    port = free_port()
+    srv = ServerProcess(tmp_path / "work", port)
+    statuses: dict = {}
+    sender = threading.Thread(target=send_files, args=(port, paths, statuses))
+    sender.start()
+    wait_for(lambda: len(statuses) >= 10, 120, "some instances sent")
+    srv.proc.kill()  # SIGKILL in the middle of the association
+    srv.proc.wait(timeout=30)
+    sender.join(timeout=60)
+    succeeded = [p for p, status in statuses.items() if status == 0]
+    assert 10 <= len(succeeded) < len(paths)
+    by_path = {r.path: r for r in records}
+    for path in succeeded:  # Success means on disk
+        r = by_path[path]
+        assert (srv.store / r.study_instance_uid / r.series_instance_uid / f"{r.sop_instance_uid}.dcm").is_file()
+    # Whatever the kill interrupted is at most a hidden temporary file; every visible one is whole.
+    for stored in srv.store.rglob("*.dcm"):
+        if not stored.name.startswith("."):
+            assert pydicom.dcmread(stored).SOPInstanceUID == stored.stem
+    srv = ServerProcess(tmp_path / "work", port)
+    try:
+        again = send_files(port, paths)  # the sender re-sends everything
+        assert set(again.values()) == {0}
+        expected = {r.sop_instance_uid for r in records}
+        wait_for(lambda: expected <= {row["sop_instance_uid"] for row in rows(srv.out)}, 180, "all rows after restart")
+        time.sleep(1.0)
+        uids = [row["sop_instance_uid"] for row in rows(srv.out)]
+        assert len(uids) == len(set(uids)) == len(expected)  # exactly once, across the crash
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log.read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_exits_zero_and_bad_options_are_one_line(tmp_path):
+    srv = ServerProcess(tmp_path, free_port())
+    assert srv.stop(signal.SIGTERM) == 0
+    log = srv.log.read_text()
+    assert "SIGTERM" in log and "Traceback" not in log
+    with socket.socket() as taken:  # a port someone else already listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [str(ICHSCAN), "serve-scp", "--port", str(port), "--store", str(tmp_path / "s2"), "--out", str(tmp_path / "r2.csv")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert busy.returncode == 1 and "cannot listen" in busy.stderr and "Traceback" not in busy.stderr
