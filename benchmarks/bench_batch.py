@@ -131,6 +131,49 @@ def engine_rate(folder: Path, overlays_for: str, workers: int | None, batch_size
     return clock.steady_rate(summary.files)
 
 
+def _tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def peak_memory_mb(folder: Path) -> float:
+    """Peak resident memory of `ichscan batch` on ``folder``, decode workers included."""
+    import subprocess
+
+    ichscan = Path(sys.executable).with_name("ichscan")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [str(ichscan), "-q", "batch", str(folder), "--out", str(Path(tmp) / "r.csv"), "--overlays-for", "none", "--no-progress"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_bytes(proc.pid))
+            time.sleep(0.05)
+    return peak / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=800)
@@ -162,6 +205,8 @@ def main() -> None:
                     rate = engine_rate(folder, "none", workers, batch_size, threads)
                     print(f"sweep workers {workers} threads {threads} batch {batch_size}: {rate:.1f} images/s", flush=True)
     overlays_all = engine_rate(folder, "all", args.workers, args.batch_size, args.threads)
+    small = phantoms(max(100, args.files // 4))
+    memory_small, memory_large = peak_memory_mb(small), peak_memory_mb(folder)
     figures = {
         "machine": f"{platform.machine()}, {cpu_count()} cores, torch {torch.__version__}",
         "files": len(files),
@@ -171,6 +216,9 @@ def main() -> None:
         "ratio_batch_vs_naive": round(csv_only / naive, 2),
         "ratios_per_repeat": [round(c / n, 2) for n, c in zip(naive_runs, csv_runs)],
         "ratio_overlays_all_time_vs_csv": round(csv_only / overlays_all, 2),
+        f"peak_memory_mb_{len(files_in(small))}_files": round(memory_small),
+        f"peak_memory_mb_{len(files)}_files": round(memory_large),
+        "ratio_peak_memory": round(memory_large / memory_small, 2),
     }
     for key, value in figures.items():
         print(f"{key:34s} {value}")

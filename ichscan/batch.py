@@ -105,12 +105,12 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         overlays_dir = Path(opts.overlays_dir) if opts.overlays_dir else out.parent / "overlays"
     prepare_output_file(out, "--out")
     prepare_output_file(studies_out, "--studies-out")
-    if overlays_dir is not None:
-        prepare_folder(overlays_dir, "overlays folder")
 
     pm = pm or get_plugin_manager(opts.plugins_dirs)
     device = resolve_device(opts.device)
     loaded = load_model(pm, opts.weights, model_name=opts.model_name, thresholds=opts.thresholds)
+    if overlays_dir is not None:  # created once the run can happen: a failed start leaves no folder
+        prepare_folder(overlays_dir, "overlays folder")
     if loaded.notice():
         log.warning("%s", loaded.notice())
     workers = default_workers(device) if opts.workers is None else opts.workers

@@ -56,18 +56,22 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
     except (OSError, ValueError, __import__("ssl").SSLError) as exc:
         raise RunError(f"TLS: {exc}") from None
     ae = build_ae(opts.scp)
+    # Signals first: a SIGTERM while the model loads must still mean "stop cleanly".
+    previous = _install_signals(stop)
     try:
         # Listen first: a port in use fails at once, before the model loads.
         server = ae.start_server(
             (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
         )
     except OSError as exc:
+        _restore_signals(previous)
         raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
     try:
         # What arrives before the engine is up is stored durably and found by its startup scan.
         watcher.open()
     except BaseException:
         server.shutdown()
+        _restore_signals(previous)
         raise
     try:
         syntaxes = ", ".join(uid.name for uid in decodable_transfer_syntaxes())
@@ -100,19 +104,22 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
 
         drainer = threading.Thread(target=drain, name="ichscan-drain", daemon=True)
         drainer.start()
-        previous = _install_signals(stop)
         try:
             summary = watcher.run()
         finally:
             stop.set()
             drainer.join(timeout=opts.drain_timeout + 10)
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            _restore_signals(previous)
     finally:
         watcher.close()
     stats = handler.stats
     log.info("received %d instances (%d duplicates, %d refused, %d failed to store)", stats.stored, stats.duplicates, stats.refused, stats.failed)
     return summary
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
 
 
 def _install_signals(stop: threading.Event) -> dict:

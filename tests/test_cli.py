@@ -144,7 +144,8 @@ def test_checkpoint_thresholds_apply_and_cli_overrides(phantoms, tmp_path):
         (["batch", "{dir}", "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
     ],
 )
-def test_run_that_cannot_happen_exits_1_with_one_line(tmp_path, args, message):
+def test_run_that_cannot_happen_exits_1_with_one_line(tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     some_file = tmp_path / "f.pt"
     some_file.write_bytes(b"x")
     args = [a.format(file=some_file, dir=tmp_path) for a in args]
@@ -153,6 +154,7 @@ def test_run_that_cannot_happen_exits_1_with_one_line(tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "overlays").exists()  # a run that could not happen leaves no folders
 
 
 def test_bad_threshold_is_a_usage_error(tmp_path):

@@ -150,3 +150,23 @@ def test_simplecnn_matches_the_original_layer_order():
     x = torch.randn(9, 3, 224, 224)  # more than one CPU chunk, and a partial one
     with torch.inference_mode():
         assert torch.allclose(model(x), model.classifier(model.features(x)), atol=1e-6)
+
+
+def test_predict_image_show_draws_the_prediction(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ichscan import predict_image
+
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(plt.gcf()))
+    predictions, probabilities, image = predict_image(CT_SMALL, show=True)
+    assert set(probabilities) == {"epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"}
+    assert image.shape == (128, 128) and image.dtype == np.uint8
+    assert len(shown) == 1
+    title = shown[0].axes[0].get_title()
+    assert f"any {probabilities['any']:.2f}" in title
+    assert all(probabilities[p] >= 0 for p in predictions)
+    plt.close("all")
