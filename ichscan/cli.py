@@ -11,13 +11,12 @@ import click
 
 from ichscan import __version__
 from ichscan.cli_serve import serve_command
+from ichscan.cli_options import DEVICES, model_options, output_options, parse_threshold_option
 from ichscan.cli_watch import watch_command
-from ichscan.labels import LABELS, parse_thresholds
+from ichscan.labels import LABELS
 
 log = logging.getLogger("ichscan")
 
-OVERLAYS_FOR = ("positive", "all", "none")
-DEVICES = ("auto", "cpu", "cuda")
 SYNTH_SYNTAXES = {
     "explicit": "ExplicitVRLittleEndian",
     "implicit": "ImplicitVRLittleEndian",
@@ -37,18 +36,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         force=True,
     )
     log.setLevel(level)
-
-
-class ThresholdType(click.ParamType):
-    name = "THRESHOLDS"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, dict):
-            return value
-        try:
-            return parse_thresholds(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -84,45 +71,8 @@ def _plugin_manager(ctx: click.Context):
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.csv"), help="Per-slice results CSV.")
-@click.option(
-    "--studies-out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Per-study summary CSV.  [default: <out stem>_studies.csv beside --out]",
-)
-@click.option(
-    "--overlays",
-    "overlays_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder for overlay PNGs.  [default: overlays/ beside --out]",
-)
-@click.option("--overlays-for", type=click.Choice(OVERLAYS_FOR), default="positive", help="Which slices get an overlay PNG.")
-@click.option(
-    "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Checkpoint from 'ichscan train'.  [default: the bundled weights]",
-)
-@click.option("--model", "model_name", default=None, help="Model name, for a model without a checkpoint.  [default: simplecnn]")
-@click.option(
-    "--threshold",
-    "thresholds",
-    type=ThresholdType(),
-    default=None,
-    help="Decision threshold: '0.4' for all labels or 'any=0.3,subdural=0.4'. "
-    "Overrides the checkpoint's.  [default: 0.5 each]",
-)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch.  [default: 32 on CPU, 256 on GPU]")
-@click.option(
-    "--workers",
-    type=click.IntRange(0, 256),
-    default=None,
-    help="Decode worker processes; 0 decodes in the main process.  [default: one per core on CPU, all cores but one with a GPU]",
-)
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Model threads on the CPU.  [default: one per core]")
+@output_options("Per-slice results CSV.")
+@model_options
 @click.option("--progress/--no-progress", default=True, help="Progress bar (on a terminal) or periodic log lines.")
 @click.pass_context
 def batch(
@@ -272,7 +222,7 @@ def train(ctx, data_dir, labels_csv, out_dir, epochs, model_name, batch_size, lr
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint to evaluate.  [default: the bundled weights]")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="RUN_DIR/split.csv from 'ichscan train': evaluate one split only.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", help="Which split of --split-file.")
-@click.option("--threshold", "thresholds", type=ThresholdType(), default=None, help="Decision thresholds, as for 'batch'.")
+@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, help="Images per batch.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto takes CUDA when present.")
 @click.option("--workers", type=click.IntRange(0, 256), default=None, help="Data loading processes.  [default: one per core]")
@@ -301,7 +251,7 @@ def evaluate(ctx, data_dir, labels_csv, out_dir, weights, split_file, split, thr
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint.  [default: the bundled weights]")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save the image with the prediction drawn on it (PNG).")
-@click.option("--threshold", "thresholds", type=ThresholdType(), default=None, help="Decision thresholds, as for 'batch'.")
+@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
 @click.pass_context
 def predict(ctx, file, weights, save, thresholds):
     """Screen one DICOM file and print what was found."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ichscan.cli_watch import DEVICES, OVERLAYS_FOR, _thresholds
+from ichscan.cli_options import DEVICES, OVERLAYS_FOR, parse_threshold_option
 
 log = logging.getLogger("ichscan")
 
@@ -43,7 +43,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--study-timeout", type=click.FloatRange(0, 86400), default=60.0, help="Seconds without a new instance after which a study's summary row is written.")
 @click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=30.0, help="On SIGINT/SIGTERM, seconds open associations get to finish.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint from 'ichscan train'.  [default: the bundled weights]")
-@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=_thresholds, default=None, help="Decision thresholds, as for 'batch'.")
+@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per full model batch.  [default: 32 on CPU, 256 on GPU]")
 @click.option("--max-latency", type=click.FloatRange(0, 3600), default=1.0, help="Seconds a partial batch waits for more instances.")

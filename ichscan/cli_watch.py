@@ -12,46 +12,22 @@ from pathlib import Path
 
 import click
 
-from ichscan.labels import parse_thresholds
+from ichscan.cli_options import model_options, output_options
 
 log = logging.getLogger("ichscan")
 
-OVERLAYS_FOR = ("positive", "all", "none")
-DEVICES = ("auto", "cpu", "cuda")
 
-
-def _thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
-    if value is None:
-        return None
-    try:
-        return parse_thresholds(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @click.command("watch", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.csv"), help="Per-slice results CSV (appended to across runs).")
-@click.option(
-    "--studies-out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Per-study summary CSV, a row per study once it goes quiet.  [default: <out stem>_studies.csv beside --out]",
-)
+@output_options("Per-slice results CSV (appended to across runs).")
 @click.option(
     "--state",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="SQLite ledger: what was screened, so nothing is screened twice or lost.  [default: ichscan-state.sqlite beside --out]",
 )
-@click.option(
-    "--overlays",
-    "overlays_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder for overlay PNGs.  [default: overlays/ beside --out]",
-)
-@click.option("--overlays-for", type=click.Choice(OVERLAYS_FOR), default="positive", help="Which slices get an overlay PNG.")
 @click.option(
     "--quarantine",
     "quarantine_dir",
@@ -65,30 +41,7 @@ def _thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--max-latency", type=click.FloatRange(0, 3600), default=1.0, help="Seconds a partial batch waits for more files before it goes to the model.")
 @click.option("--rescan", "rescan_interval", type=click.FloatRange(0, 86400), default=60.0, help="Seconds between full rescans that catch missed events; 0: only at start.")
 @click.option("--study-timeout", type=click.FloatRange(0, 86400), default=60.0, help="Seconds without a new instance after which a study's summary row is written.")
-@click.option(
-    "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Checkpoint from 'ichscan train'.  [default: the bundled weights]",
-)
-@click.option("--model", "model_name", default=None, help="Model name, for a model without a checkpoint.  [default: simplecnn]")
-@click.option(
-    "--threshold",
-    "thresholds",
-    metavar="THRESHOLDS",
-    callback=_thresholds,
-    default=None,
-    help="Decision threshold: '0.4' for all labels or 'any=0.3,subdural=0.4'. Overrides the checkpoint's.  [default: 0.5 each]",
-)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per full model batch.  [default: 32 on CPU, 256 on GPU]")
-@click.option(
-    "--workers",
-    type=click.IntRange(0, 256),
-    default=None,
-    help="Decode worker processes; 0 decodes in the main process.  [default: one per core on CPU, all cores but one with a GPU]",
-)
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Model threads on the CPU.  [default: one per core]")
+@model_options
 @click.pass_context
 def watch_command(
     ctx: click.Context,

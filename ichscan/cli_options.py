@@ -1,0 +1,86 @@
+"""Click options shared by the commands that screen (batch, watch, serve-scp)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from ichscan.labels import parse_thresholds
+
+OVERLAYS_FOR = ("positive", "all", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_threshold_option(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    try:
+        return parse_thresholds(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _apply(options: list[Callable]) -> Callable:
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def output_options(out_help: str) -> Callable:
+    """--out, --studies-out, --overlays, --overlays-for."""
+    return _apply(
+        [
+            click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.csv"), help=out_help),
+            click.option(
+                "--studies-out",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="Per-study summary CSV.  [default: <out stem>_studies.csv beside --out]",
+            ),
+            click.option(
+                "--overlays",
+                "overlays_dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=None,
+                help="Folder for overlay PNGs.  [default: overlays/ beside --out]",
+            ),
+            click.option("--overlays-for", type=click.Choice(OVERLAYS_FOR), default="positive", help="Which slices get an overlay PNG."),
+        ]
+    )
+
+
+model_options = _apply(
+    [
+        click.option(
+            "--weights",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Checkpoint from 'ichscan train'.  [default: the bundled weights]",
+        ),
+        click.option("--model", "model_name", default=None, help="Model name, for a model without a checkpoint.  [default: simplecnn]"),
+        click.option(
+            "--threshold",
+            "thresholds",
+            metavar="THRESHOLDS",
+            callback=parse_threshold_option,
+            default=None,
+            help="Decision threshold: '0.4' for all labels or 'any=0.3,subdural=0.4'. Overrides the checkpoint's.  "
+            "[default: the checkpoint's, else 0.5]",
+        ),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present."),
+        click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch.  [default: 32 on CPU, 256 on GPU]"),
+        click.option(
+            "--workers",
+            type=click.IntRange(0, 256),
+            default=None,
+            help="Decode worker processes; 0 decodes in the main process.  [default: one per core on CPU, all cores but one with a GPU]",
+        ),
+        click.option("--threads", type=click.IntRange(1, 256), default=None, help="Model threads on the CPU.  [default: one per core]"),
+    ]
+)
+"""--weights, --model, --threshold, --device, --batch-size, --workers, --threads."""
