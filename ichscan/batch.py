@@ -13,14 +13,9 @@ import torch
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
 from ichscan.engine import (
     Progress,
-    Screener,
-    default_batch_size,
-    default_threads,
-    default_workers,
-    resolve_device,
+    prepare_screening,
     run_stream,
 )
-from ichscan.models import load_model
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunSummary
@@ -107,19 +102,20 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
     prepare_output_file(studies_out, "--studies-out")
 
     pm = pm or get_plugin_manager(opts.plugins_dirs)
-    device = resolve_device(opts.device)
-    loaded = load_model(pm, opts.weights, model_name=opts.model_name, thresholds=opts.thresholds)
+    setup = prepare_screening(
+        pm,
+        weights=opts.weights,
+        model_name=opts.model_name,
+        thresholds=opts.thresholds,
+        device=opts.device,
+        workers=opts.workers,
+        batch_size=opts.batch_size,
+        threads=opts.threads,
+    )
+    loaded, device, screener = setup.loaded, setup.device, setup.screener
+    workers, batch_size = setup.workers, setup.batch_size
     if overlays_dir is not None:  # created once the run can happen: a failed start leaves no folder
         prepare_folder(overlays_dir, "overlays folder")
-    if loaded.notice():
-        log.warning("%s", loaded.notice())
-    workers = default_workers(device) if opts.workers is None else opts.workers
-    batch_size = opts.batch_size or default_batch_size(device)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    elif device.type == "cpu":
-        torch.set_num_threads(default_threads(workers))
-    screener = Screener(pm, loaded, device)
     config = RunConfig(
         out=out,
         studies_out=studies_out,

@@ -74,6 +74,50 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
+@dataclass
+class ScreeningSetup:
+    """The model side of a run with the worker, batch and thread counts it uses."""
+
+    screener: Screener
+    workers: int
+    batch_size: int
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.screener.loaded
+
+    @property
+    def device(self) -> torch.device:
+        return self.screener.device
+
+
+def prepare_screening(
+    pm: pluggy.PluginManager,
+    *,
+    weights: os.PathLike[str] | str | None = None,
+    model_name: str | None = None,
+    thresholds: dict[str, float] | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+) -> ScreeningSetup:
+    """Load the model, tell the user what its weights are, and size the run for the machine
+    (the part ``batch``, ``watch`` and ``serve-scp`` share)."""
+    from ichscan.models import load_model
+
+    resolved = resolve_device(device)
+    loaded = load_model(pm, weights, model_name=model_name, thresholds=thresholds)
+    if loaded.notice():
+        log.warning("%s", loaded.notice())
+    workers = default_workers(resolved) if workers is None else workers
+    if threads:
+        torch.set_num_threads(threads)
+    elif resolved.type == "cpu":
+        torch.set_num_threads(default_threads(workers))
+    return ScreeningSetup(Screener(pm, loaded, resolved), workers, batch_size or default_batch_size(resolved))
+
+
 class Screener:
     """The model side: preprocessing hook + model + thresholds on one device."""
 
@@ -451,20 +495,10 @@ class StreamingDecodePool(DecodePool):
     the pool) and exit when the main process is gone, even after a SIGKILL.
     """
 
-    def __init__(
-        self,
-        workers: int,
-        limits: DecodeLimits = DEFAULT_LIMITS,
-        chunk_size: int = 8,
-        max_in_flight: int | None = None,
-        *,
-        resize_to: int | None = None,
-        display: bool = False,
-    ):
-        super().__init__(workers, limits, chunk_size, max_in_flight, resize_to=resize_to, display=display)
+    def __init__(self, *args, **kwargs):  # as DecodePool
+        super().__init__(*args, **kwargs)
         self._in_flight: dict[cf.Future, list[str]] = {}
         self._done: list[DecodedSlice] = []
-
 
     @property
     def pending(self) -> int:

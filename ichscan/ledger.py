@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import io
 import json
 import logging
 import os

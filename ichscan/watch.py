@@ -32,23 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pluggy
-import torch
 
 from ichscan.batch import RunError, collect_reporters, default_studies_out, prepare_folder, prepare_output_file
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, result_row, write_studies_csv
 from ichscan.dicom import DEFAULT_LIMITS, ERROR, DecodeLimits
 from ichscan.engine import (
     MicroBatcher,
-    Screener,
     StreamingDecodePool,
-    default_batch_size,
-    default_threads,
-    default_workers,
-    resolve_device,
+    prepare_screening,
     screen_decoded,
 )
 from ichscan.ledger import FileIdentity, Ledger, LedgerError, reconcile_csv
-from ichscan.models import load_model
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import ReporterSet, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
@@ -237,18 +231,19 @@ class Watcher:
 
     def _load_model(self) -> None:
         opts = self.opts
-        self.device = resolve_device(opts.device)
-        loaded = load_model(self.pm, opts.weights, model_name=opts.model_name, thresholds=opts.thresholds)
-        if loaded.notice():
-            log.warning("%s", loaded.notice())
-        self.loaded = loaded
-        self.workers = default_workers(self.device) if opts.workers is None else opts.workers
-        self.batch_size = opts.batch_size or default_batch_size(self.device)
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        elif self.device.type == "cpu":
-            torch.set_num_threads(default_threads(self.workers))
-        self.screener = Screener(self.pm, loaded, self.device)
+        setup = prepare_screening(
+            self.pm,
+            weights=opts.weights,
+            model_name=opts.model_name,
+            thresholds=opts.thresholds,
+            device=opts.device,
+            workers=opts.workers,
+            batch_size=opts.batch_size,
+            threads=opts.threads,
+        )
+        self.screener, self.loaded, self.device = setup.screener, setup.loaded, setup.device
+        self.workers, self.batch_size = setup.workers, setup.batch_size
+        loaded = self.loaded
         self.studies = StudyTable(loaded.thresholds)
         self.studies.studies.update(self.ledger.study_summaries(loaded.thresholds))
         self.summarised = self.ledger.summarised_studies() & set(self.studies.studies)

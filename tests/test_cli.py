@@ -1,7 +1,6 @@
 """`ichscan` end to end on generated phantoms, through the real console script."""
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -3,7 +3,6 @@
 import errno
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -15,7 +14,6 @@ import pytest
 from pynetdicom import AE, evt
 
 from ichscan.sources.scp import (
-    CANNOT_UNDERSTAND,
     CT_IMAGE_STORAGE,
     DATASET_MISMATCH,
     INVALID_UID,
