@@ -38,6 +38,8 @@ ERROR = "error"
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+#: Manufacturer of the objects ichscan writes (SR, key images): never screened again.
+ICHSCAN_MANUFACTURER = "ichscan"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -346,6 +348,8 @@ def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: b
     media_class = _text(meta, "MediaStorageSOPClassUID")
     if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         raise NotScreenable("DICOMDIR (media storage directory), not an image")
+    if _text(ds, "Manufacturer") == ICHSCAN_MANUFACTURER:
+        raise NotScreenable("written by ichscan (a screening result), not screened again")
     sop_class = _text(ds, "SOPClassUID") or media_class
     pixel_keyword = next((k for k in _PIXEL_DATA_TAGS if k in ds), None)
     modality = _text(ds, "Modality")

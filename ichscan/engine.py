@@ -184,6 +184,7 @@ def to_result(decoded: DecodedSlice) -> SliceResult:
         study_instance_uid=decoded.study_instance_uid,
         series_instance_uid=decoded.series_instance_uid,
         instance_number=decoded.instance_number,
+        sop_class_uid=decoded.sop_class_uid,
         pixels=decoded.pixels,
         display=decoded.display,
         slope=decoded.slope,

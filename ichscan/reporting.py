@@ -28,6 +28,7 @@ class SliceResult:
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     instance_number: int | None = None
+    sop_class_uid: str = ""
     probabilities: dict[str, float] | None = None
     positive: dict[str, bool] | None = None
     top_label: str = ""
@@ -112,6 +113,8 @@ class RunConfig:
     weights: str = ""
     trained: bool = True
     input_root: Path | None = None
+    #: Static HTML report (``--html``); ``None`` for none.
+    html: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +149,12 @@ class Reporter:
     def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
         """Handle one batch of results."""
 
+    def on_study_complete(self, uids: list[str], studies: StudyTable) -> None:
+        """These studies are complete for now: ``batch`` calls it for every study at the
+        end of the run (before ``on_finish``); ``watch`` and ``serve-scp`` when a study
+        has had no new instance for ``--study-timeout`` seconds, and again for a study
+        that later instances re-opened."""
+
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
         """Flush and close; the run is over."""
 
@@ -161,6 +170,10 @@ class ReporterSet:
         for reporter in self.reporters:
             self._call(reporter, "on_results", results, studies)
         studies.changed.clear()
+
+    def on_study_complete(self, uids: list[str], studies: StudyTable) -> None:
+        for reporter in self.reporters:
+            self._call(reporter, "on_study_complete", uids, studies)
 
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
         for reporter in self.reporters:
