@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from ichscan.engine import (
 )
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
-from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunSummary
+from ichscan.ledger import DEFAULT_STATE_NAME
+from ichscan.reporting import Reporter, ReporterSet, ResultsOutput, RunConfig, RunSummary
 from ichscan.sources.folder import check_input_folder, count_folder, iter_folder
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class BatchOptions:
     plugins_dirs: tuple[Path, ...] = ()
     progress: bool = True
     limits: DecodeLimits = DEFAULT_LIMITS
+    results: ResultsOutput = field(default_factory=ResultsOutput)
+    state: Path | None = None  # default: ichscan-state.sqlite beside out (used with --dicom-out/--forward)
     options: dict = field(default_factory=dict)
 
 
@@ -100,6 +104,13 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         overlays_dir = Path(opts.overlays_dir) if opts.overlays_dir else out.parent / "overlays"
     prepare_output_file(out, "--out")
     prepare_output_file(studies_out, "--studies-out")
+    results = opts.results
+    state = None
+    if results.html is not None:
+        prepare_output_file(Path(results.html), "--html")
+    if results.wants_dicom:
+        state = Path(opts.state) if opts.state else out.with_name(DEFAULT_STATE_NAME)
+        prepare_output_file(state, "--state")
 
     pm = pm or get_plugin_manager(opts.plugins_dirs)
     setup = prepare_screening(
@@ -116,6 +127,8 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
     workers, batch_size = setup.workers, setup.batch_size
     if overlays_dir is not None:  # created once the run can happen: a failed start leaves no folder
         prepare_folder(overlays_dir, "overlays folder")
+    if results.dicom_out is not None:
+        prepare_folder(Path(results.dicom_out), "--dicom-out folder")
     config = RunConfig(
         out=out,
         studies_out=studies_out,
@@ -126,11 +139,13 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         weights=loaded.source,
         trained=loaded.trained,
         input_root=root,
+        state=state,
+        **results.config_fields(),
         options=dict(opts.options),
     )
     try:
         reporters = collect_reporters(pm, config)
-    except OSError as exc:
+    except (OSError, ValueError, sqlite3.Error) as exc:
         raise RunError(f"cannot open output: {exc}") from None
     total = count_folder(root) if opts.progress else None
     log.info(

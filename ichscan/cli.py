@@ -11,7 +11,7 @@ import click
 
 from ichscan import __version__
 from ichscan.cli_serve import serve_command
-from ichscan.cli_options import DEVICES, model_options, output_options, parse_threshold_option
+from ichscan.cli_options import DEVICES, model_options, output_options, parse_threshold_option, results_options
 from ichscan.cli_watch import watch_command
 from ichscan.labels import LABELS
 
@@ -72,11 +72,20 @@ def _plugin_manager(ctx: click.Context):
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @output_options("Per-slice results CSV.")
+@results_options()
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="SQLite file recording DICOM results and their deliveries (with --dicom-out/--forward).  "
+    "[default: ichscan-state.sqlite beside --out]",
+)
 @model_options
 @click.option("--progress/--no-progress", default=True, help="Progress bar (on a terminal) or periodic log lines.")
 @click.pass_context
 def batch(
-    ctx, folder, out, studies_out, overlays_dir, overlays_for, weights, model_name, thresholds, device, batch_size, workers, threads, progress
+    ctx, folder, out, studies_out, overlays_dir, overlays_for, results, state, weights, model_name, thresholds, device, batch_size, workers,
+    threads, progress
 ):
     """Screen every DICOM file under FOLDER (recursively) into a results CSV.
 
@@ -104,6 +113,8 @@ def batch(
         workers=workers,
         threads=threads,
         progress=progress,
+        results=results,
+        state=state,
     )
     try:
         summary = run_batch(opts, pm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,3 +85,68 @@ model_options = _apply(
     ]
 )
 """--weights, --model, --threshold, --device, --batch-size, --workers, --threads."""
+
+
+def _destinations(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple:
+    from ichscan.outbox import Destination
+
+    try:
+        return tuple(Destination.parse(text) for text in value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _ae_title(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip() or len(value) > 16 or "\\" in value:
+        raise click.BadParameter("1-16 characters, no backslash", ctx, param)
+    return value.strip()
+
+
+def results_options(calling_ae: bool = True) -> Callable:
+    """--html, --dicom-out, --forward, --forward-wait (and --calling-ae), passed to the
+    command as one ``results`` argument (:class:`ichscan.reporting.ResultsOutput`).
+
+    ``serve-scp`` leaves out --calling-ae: it sends as its own --ae-title.
+    """
+    options = [
+        click.option(
+            "--html",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Write a static HTML report (studies by 'any' probability, overlay thumbnails; opens from disk, no patient names).",
+        ),
+        click.option(
+            "--dicom-out",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Write a DICOM SR per study and a Secondary Capture key image per positive study here: DIR/<StudyInstanceUID>/<SOPInstanceUID>.dcm.",
+        ),
+        click.option(
+            "--forward",
+            metavar="AE@HOST:PORT",
+            multiple=True,
+            callback=_destinations,
+            help="Send the SR and key images by C-STORE (repeatable). Retried with back-off; deliveries are kept in the "
+            "state file, so a restart neither loses nor duplicates one.",
+        ),
+        click.option(
+            "--forward-wait",
+            type=click.FloatRange(0, 86400),
+            default=30.0,
+            help="At the end of a run, seconds to wait for pending deliveries (the rest go with the next run).",
+        ),
+    ]
+    if calling_ae:
+        options.append(click.option("--calling-ae", default="ICHSCAN", callback=_ae_title, help="Our AE title when forwarding."))
+
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, html, dicom_out, forward, forward_wait, calling_ae="ICHSCAN", **kwargs):
+            from ichscan.reporting import ResultsOutput
+
+            results = ResultsOutput(html=html, dicom_out=dicom_out, forward=forward, calling_ae=calling_ae, forward_wait=forward_wait)
+            return f(*args, results=results, **kwargs)
+
+        return _apply(options)(wrapper)
+
+    return decorate

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ichscan.cli_options import DEVICES, OVERLAYS_FOR, parse_threshold_option
+from ichscan.cli_options import DEVICES, OVERLAYS_FOR, parse_threshold_option, results_options
 
 log = logging.getLogger("ichscan")
 
@@ -32,6 +32,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Ledger (SQLite).  [default: ichscan-state.sqlite beside --out]")
 @click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for overlay PNGs.  [default: overlays/ beside --out]")
 @click.option("--overlays-for", type=click.Choice(OVERLAYS_FOR), default="positive", help="Which slices get an overlay PNG.")
+@results_options(calling_ae=False)
 @click.option("--allow-calling", callback=_ae_titles, default=None, help="Comma-separated calling AE titles allowed to connect.  [default: any]")
 @click.option("--accept-all-storage", is_flag=True, help="Accept every storage SOP class, not only CT Image Storage (others are stored and get a skipped row).")
 @click.option("--max-associations", type=click.IntRange(1, 1000), default=10, help="Simultaneous associations; more are rejected.")
@@ -49,7 +50,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--max-latency", type=click.FloatRange(0, 3600), default=1.0, help="Seconds a partial batch waits for more instances.")
 @click.option("--workers", type=click.IntRange(0, 256), default=None, help="Decode worker processes.  [default: one per core on CPU, all but one with a GPU]")
 @click.pass_context
-def serve_command(ctx, port, ae_title, bind, store, out, studies_out, state, overlays_dir, overlays_for, allow_calling, accept_all_storage,
+def serve_command(ctx, port, ae_title, bind, store, out, studies_out, state, overlays_dir, overlays_for, results, allow_calling, accept_all_storage,
                   max_associations, max_pdu, idle_timeout, tls_cert, tls_key, tls_ca, study_timeout, drain_timeout, weights, thresholds,
                   device, batch_size, max_latency, workers):
     """Receive CT images by DICOM C-STORE and screen them.
@@ -109,7 +110,10 @@ def serve_command(ctx, port, ae_title, bind, store, out, studies_out, state, ove
         device=device,
         batch_size=batch_size,
         workers=workers,
+        results=results,
     )
+    # Results go out under our own AE title.
+    results.calling_ae = ae_title.strip()
     try:
         summary = run_serve(ServeOptions(scp=scp, watch=watch, drain_timeout=drain_timeout), pm)
     except (RunError, ModelError, ValueError) as exc:

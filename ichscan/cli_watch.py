@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ichscan.cli_options import model_options, output_options
+from ichscan.cli_options import model_options, output_options, results_options
 
 log = logging.getLogger("ichscan")
 
@@ -22,6 +22,7 @@ log = logging.getLogger("ichscan")
 @click.command("watch", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("folder", type=click.Path(path_type=Path))
 @output_options("Per-slice results CSV (appended to across runs).")
+@results_options()
 @click.option(
     "--state",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -51,6 +52,7 @@ def watch_command(
     state: Path | None,
     overlays_dir: Path | None,
     overlays_for: str,
+    results,
     quarantine_dir: Path | None,
     poll: bool,
     poll_interval: float,
@@ -109,6 +111,7 @@ def watch_command(
         batch_size=batch_size,
         workers=workers,
         threads=threads,
+        results=results,
     )
     try:
         summary = run_watch(opts, pm)

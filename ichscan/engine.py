@@ -402,6 +402,9 @@ def run_stream(
         # files still in flight get no row (nothing was recorded about them).
         summary.interrupted = True
     summary.seconds = time.monotonic() - start
+    if not summary.interrupted:
+        # A folder run is complete at its end; an interrupted one may have cut studies.
+        reporters.on_study_complete(sorted(studies.studies), studies)
     reporters.on_finish(summary, studies)
     progress.close()
     return summary, studies

@@ -33,6 +33,8 @@ from ichscan.reporting import SliceResult, StudySummary, top_finding
 
 log = logging.getLogger(__name__)
 
+#: The state file's name beside --out when --state is not given.
+DEFAULT_STATE_NAME = "ichscan-state.sqlite"
 QUEUED = "queued"
 DONE = "done"
 SCHEMA_VERSION = 1

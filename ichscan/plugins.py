@@ -32,6 +32,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ichscan.default_plugins.windowing",
     "ichscan.default_plugins.simple_cnn",
     "ichscan.default_plugins.csv_report",
+    "ichscan.default_plugins.html_report",
+    "ichscan.default_plugins.dicom_report",
 )
 
 

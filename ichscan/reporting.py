@@ -101,6 +101,31 @@ class StudyTable:
 
 
 @dataclass
+class ResultsOutput:
+    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--forward``."""
+
+    html: Path | None = None
+    dicom_out: Path | None = None
+    forward: tuple[Any, ...] = ()  # ichscan.outbox.Destination
+    calling_ae: str = "ICHSCAN"
+    forward_wait: float = 30.0
+
+    @property
+    def wants_dicom(self) -> bool:
+        return self.dicom_out is not None or bool(self.forward)
+
+    def config_fields(self) -> dict[str, Any]:
+        """The :class:`RunConfig` fields these set."""
+        return {
+            "html": self.html,
+            "dicom_out": self.dicom_out,
+            "forward": tuple(self.forward),
+            "calling_ae": self.calling_ae,
+            "forward_wait": self.forward_wait,
+        }
+
+
+@dataclass
 class RunConfig:
     """Settings of one screening run, as reporters see them."""
 
@@ -115,6 +140,14 @@ class RunConfig:
     input_root: Path | None = None
     #: Static HTML report (``--html``); ``None`` for none.
     html: Path | None = None
+    #: DICOM results (SR, key images): written to ``dicom_out`` and/or sent to ``forward``.
+    dicom_out: Path | None = None
+    forward: tuple[Any, ...] = ()  # ichscan.outbox.Destination
+    calling_ae: str = "ICHSCAN"
+    #: At the end of a run, seconds to wait for pending deliveries.
+    forward_wait: float = 30.0
+    #: SQLite state file (the watch ledger; for batch, the outbox's own).
+    state: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -42,16 +43,15 @@ from ichscan.engine import (
     prepare_screening,
     screen_decoded,
 )
-from ichscan.ledger import FileIdentity, Ledger, LedgerError, reconcile_csv
+from ichscan.ledger import DEFAULT_STATE_NAME, FileIdentity, Ledger, LedgerError, reconcile_csv
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
-from ichscan.reporting import ReporterSet, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
+from ichscan.reporting import ReporterSet, ResultsOutput, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
 from ichscan.sources.folder import check_input_folder
 from ichscan.sources.watch import FolderWatcher, IgnoredLog, Settler, classify, is_temporary, scan_tree
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_NAME = "ichscan-state.sqlite"
 #: How often the loop wakes up at most to look at settling files, timeouts and the folder.
 _TICK_S = 0.25
 #: How often the watched folder itself is checked (removed, recreated, observer dead).
@@ -86,6 +86,7 @@ class WatchOptions:
     threads: int | None = None
     plugins_dirs: tuple[Path, ...] = ()
     limits: DecodeLimits = DEFAULT_LIMITS
+    results: ResultsOutput = field(default_factory=ResultsOutput)
     options: dict = field(default_factory=dict)
 
 
@@ -163,6 +164,13 @@ class Watcher:
         if opts.overlays_for != "none":
             self.overlays_dir = Path(os.path.abspath(opts.overlays_dir or self.out.parent / "overlays"))
         self.quarantine = Path(os.path.abspath(opts.quarantine_dir)) if opts.quarantine_dir else None
+        results = opts.results
+        self.html = Path(os.path.abspath(results.html)) if results.html else None
+        self.dicom_out = Path(os.path.abspath(results.dicom_out)) if results.dicom_out else None
+        if self.html is not None:
+            prepare_output_file(self.html, "--html")
+        if self.dicom_out is not None:
+            prepare_folder(self.dicom_out, "--dicom-out folder")
         prepare_output_file(self.out, "--out")
         prepare_output_file(self.studies_out, "--studies-out")
         prepare_output_file(self.state, "--state")
@@ -172,9 +180,12 @@ class Watcher:
         if self.quarantine is not None and os.path.realpath(self.root) == os.path.realpath(self.quarantine):
             raise RunError("--quarantine must not be the watched folder itself")
         state_files = [self.state.with_name(self.state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
+        from ichscan.default_plugins.dicom_report import OUTBOX_FOLDER_NAME
+
+        outbox = self.dicom_out or (self.state.parent / OUTBOX_FOLDER_NAME if results.forward else None)
         self.exclusions = _Exclusions(
-            [self.out, self.studies_out, *state_files],
-            [p for p in (self.overlays_dir, self.quarantine) if p is not None],
+            [p for p in (self.out, self.studies_out, self.html, *state_files) if p is not None],
+            [p for p in (self.overlays_dir, self.quarantine, outbox) if p is not None],
         )
         self.pm = pm or get_plugin_manager(opts.plugins_dirs)
         self.ignored = IgnoredLog()
@@ -260,11 +271,13 @@ class Watcher:
             weights=loaded.source,
             trained=loaded.trained,
             input_root=Path(self.root),
+            state=self.state,
+            **{**opts.results.config_fields(), "html": self.html, "dicom_out": self.dicom_out},
             options={**opts.options, "append": True, "watch": True},
         )
         try:
             self.reporters = ReporterSet(collect_reporters(self.pm, config))
-        except OSError as exc:
+        except (OSError, ValueError, sqlite3.Error) as exc:
             raise RunError(f"cannot open output: {exc}") from None
 
     # -- candidates ------------------------------------------------------------------
@@ -411,6 +424,9 @@ class Watcher:
         uids = [uid for uid in uids if uid in self.studies.studies]
         if not uids:
             return
+        # SR and key images before the ledger says "summarised": after a crash in
+        # between, the study is completed again and the outbox sees nothing new.
+        self.reporters.on_study_complete(sorted(uids), self.studies)
         self.ledger.mark_summarised(uids)
         self.summarised.update(uids)
         self.summary.studies_summarised += len(uids)

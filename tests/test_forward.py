@@ -1,0 +1,376 @@
+"""DICOM results (SR, key images): --dicom-out, --forward with retries, revisions, Orthanc.
+
+Real parts throughout: real phantom studies through the real model, dcmtk's storescp and
+a real Orthanc as forwarding targets, dciodvfy-clean objects built by highdicom.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ichscan.batch import BatchOptions, run_batch
+from ichscan.dicom import decode_instance
+from ichscan.dicom_objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
+from ichscan.labels import LABELS
+from ichscan.outbox import Destination
+from ichscan.reporting import ResultsOutput
+from ichscan.synth import generate
+
+STORESCP = Path("/usr/bin/storescp")
+ORTHANC = Path("/usr/sbin/Orthanc")
+ICHSCAN = Path(sys.executable).with_name("ichscan")
+needs_storescp = pytest.mark.skipif(not STORESCP.exists(), reason="dcmtk is not installed (.ci/run installs it)")
+needs_orthanc = pytest.mark.skipif(not ORTHANC.exists(), reason="Orthanc is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout=120.0, what="condition", proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}: {log.read_text() if log else ''}")
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def batch(data: Path, work: Path, **results) -> None:
+    opts = BatchOptions(
+        input_dir=data,
+        out=work / "results.csv",
+        overlays_for="none",
+        thresholds={label: 0.3 for label in LABELS},
+        workers=0,
+        progress=False,
+        state=work / "state.sqlite",
+        results=ResultsOutput(**results),
+    )
+    summary = run_batch(opts)
+    assert summary.reporter_errors == {}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("phantoms")
+    generate(data, studies=3, slices=5, seed=31, size=128, positive_fraction=0.67)
+    return data
+
+
+def test_destination_parse():
+    assert Destination.parse("ORTHANC@pacs.example.org:4242") == Destination("ORTHANC", "pacs.example.org", 4242)
+    assert Destination.parse("A@[::1]:104") == Destination("A", "::1", 104)
+    assert str(Destination.parse("A@[::1]:104")) == "A@[::1]:104"
+    for bad in ("pacs:104", "@host:1", "A@host", "A@host:0", "A@host:x", "TOO_LONG_AE_TITLE_X@h:1", "A\\B@h:1"):
+        with pytest.raises(ValueError):
+            Destination.parse(bad)
+
+
+def test_dicom_out_sr_per_study_key_image_per_positive_study(phantoms, tmp_path):
+    out_dir = tmp_path / "dicom"
+    batch(phantoms, tmp_path, dicom_out=out_dir)
+    results = [r for r in read_csv(tmp_path / "results.csv") if r["status"] == "ok"]
+    studies = {r["study_instance_uid"]: r for r in read_csv(tmp_path / "results_studies.csv")}
+    assert len(studies) == 3
+    written = dicom_files(out_dir)
+    by_study: dict[str, list[pydicom.Dataset]] = {}
+    for path in written:
+        ds = pydicom.dcmread(path)
+        assert path.parent.name == ds.StudyInstanceUID and path.stem == ds.SOPInstanceUID
+        by_study.setdefault(ds.StudyInstanceUID, []).append(ds)
+        # Our own objects are never screened again.
+        assert decode_instance(path).status == "skipped"
+    assert set(by_study) == set(studies)
+    for uid, objects in by_study.items():
+        srs = [ds for ds in objects if ds.SOPClassUID == SR_SOP_CLASS_UID]
+        scs = [ds for ds in objects if ds.SOPClassUID == SC_SOP_CLASS_UID]
+        assert len(srs) == 1
+        positive = float(studies[uid]["p_any"]) >= 0.3
+        assert len(scs) == (1 if positive else 0)
+        findings = read_sr_findings(srs[0])
+        for label in LABELS:
+            assert findings["probabilities"][label] == pytest.approx(float(studies[uid][f"p_{label}"]), abs=2e-6)
+        sources = {r["sop_instance_uid"] for r in results if r["study_instance_uid"] == uid}
+        assert set(findings["referenced_instances"]) == sources
+        assert set(findings["positive_instances"]) == {
+            r["sop_instance_uid"] for r in results if r["study_instance_uid"] == uid and r["any"] == "1"
+        }
+        assert findings["not_for_diagnostic_use"] is True  # the bundled demo weights
+        source = pydicom.dcmread(next(r["path"] for r in results if r["study_instance_uid"] == uid), stop_before_pixels=True)
+        for ds in objects:
+            assert ds.PatientID == source.PatientID and ds.StudyInstanceUID == source.StudyInstanceUID
+            assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        if scs:
+            best = max((r for r in results if r["study_instance_uid"] == uid), key=lambda r: float(r["p_any"]))
+            assert scs[0].PhotometricInterpretation == "RGB"
+            assert scs[0].Rows >= 512
+            assert best["sop_instance_uid"] in json.dumps(scs[0].to_json_dict())  # references its source slice
+
+    # The same folder again: same content, so no new objects and no new UIDs.
+    batch(phantoms, tmp_path, dicom_out=out_dir)
+    assert dicom_files(out_dir) == written
+
+
+def test_late_instance_gives_a_revised_sr(tmp_path):
+    data = tmp_path / "data"
+    records = generate(data, studies=1, slices=5, seed=47, size=128)
+    held = tmp_path / "held.dcm"
+    last = sorted(records, key=lambda r: r.sop_instance_uid)[-1]
+    shutil.move(last.path, held)
+    out_dir = tmp_path / "dicom"
+    batch(data, tmp_path, dicom_out=out_dir)
+    first = [pydicom.dcmread(p) for p in dicom_files(out_dir) if pydicom.dcmread(p).SOPClassUID == SR_SOP_CLASS_UID]
+    assert len(first) == 1
+    assert len(read_sr_findings(first[0])["referenced_instances"]) == 4
+
+    shutil.move(held, last.path)
+    batch(data, tmp_path, dicom_out=out_dir)
+    srs = sorted(
+        (ds for ds in map(pydicom.dcmread, dicom_files(out_dir)) if ds.SOPClassUID == SR_SOP_CLASS_UID),
+        key=lambda ds: int(ds.InstanceNumber),
+    )
+    assert len(srs) == 2
+    old, new = srs
+    assert new.SOPInstanceUID != old.SOPInstanceUID
+    assert new.SeriesInstanceUID == old.SeriesInstanceUID and new.StudyInstanceUID == old.StudyInstanceUID
+    assert int(new.InstanceNumber) == 2
+    predecessors = [
+        item.ReferencedSOPInstanceUID
+        for study in new.PredecessorDocumentsSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert predecessors == [old.SOPInstanceUID]
+    assert set(read_sr_findings(new)["referenced_instances"]) == {r.sop_instance_uid for r in records}
+    assert read_csv(tmp_path / "results_studies.csv")[0]["slices"] == "5"
+
+
+class StoreSCP:
+    """dcmtk's storescp as the forwarding target; counts what it received."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port = folder, port
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(STORESCP), "--output-directory", str(folder), "--aetitle", "TARGET", "--unique-filenames", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def received(self) -> list[str]:
+        """SOP Instance UIDs of every file received, duplicates included."""
+        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in dicom_files(self.folder)]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@needs_storescp
+def test_target_down_at_first_then_up_gets_everything_once(phantoms, tmp_path):
+    port = free_port()
+    destination = Destination("TARGET", "127.0.0.1", port)
+    target: list[StoreSCP] = []
+    # The target comes up 3 s into the run; the forwarder's back-off (1, 2, 4 s...) finds it.
+    timer = threading.Timer(3.0, lambda: target.append(StoreSCP(tmp_path / "received", port)))
+    timer.start()
+    try:
+        batch(phantoms, tmp_path, forward=(destination,), forward_wait=60)
+        timer.join()
+        made = [p.stem for p in dicom_files(tmp_path / "ichscan-outbox")]
+        assert len(made) >= 3  # an SR per study, plus key images
+        wait_for(lambda: len(target[0].received()) >= len(made), 30, "the target to store everything")
+        assert sorted(target[0].received()) == sorted(made)  # everything, once
+    finally:
+        timer.cancel()
+        for t in target:
+            t.close()
+
+
+@needs_storescp
+def test_restart_sends_pending_results_once_with_the_same_uids(phantoms, tmp_path):
+    port = free_port()
+    destination = Destination("TARGET", "127.0.0.1", port)
+    # Run 1: the target is down and the run does not wait: the results stay pending.
+    batch(phantoms, tmp_path, forward=(destination,), forward_wait=0)
+    made = sorted(p.stem for p in dicom_files(tmp_path / "ichscan-outbox"))
+    assert made
+    target = StoreSCP(tmp_path / "received", port)
+    try:
+        # Run 2 on the same state: nothing new is made, the pending results go out once.
+        batch(phantoms, tmp_path, forward=(destination,), forward_wait=60)
+        assert sorted(p.stem for p in dicom_files(tmp_path / "ichscan-outbox")) == made
+        wait_for(lambda: len(target.received()) >= len(made), 30, "the target to store everything")
+        assert sorted(target.received()) == made
+        # Run 3: everything was delivered; nothing is sent again.
+        batch(phantoms, tmp_path, forward=(destination,), forward_wait=5)
+        time.sleep(0.5)
+        assert sorted(target.received()) == made
+    finally:
+        target.close()
+
+
+# -- Orthanc ---------------------------------------------------------------------------------
+
+
+class Orthanc:
+    """A real Orthanc on loopback with a generated configuration."""
+
+    def __init__(self, work: Path, ichscan_port: int):
+        self.http_port, self.dicom_port = free_port(), free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "ichscan-test",
+            "StorageDirectory": str(work / "db"),
+            "IndexDirectory": str(work / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "Plugins": [],
+            "DicomModalities": {"ichscan": ["ICHSCAN", "127.0.0.1", ichscan_port]},
+        }
+        path = work / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = work / "orthanc.log"
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=fh, stderr=subprocess.STDOUT)
+        wait_for(self._up, 60, "Orthanc to start", self.proc, self.log)
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+        return json.loads(data) if resp.headers.get_content_type() == "application/json" else data
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def upload(self, path: Path) -> dict:
+        return self.request("POST", "/instances", path.read_bytes(), "application/dicom")
+
+    def send_to_ichscan(self, resources: list[str]) -> None:
+        body = json.dumps({"Resources": resources, "Synchronous": True}).encode()
+        self.request("POST", "/modalities/ichscan/store", body)
+
+    def instances_of_class(self, study_id: str, sop_class: str) -> list[pydicom.Dataset]:
+        out = []
+        for instance in self.get(f"/studies/{study_id}/instances"):
+            tags = self.get(f"/instances/{instance['ID']}/simplified-tags")
+            if tags.get("SOPClassUID") == sop_class:
+                raw = self.request("GET", f"/instances/{instance['ID']}/file")
+                out.append(pydicom.dcmread(__import__("io").BytesIO(raw)))
+        return out
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_orthanc_sends_a_study_and_gets_sr_and_key_image_back_then_a_revision(tmp_path):
+    data = tmp_path / "data"
+    records = sorted(generate(data, studies=1, slices=6, seed=5, size=128, positive_fraction=1.0), key=lambda r: r.sop_instance_uid)
+    held, first_part = records[-1], records[:-1]
+    scp_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", scp_port)
+    work = tmp_path / "ichscan"
+    work.mkdir()
+    log = work / "serve.log"
+    with open(log, "w") as fh:
+        server = subprocess.Popen(
+            [
+                str(ICHSCAN), "serve-scp", "--port", str(scp_port), "--store", str(work / "store"), "--out", str(work / "results.csv"),
+                "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", "--threshold", "0.3",
+                "--forward", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--html", str(work / "report.html"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+        )
+    try:
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", scp_port)) == 0
+
+        wait_for(listening, 120, "serve-scp to listen", server, log)
+        for record in first_part:
+            orthanc.upload(record.path)
+        study_id = orthanc.get("/studies")[0]
+        # Orthanc sends the study to ichscan by C-STORE (its REST API drives a real SCU).
+        orthanc.send_to_ichscan([study_id])
+        wait_for(lambda: len(orthanc.instances_of_class(study_id, SR_SOP_CLASS_UID)) == 1, 120, "the SR in Orthanc", server, log)
+        wait_for(lambda: len(orthanc.instances_of_class(study_id, SC_SOP_CLASS_UID)) == 1, 60, "the key image in Orthanc", server, log)
+
+        (sr,) = orthanc.instances_of_class(study_id, SR_SOP_CLASS_UID)
+        (sc,) = orthanc.instances_of_class(study_id, SC_SOP_CLASS_UID)
+        study_row = read_csv(work / "results_studies.csv")[0]
+        findings = read_sr_findings(sr)
+        for label in LABELS:
+            assert findings["probabilities"][label] == pytest.approx(float(study_row[f"p_{label}"]), abs=2e-6)
+        assert set(findings["referenced_instances"]) == {r.sop_instance_uid for r in first_part}
+        ct = pydicom.dcmread(first_part[0].path, stop_before_pixels=True)
+        for ds in (sr, sc):
+            assert ds.StudyInstanceUID == ct.StudyInstanceUID and ds.PatientID == ct.PatientID
+            assert ds.SOPInstanceUID not in {r.sop_instance_uid for r in records}
+        assert sr.SeriesInstanceUID != sc.SeriesInstanceUID != ct.SeriesInstanceUID
+        results = read_csv(work / "results.csv")
+        best = max(results, key=lambda r: float(r["p_any"] or 0))
+        assert best["sop_instance_uid"] in json.dumps(sc.to_json_dict())
+
+        # A late instance: Orthanc sends it, ichscan re-screens the study and sends a
+        # revised SR (new SOP Instance UID, same series, the old one as predecessor).
+        late = orthanc.upload(held.path)
+        orthanc.send_to_ichscan([late["ID"]])
+        wait_for(lambda: len(orthanc.instances_of_class(study_id, SR_SOP_CLASS_UID)) == 2, 120, "the revised SR", server, log)
+        srs = sorted(orthanc.instances_of_class(study_id, SR_SOP_CLASS_UID), key=lambda ds: int(ds.InstanceNumber))
+        assert srs[0].SOPInstanceUID == sr.SOPInstanceUID
+        revised = srs[1]
+        assert revised.SeriesInstanceUID == sr.SeriesInstanceUID and revised.SOPInstanceUID != sr.SOPInstanceUID
+        assert set(read_sr_findings(revised)["referenced_instances"]) == {r.sop_instance_uid for r in records}
+        wait_for(lambda: read_csv(work / "results_studies.csv")[0]["slices"] == "6", 30, "the study row update")
+        assert (work / "report.html").exists()
+    finally:
+        server.terminate()
+        try:
+            assert server.wait(timeout=60) == 0, log.read_text()
+        finally:
+            orthanc.close()
