@@ -374,3 +374,84 @@ def test_orthanc_sends_a_study_and_gets_sr_and_key_image_back_then_a_revision(tm
             assert server.wait(timeout=60) == 0, log.read_text()
         finally:
             orthanc.close()
+
+
+def test_outbox_recovers_interrupted_writes(phantoms, tmp_path):
+    from ichscan.outbox import Outbox, ModelInfo, _tmp_name
+
+    out_dir = tmp_path / "dicom"
+    batch(phantoms, tmp_path, dicom_out=out_dir)
+    written = dicom_files(out_dir)
+    # A crash after the record but before the rename leaves the object under its temporary name...
+    renamed = written[0]
+    renamed.rename(_tmp_name(renamed))
+    # ...and one before the record leaves a temporary file nobody knows about.
+    stray = _tmp_name(written[1].with_name("1.2.3.dcm"))
+    stray.write_bytes(b"partial")
+    model = ModelInfo("simplecnn", "x", True, {label: 0.3 for label in LABELS})
+    Outbox(tmp_path / "state.sqlite", out_dir, [], model).close()
+    assert renamed.exists() and not _tmp_name(renamed).exists()
+    assert not stray.exists()
+    assert dicom_files(out_dir) == written
+
+
+@pytest.mark.slow
+@needs_storescp
+def test_serve_scp_sigkill_before_delivery_then_restart_sends_once(tmp_path):
+    """serve-scp makes the SR while the target is down, is SIGKILLed, and the restarted
+    server delivers the same objects (same UIDs) exactly once."""
+    import signal
+
+    from pynetdicom import AE
+
+    records = generate(tmp_path / "data", studies=1, slices=4, seed=8, size=128)
+    scp_port, target_port = free_port(), free_port()
+    work = tmp_path / "ichscan"
+    work.mkdir()
+
+    def start(log: Path) -> subprocess.Popen:
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(
+                [
+                    str(ICHSCAN), "serve-scp", "--port", str(scp_port), "--store", str(work / "store"), "--out", str(work / "results.csv"),
+                    "--overlays-for", "none", "--study-timeout", "0.5", "--max-latency", "0.2", "--threshold", "0.3",
+                    "--forward", f"TARGET@127.0.0.1:{target_port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=fh,
+            )
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", scp_port)) == 0
+
+        wait_for(listening, 120, "serve-scp to listen", proc, log)
+        return proc
+
+    first = start(work / "first.log")
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", scp_port, ae_title="ICHSCAN")
+        assert assoc.is_established
+        for record in records:
+            assert assoc.send_c_store(pydicom.dcmread(record.path)).Status == 0
+        assoc.release()
+        outbox = work / "ichscan-outbox"
+        wait_for(lambda: outbox.exists() and len(dicom_files(outbox)) >= 1, 120, "the SR in the outbox", first, work / "first.log")
+        time.sleep(1.0)  # the forwarder tries and fails: the target is down
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    made = sorted(p.stem for p in dicom_files(work / "ichscan-outbox"))
+    target = StoreSCP(tmp_path / "received", target_port)
+    second = start(work / "second.log")
+    try:
+        wait_for(lambda: len(target.received()) >= len(made), 60, "the delivery after restart", second, work / "second.log")
+        time.sleep(1.0)
+        assert sorted(target.received()) == made
+        assert sorted(p.stem for p in dicom_files(work / "ichscan-outbox")) == made
+    finally:
+        second.terminate()
+        assert second.wait(timeout=60) == 0
+        target.close()
