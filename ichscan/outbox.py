@@ -492,6 +492,8 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+#: Tries to read an object's file before its delivery is given up as failed.
+_READ_ATTEMPTS = 5
 #: C-STORE statuses that mean the object is stored (Success and the storage Warnings).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
 
@@ -508,6 +510,7 @@ class Forwarder(threading.Thread):
     def __init__(
         self,
         state: Path,
+        destinations: Sequence[Destination],
         calling_ae: str = "ICHSCAN",
         *,
         min_backoff: float = 1.0,
@@ -516,6 +519,10 @@ class Forwarder(threading.Thread):
     ):
         super().__init__(name="ichscan-forwarder", daemon=True)
         self.state = Path(state)
+        # Only this run's destinations: one dropped from the command line gets nothing more.
+        self.destinations = [str(d) for d in destinations]
+        marks = ", ".join("?" * len(self.destinations))
+        self._where = f"d.state = ? AND d.destination IN ({marks})"
         self.calling_ae = calling_ae
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -545,7 +552,7 @@ class Forwarder(threading.Thread):
     def _pending_count(self) -> int:
         db = _connect(self.state)
         try:
-            return db.execute("SELECT COUNT(*) FROM deliveries WHERE state = ?", (PENDING,)).fetchone()[0]
+            return db.execute(f"SELECT COUNT(*) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations)).fetchone()[0]
         finally:
             db.close()
 
@@ -563,8 +570,9 @@ class Forwarder(threading.Thread):
         now = time.time()
         rows = self._db.execute(
             "SELECT d.destination, d.sop_instance_uid, o.sop_class_uid, o.file, d.attempts, d.next_try "
-            "FROM deliveries d JOIN result_objects o USING (sop_instance_uid) WHERE d.state = ? ORDER BY o.created_at",
-            (PENDING,),
+            "FROM deliveries d JOIN result_objects o USING (sop_instance_uid) "
+            f"WHERE {self._where} ORDER BY o.created_at",
+            (PENDING, *self.destinations),
         ).fetchall()
         if not rows:
             return 3600.0
@@ -577,7 +585,7 @@ class Forwarder(threading.Thread):
             if self._stop_event.is_set():
                 break
             self._send(Destination.parse(destination), items)
-        later = [r[0] for r in self._db.execute("SELECT MIN(next_try) FROM deliveries WHERE state = ?", (PENDING,))]
+        later = [r[0] for r in self._db.execute(f"SELECT MIN(next_try) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations))]
         if later and later[0] is not None:
             next_due = later[0]
         return max(0.05, next_due - time.time())
@@ -602,14 +610,18 @@ class Forwarder(threading.Thread):
             self._failed(key, items, reason)
             return
         try:
-            for n, (_, sop_uid, _, file, _, _) in enumerate(items):
+            for n, (_, sop_uid, _, file, attempts, _) in enumerate(items):
                 if self._stop_event.is_set():
                     break
                 try:
                     ds = pydicom.dcmread(file)
                 except (OSError, InvalidDicomError) as exc:
-                    self._mark(key, sop_uid, FAILED, f"cannot read {file}: {exc}")
-                    log.error("cannot forward %s to %s: cannot read %s: %s", sop_uid, key, file, exc)
+                    # Recorded a moment before its rename, or damaged: a few more tries.
+                    if attempts + 1 >= _READ_ATTEMPTS:
+                        self._mark(key, sop_uid, FAILED, f"cannot read {file}: {exc}")
+                        log.error("cannot forward %s to %s: cannot read %s: %s", sop_uid, key, file, exc)
+                    else:
+                        self._retry_later(key, sop_uid, f"cannot read {file}: {exc}")
                     continue
                 status = assoc.send_c_store(ds)
                 code = getattr(status, "Status", None)
@@ -641,6 +653,14 @@ class Forwarder(threading.Thread):
             )
         if items:
             log.warning("forwarding %d objects to %s failed (%s); retrying in %.0f s", len(items), key, reason, wait)
+
+    def _retry_later(self, key: str, sop_uid: str, reason: str) -> None:
+        with _Transaction(self._db):
+            self._db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, next_try = ?, last_error = ? "
+                "WHERE sop_instance_uid = ? AND destination = ?",
+                (time.time() + self.min_backoff, reason, sop_uid, key),
+            )
 
     def _mark(self, key: str, sop_uid: str, state: str, error: str) -> None:
         with _Transaction(self._db):

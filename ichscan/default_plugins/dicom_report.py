@@ -58,7 +58,7 @@ class DicomResultsReporter(Reporter):
         self.outbox = Outbox(Path(config.state), outbox_folder(config), config.forward, model, lock=lock)
         self.forwarder = None
         if config.forward:
-            self.forwarder = Forwarder(Path(config.state), config.calling_ae)
+            self.forwarder = Forwarder(Path(config.state), config.forward, config.calling_ae)
             self.forwarder.start()
             left = self.forwarder.drain(0)
             if left:
