@@ -23,155 +23,15 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
-from PIL import Image
-from torchvision import transforms
 
-from ichscan.batch import BatchOptions, run_batch
+from _common import engine_rate, files_in, naive_loop, peak_memory_mb, phantoms
 from ichscan.engine import cpu_count
 from ichscan.models import load_model
 from ichscan.plugins import get_plugin_manager
-from ichscan.reporting import Reporter
-from ichscan.synth import generate
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def phantoms(n: int) -> Path:
-    folder = ROOT / ".bench" / f"explicit512_{n}"
-    marker = folder / ".complete"
-    if not marker.exists():
-        slices = 20
-        generate(folder, studies=(n + slices - 1) // slices, slices=slices, seed=12345, size=512, transfer_syntaxes=["ExplicitVRLittleEndian"])
-        marker.write_text("ok")
-    return folder
-
-
-def files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.dcm") if not p.name.startswith("."))
-
-
-def naive_loop(files: list[Path], model: torch.nn.Module, warmup: int = 10) -> float:
-    tf = transforms.Compose(
-        [
-            transforms.Resize((224, 224)),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]
-    )
-    model.eval()
-
-    def one(path: Path) -> None:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array.astype(np.float32)
-        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6) * 255.0
-        img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-        x = tf(img).unsqueeze(0)
-        with torch.no_grad():
-            torch.sigmoid(model(x))
-
-    for path in files[:warmup]:
-        one(path)
-    start = time.perf_counter()
-    for path in files[warmup:]:
-        one(path)
-    return (len(files) - warmup) / (time.perf_counter() - start)
-
-
-class Clock(Reporter):
-    name = "bench-clock"
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[float, int]] = []
-        self.count = 0
-
-    def on_results(self, results, studies) -> None:
-        self.count += len(results)
-        self.marks.append((time.perf_counter(), self.count))
-
-    def steady_rate(self, total: int) -> float:
-        start = next((t, c) for t, c in self.marks if c >= 0.2 * total)
-        end = self.marks[-1]
-        return (end[1] - start[1]) / (end[0] - start[0])
-
-
-def engine_rate(folder: Path, overlays_for: str, workers: int | None, batch_size: int | None, threads: int | None = None) -> float:
-    import ichscan
-
-    clock = Clock()
-
-    class ClockPlugin:
-        @ichscan.hookimpl
-        def ichscan_register_reporters(self, register, config):
-            register(clock)
-
-    pm = get_plugin_manager()
-    pm.register(ClockPlugin(), name="bench-clock")
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run_batch(
-            BatchOptions(
-                input_dir=folder,
-                out=Path(tmp) / "r.csv",
-                overlays_for=overlays_for,
-                device="cpu",
-                workers=workers,
-                batch_size=batch_size,
-                threads=threads,
-                progress=False,
-            ),
-            pm,
-        )
-    assert summary.ok == summary.files, summary
-    return clock.steady_rate(summary.files)
-
-
-def _tree_rss_bytes(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def peak_memory_mb(folder: Path) -> float:
-    """Peak resident memory of `ichscan batch` on ``folder``, decode workers included."""
-    import subprocess
-
-    ichscan = Path(sys.executable).with_name("ichscan")
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [str(ichscan), "-q", "batch", str(folder), "--out", str(Path(tmp) / "r.csv"), "--overlays-for", "none", "--no-progress"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, _tree_rss_bytes(proc.pid))
-            time.sleep(0.05)
-    return peak / 2**20
 
 
 def main() -> None:

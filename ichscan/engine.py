@@ -25,8 +25,9 @@ import torch
 from ichscan.dicom import DEFAULT_LIMITS, ERROR, OK, DecodedSlice, DecodeLimits, decode_many
 from ichscan.labels import LABELS
 from ichscan.models import LoadedModel
-from ichscan.overlay import wants_overlay, write_overlay
+from ichscan.overlay import OverlayWriter
 from ichscan.reporting import ReporterSet, RunSummary, SliceResult, StudyTable, top_finding
+from ichscan.shm import PICKLE, SHM, TRANSFERS, Slab, SlabPool, decode_into_slab, default_transfer, slab_bytes_for
 from ichscan.sources.folder import FolderEntry
 from ichscan.worker_init import guard_decode_worker
 
@@ -71,7 +72,22 @@ def default_threads(workers: int) -> int:
 
 def default_batch_size(device: torch.device) -> int:
     # CPU: 32 amortises the fully connected layer's weights; see SimpleCNN.cpu_chunk.
+    # CUDA: the most a GPU gets; Screener.fit_batch_size lowers it when memory is short.
     return 256 if device.type == "cuda" else 32
+
+
+def fit_batch_size(free_bytes: int, per_image_bytes: int, preferred: int, share: float = 0.5) -> int:
+    """The largest batch up to ``preferred`` whose working memory fits ``share`` of ``free_bytes``.
+
+    Batches below ``preferred`` are rounded down to a multiple of 8 (tensor-core
+    friendly) when that leaves at least 8; never below 1.
+    """
+    if per_image_bytes <= 0:
+        return preferred
+    fits = int(free_bytes * share) // per_image_bytes
+    if fits >= preferred:
+        return preferred
+    return max(1, fits // 8 * 8 if fits >= 8 else fits)
 
 
 @dataclass
@@ -115,7 +131,12 @@ def prepare_screening(
         torch.set_num_threads(threads)
     elif resolved.type == "cpu":
         torch.set_num_threads(default_threads(workers))
-    return ScreeningSetup(Screener(pm, loaded, resolved), workers, batch_size or default_batch_size(resolved))
+    screener = Screener(pm, loaded, resolved)
+    if not batch_size:
+        batch_size = default_batch_size(resolved)
+        if resolved.type == "cuda":
+            batch_size = screener.fit_batch_size(batch_size)
+    return ScreeningSetup(screener, workers, batch_size)
 
 
 class Screener:
@@ -152,6 +173,35 @@ class Screener:
                 logits = self.model(batch)
             # One copy back per batch.
             return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def fit_batch_size(self, preferred: int, probe: int = 8, side: int = 512) -> int:
+        """On a GPU: the batch size that fits its free memory, at most ``preferred``.
+
+        Runs ``probe`` blank ``side`` x ``side`` slices through preprocessing and the
+        model (which also warms both up), takes the peak memory per image and fits a
+        batch into half of what is free. On the CPU: ``preferred``.
+        """
+        if self.device.type != "cuda":
+            return preferred
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        self.predict([np.zeros((side, side), np.int16)] * probe, [1.0] * probe, [-1024.0] * probe)
+        torch.cuda.synchronize(device)
+        per_image = -(-(torch.cuda.max_memory_allocated(device) - base) // probe)
+        free, _ = torch.cuda.mem_get_info(device)
+        # Blocks torch's caching allocator holds but does not use are free for us too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        size = fit_batch_size(free, per_image, preferred)
+        log.info(
+            "GPU batch %d (%.1f MiB per image, %.0f MiB free on %s)",
+            size,
+            per_image / 2**20,
+            free / 2**20,
+            torch.cuda.get_device_name(device),
+        )
+        return size
 
     def screen(self, decoded: list[DecodedSlice]) -> list[SliceResult]:
         """Results for a list of decoded slices; only ``ok`` ones go through the model."""
@@ -202,6 +252,12 @@ class DecodePool:
     ``workers=0`` decodes in the calling process. A worker that dies (a decoder crash
     on a hostile file) is replaced; the files it held are retried one at a time, and
     the one that kills a worker again gets an ``error`` row instead of being lost.
+
+    ``transfer="shm"`` hands the decoded arrays over in shared memory (see
+    :mod:`ichscan.shm`): results then carry zero-copy views, and a slab is reused once
+    no view of it is alive. ``"pickle"`` sends them through the pool's pipe.
+    ``max_slabs`` bounds the shared memory (default: chunks in flight plus those a
+    batch of ``batch_size`` holds); a chunk finding no free slab is pickled.
     """
 
     def __init__(
@@ -213,6 +269,9 @@ class DecodePool:
         *,
         resize_to: int | None = None,
         display: bool = False,
+        transfer: str = PICKLE,
+        max_slabs: int | None = None,
+        batch_size: int | None = None,
     ):
         self.workers = workers
         self.limits = limits
@@ -220,6 +279,16 @@ class DecodePool:
         self.chunk_size = max(1, chunk_size)
         self.max_in_flight = max_in_flight or max(2, 3 * workers)
         self._executor: cf.ProcessPoolExecutor | None = None
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, not {transfer!r}")
+        self.transfer = transfer if workers > 0 else PICKLE  # in-process: nothing to transfer
+        self.slabs: SlabPool | None = None
+        if self.transfer == SHM:
+            # Chunks in flight plus those waiting in a forming batch (views keep slabs taken).
+            held = -(-(batch_size or 32) // self.chunk_size) + 2
+            slab_bytes = slab_bytes_for(self.chunk_size, display, resize_to)
+            self.slabs = SlabPool(slab_bytes, max_slabs or self.max_in_flight + held)
+        self._slab_of: dict[cf.Future, Slab] = {}
 
     def __enter__(self) -> DecodePool:
         return self
@@ -231,12 +300,16 @@ class DecodePool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        # After the workers are gone: nothing writes to a slab any more.
+        self._slab_of.clear()
+        if self.slabs is not None:
+            self.slabs.close()
 
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self._executor is None:
             ctx = multiprocessing.get_context("forkserver")
             # Workers import the decoder only: a CUDA build of torch costs seconds per process.
-            ctx.set_forkserver_preload(["ichscan.dicom"])
+            ctx.set_forkserver_preload(["ichscan.dicom", "ichscan.shm"])
             self._executor = cf.ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=ctx,
@@ -251,6 +324,50 @@ class DecodePool:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+    def _submit(self, chunk: list[str]) -> cf.Future:
+        """Start decoding one chunk, in a slab when one is free.
+
+        A pool that broke since the last look (a worker died) refuses new work: the
+        chunk then gets a future that failed with BrokenProcessPool, and goes down the
+        same retry path as the chunks that were in flight.
+        """
+        slab = self.slabs.acquire() if self.slabs is not None else None
+        try:
+            if slab is None:
+                return self._pool().submit(decode_many, chunk, *self._work_args)
+            future = self._pool().submit(decode_into_slab, chunk, slab.ticket, *self._work_args)
+        except BrokenProcessPool as exc:
+            if slab is not None:
+                self.slabs.release_unused(slab)
+            failed: cf.Future = cf.Future()
+            failed.set_exception(exc)
+            return failed
+        except BaseException:
+            if slab is not None:
+                self.slabs.release_unused(slab)
+            raise
+        self._slab_of[future] = slab
+        return future
+
+    def _result(self, future: cf.Future) -> list[DecodedSlice]:
+        """The slices of a finished chunk; raises what the future raises (BrokenProcessPool)."""
+        slab = self._slab_of.pop(future, None)
+        if slab is None:
+            return future.result()
+        try:
+            results, placed = future.result()
+        except BaseException:
+            self.slabs.retire(slab)  # a dying worker may have been writing to it
+            raise
+        return self.slabs.unpack(slab, results, placed)
+
+    def _abandon(self, futures: Iterable[cf.Future]) -> None:
+        """Futures of a broken pool: their slabs are never reused (old workers may write)."""
+        for future in futures:
+            slab = self._slab_of.pop(future, None)
+            if slab is not None:
+                self.slabs.retire(slab)
 
     def decode(self, entries: Iterable[FolderEntry | str]) -> Iterator[DecodedSlice]:
         """Decode every entry; yields exactly one :class:`DecodedSlice` per entry."""
@@ -274,7 +391,7 @@ class DecodePool:
                 else:
                     exhausted = True
                 if chunk:
-                    in_flight[self._pool().submit(decode_many, chunk, *self._work_args)] = chunk
+                    in_flight[self._submit(chunk)] = chunk
             if not in_flight:
                 return
             done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
@@ -282,11 +399,12 @@ class DecodePool:
             for future in done:
                 paths = in_flight.pop(future)
                 try:
-                    yield from future.result()
+                    yield from self._result(future)
                 except BrokenProcessPool:
                     broken.extend(paths)
             if broken:
                 broken.extend(p for paths in in_flight.values() for p in paths)
+                self._abandon(in_flight)
                 in_flight.clear()
                 log.warning("a decode worker died; retrying %d files one at a time", len(broken))
                 self._restart()
@@ -361,8 +479,17 @@ def run_stream(
     overlays_dir: os.PathLike[str] | str | None = None,
     overlays_for: str = "positive",
     progress: Progress | None = None,
+    transfer: str | None = None,
+    overlay_threads: int | None = None,
 ) -> tuple[RunSummary, StudyTable]:
-    """Screen every entry, in full batches, and hand each batch of results to reporters."""
+    """Screen every entry, in full batches, and hand each batch of results to reporters.
+
+    Overlays are written by ``overlay_threads`` threads (default: one per core) while
+    the model goes on; a batch reaches the reporters once its overlays are on disk.
+
+    ``transfer`` is how decoded pixels reach this process, ``shm`` or ``pickle``
+    (default: :func:`ichscan.shm.default_transfer` for the screener's device).
+    """
     from pathlib import Path
 
     overlay_path = Path(overlays_dir) if overlays_dir is not None else None
@@ -373,10 +500,14 @@ def run_stream(
     ready: list[DecodedSlice] = []
     other: list[DecodedSlice] = []
 
-    def flush() -> None:
-        results = screen_decoded(ready + other, screener, overlay_path, overlays_for)
-        ready.clear()
-        other.clear()
+    # At most two batches of overlays in flight: the model runs one batch ahead of them.
+    overlays = (
+        OverlayWriter(overlay_path, overlays_for, threads=overlay_threads or cpu_count(), max_pending=2 * batch_size)
+        if overlay_path is not None
+        else None
+    )
+
+    def report(results: list[SliceResult]) -> None:
         studies.add(results)
         summary.count(results)
         reporters.on_results(results, studies)
@@ -384,23 +515,45 @@ def run_stream(
             result.pixels = result.display = None
         progress.update(len(results))
 
+    def flush() -> None:
+        results = screen_decoded(ready + other, screener)
+        ready.clear()
+        other.clear()
+        for done in overlays.submit(results) if overlays is not None else [results]:
+            report(done)
+
     # On the CPU the workers also resize to the model's input size: that balances the
     # cores (the model process is the slower side) and shrinks what crosses the pipe.
     # A GPU resizes faster itself, so there the workers hand over full-size pixels.
     resize_to = screener.settings.size if screener.device.type == "cpu" else None
     display = overlay_path is not None
+    transfer = transfer or default_transfer(screener.device.type)
     try:
-        with DecodePool(workers, limits, resize_to=resize_to, display=display) as pool:
+        with DecodePool(
+            workers, limits, resize_to=resize_to, display=display, transfer=transfer, batch_size=batch_size
+        ) as pool:
             for decoded in pool.decode(entries):
                 (ready if decoded.status == OK else other).append(decoded)
                 if len(ready) >= batch_size or len(other) >= batch_size:
                     flush()
             if ready or other:
                 flush()
+            for done in overlays.drain() if overlays is not None else []:
+                report(done)
     except KeyboardInterrupt:
         # Ctrl-C: what was screened is reported and the files are closed properly; the
         # files still in flight get no row (nothing was recorded about them).
         summary.interrupted = True
+        if overlays is not None:
+            try:  # screened rows whose overlays are being written: finish those (bounded)
+                pending = overlays.drain()
+            except KeyboardInterrupt:  # a second Ctrl-C: the rows, without the overlays not started
+                pending = overlays.abandon()
+            for done in pending:
+                report(done)
+    finally:
+        if overlays is not None:
+            overlays.close()
     summary.seconds = time.monotonic() - start
     if not summary.interrupted:
         # A folder run is complete at its end; an interrupted one may have cut studies.
@@ -420,19 +573,16 @@ def screen_decoded(
 
     The per-batch step of :func:`run_stream`, for callers that form batches themselves
     (``ichscan watch``); the pixels stay on the results until the caller drops them.
+    With ``overlays_dir``, the batch's overlays are written (one thread per core) before
+    it returns; :func:`run_stream` writes them alongside the model instead.
     """
-    from pathlib import Path
-
     ready = [d for d in decoded if d.status == OK]
     results = screener.screen(ready) if ready else []
     results += [to_result(d) for d in decoded if d.status != OK]
     if overlays_dir is not None:
-        for result in results:
-            if wants_overlay(result, overlays_for):
-                try:
-                    result.overlay = write_overlay(result, Path(overlays_dir)) or ""
-                except OSError as exc:
-                    log.error("cannot write overlay for %s: %s", result.path, exc)
+        with OverlayWriter(overlays_dir, overlays_for, threads=cpu_count(), max_pending=len(results) + 1) as writer:
+            writer.submit(results)
+            writer.drain()
     return results
 
 
@@ -522,7 +672,7 @@ class StreamingDecodePool(DecodePool):
             return
         for start in range(0, len(paths), self.chunk_size):
             chunk = list(paths[start : start + self.chunk_size])
-            self._in_flight[self._pool().submit(decode_many, chunk, *self._work_args)] = chunk
+            self._in_flight[self._submit(chunk)] = chunk
 
     def collect(self, timeout: float) -> list[DecodedSlice]:
         """Results finished within ``timeout`` seconds (possibly none); one per submitted file."""
@@ -534,11 +684,12 @@ class StreamingDecodePool(DecodePool):
         for future in done:
             paths = self._in_flight.pop(future)
             try:
-                out.extend(future.result())
+                out.extend(self._result(future))
             except BrokenProcessPool:
                 broken.extend(paths)
         if broken:
             broken.extend(p for paths in self._in_flight.values() for p in paths)
+            self._abandon(self._in_flight)
             self._in_flight.clear()
             log.warning("a decode worker died; retrying %d files one at a time", len(broken))
             self._restart()

@@ -12,8 +12,13 @@ def brain_window_image(pixels: np.ndarray, slope: float, intercept: float) -> np
     """Stored pixels -> brain window (40/80 HU) as an H x W uint8 image."""
     centre, width = BRAIN_WINDOW
     low = centre - width / 2.0
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept - low)
-    return np.clip(hu * np.float32(255.0 / width), 0, 255).astype(np.uint8)
+    # In place, the same arithmetic: this runs for every slice when overlays are on.
+    hu = pixels.astype(np.float32)
+    hu *= np.float32(slope)
+    hu += np.float32(intercept - low)
+    hu *= np.float32(255.0 / width)
+    np.clip(hu, 0, 255, out=hu)
+    return hu.astype(np.uint8)
 
 
 def resize_stored(pixels: np.ndarray, size: int) -> np.ndarray:

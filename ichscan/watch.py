@@ -47,6 +47,7 @@ from ichscan.ledger import DEFAULT_STATE_NAME, FileIdentity, Ledger, LedgerError
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import ReporterSet, ResultsOutput, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
+from ichscan.shm import default_transfer
 from ichscan.sources.folder import check_input_folder
 from ichscan.sources.watch import FolderWatcher, IgnoredLog, Settler, classify, is_temporary, scan_tree
 
@@ -451,7 +452,13 @@ class Watcher:
         self.watcher = FolderWatcher(self.root, poll=opts.poll, poll_interval=opts.poll_interval)
         resize_to = self.screener.settings.size if self.device.type == "cpu" else None
         self.pool = StreamingDecodePool(
-            self.workers, opts.limits, chunk_size=max(1, min(8, self.batch_size)), resize_to=resize_to, display=self.overlays_dir is not None
+            self.workers,
+            opts.limits,
+            chunk_size=max(1, min(8, self.batch_size)),
+            resize_to=resize_to,
+            display=self.overlays_dir is not None,
+            transfer=default_transfer(self.device.type),
+            batch_size=self.batch_size,
         )
         batcher = MicroBatcher(self.batch_size, opts.max_latency)
         log.info(
