@@ -74,7 +74,7 @@ model_options = _apply(
             "[default: the checkpoint's, else 0.5]",
         ),
         click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present."),
-        click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch.  [default: 32 on CPU, 256 on GPU]"),
+        click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch.  [default: 32 on CPU; on a GPU 256, fewer if its free memory is short]"),
         click.option(
             "--workers",
             type=click.IntRange(0, 256),
@@ -91,7 +91,7 @@ def _destinations(ctx: click.Context, param: click.Parameter, value: tuple[str, 
     from ichscan.outbox import Destination
 
     try:
-        return tuple(Destination.parse(text) for text in value)
+        return tuple(dict.fromkeys(Destination.parse(text) for text in value))  # a repeat is one destination
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
 

@@ -267,6 +267,16 @@ class Ledger:
         """Studies whose summary row was written at least once."""
         return {uid for (uid,) in self._db.execute("SELECT study_instance_uid FROM studies")}
 
+    def changed_since_summary(self) -> set[str]:
+        """Summarised studies with a result committed after their summary."""
+        rows = self._db.execute(
+            """SELECT f.study_instance_uid FROM files f JOIN studies s ON s.study_instance_uid = f.study_instance_uid
+               WHERE f.state = ? AND f.status = 'ok' GROUP BY f.study_instance_uid
+               HAVING MAX(f.done_at) > MAX(s.summarised_at)""",
+            (DONE,),
+        )
+        return {uid for (uid,) in rows}
+
     def mark_summarised(self, uids: Iterable[str]) -> None:
         now = time.time()
         with self._transaction():

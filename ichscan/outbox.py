@@ -52,7 +52,9 @@ CREATE TABLE IF NOT EXISTS result_instances (
     sop_instance_uid TEXT PRIMARY KEY,
     study_instance_uid TEXT NOT NULL,
     path TEXT NOT NULL,
-    probabilities TEXT NOT NULL
+    probabilities TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS result_instances_study ON result_instances (study_instance_uid);
 CREATE TABLE IF NOT EXISTS result_objects (
@@ -67,6 +69,10 @@ CREATE TABLE IF NOT EXISTS result_objects (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS result_objects_study ON result_objects (study_instance_uid, kind, revision);
+CREATE TABLE IF NOT EXISTS studies_to_complete (
+    study_instance_uid TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     sop_instance_uid TEXT NOT NULL,
     destination TEXT NOT NULL,
@@ -179,9 +185,9 @@ class Outbox:
     def __init__(
         self, state: Path, folder: Path, destinations: Sequence[Destination], model: ModelInfo, *, lock: bool = False
     ):
-        self.state = Path(state)
-        self.folder = Path(folder)
-        self.destinations = list(destinations)
+        self.state = Path(os.path.abspath(state))
+        self.folder = Path(os.path.abspath(folder))
+        self.destinations = list(dict.fromkeys(destinations))
         self.model = model
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state.parent.mkdir(parents=True, exist_ok=True)
@@ -237,8 +243,12 @@ class Outbox:
                 tmp.unlink(missing_ok=True)
 
     def _queue_new_destinations(self) -> None:
-        """Objects made before a destination was added are sent to it too."""
+        """Objects made before a destination was added are sent to it too; deliveries
+        given up by an earlier run get one more round of tries."""
         with self._lock, _Transaction(self._db):
+            self._db.execute(
+                "UPDATE deliveries SET state = ?, attempts = 0, next_try = 0 WHERE state = ?", (PENDING, FAILED)
+            )
             for destination in self.destinations:
                 self._db.execute(
                     "INSERT OR IGNORE INTO deliveries (sop_instance_uid, destination, state) "
@@ -251,7 +261,14 @@ class Outbox:
     def record_results(self, results: Iterable[SliceResult]) -> None:
         """Remember every ``ok`` instance (path and probabilities) for its study's SR."""
         rows = [
-            (r.sop_instance_uid, r.study_instance_uid, r.path, json.dumps(r.probabilities))
+            (
+                r.sop_instance_uid,
+                r.study_instance_uid,
+                os.path.abspath(r.path),  # a later run may start from another folder
+                json.dumps(r.probabilities),
+                r.series_instance_uid,
+                r.sop_class_uid,
+            )
             for r in results
             if r.status == OK and r.probabilities and is_valid_uid(r.sop_instance_uid) and is_valid_uid(r.study_instance_uid)
         ]
@@ -259,48 +276,111 @@ class Outbox:
             return
         with self._lock, _Transaction(self._db):
             self._db.executemany(
-                "INSERT OR REPLACE INTO result_instances (sop_instance_uid, study_instance_uid, path, probabilities) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO result_instances (sop_instance_uid, study_instance_uid, path, probabilities, "
+                "series_instance_uid, sop_class_uid) VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
+    def complete_studies(self, uids: Sequence[str]) -> tuple[list[Path], list[str]]:
+        """:meth:`complete_study` for each study, remembered until it succeeds: a study
+        whose objects failed (full disk, files gone) or were cut short by a crash is
+        tried again by :meth:`complete_unfinished` on the next start.
+
+        Returns the new files and one error line per study that failed.
+        """
+        uids = [uid for uid in dict.fromkeys(uids) if is_valid_uid(uid)]
+        with self._lock, _Transaction(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO studies_to_complete (study_instance_uid, since) VALUES (?, ?)",
+                [(uid, time.time()) for uid in uids],
+            )
+        files: list[Path] = []
+        errors: list[str] = []
+        for uid in uids:
+            try:
+                files += self.complete_study(uid)
+            except Exception as exc:  # noqa: BLE001 - one study's objects must not stop the others
+                errors.append(f"study {uid}: cannot make its DICOM results: {type(exc).__name__}: {exc}")
+                continue
+            with self._lock, _Transaction(self._db):
+                self._db.execute("DELETE FROM studies_to_complete WHERE study_instance_uid = ?", (uid,))
+        return files, errors
+
+    def unfinished(self) -> list[str]:
+        """Studies whose objects an earlier run did not finish."""
+        return [uid for (uid,) in self._db.execute("SELECT study_instance_uid FROM studies_to_complete ORDER BY since")]
+
     def complete_study(self, study_uid: str) -> list[Path]:
-        """Build (or revise) the study's SR and key image when its content changed.
+        """Build (or revise) the study's SR and key image when their content changed.
+
+        The study-level values come from every recorded result of the study; the source
+        files are read for their headers (patient and study modules, references), and a
+        file gone since it was screened is referenced by its recorded UIDs.
 
         Returns the files of the new objects (empty when nothing changed). Raises
         ValueError/OSError with a one-line reason when the objects cannot be made.
         """
-        from ichscan.dicom_objects import InstanceFinding, StudyFindings
-
         if not is_valid_uid(study_uid):
             return []
         rows = self._db.execute(
-            "SELECT sop_instance_uid, path, probabilities FROM result_instances WHERE study_instance_uid = ? "
-            "ORDER BY sop_instance_uid",
+            "SELECT sop_instance_uid, path, probabilities, series_instance_uid, sop_class_uid FROM result_instances "
+            "WHERE study_instance_uid = ? ORDER BY sop_instance_uid",
             (study_uid,),
         ).fetchall()
         if not rows:
             return []
-        thresholds = self.model.thresholds
-        probabilities = {uid: json.loads(p) for uid, _, p in rows}
-        key = self._content_key(probabilities)
-        latest_sr = self._latest(study_uid, SR)
-        if latest_sr is not None and latest_sr["content_key"] == key:
+        probabilities = {uid: json.loads(p) for uid, _, p, _, _ in rows}
+        sr_key = self._content_key(probabilities)
+        best_uid = max(probabilities, key=lambda uid: (probabilities[uid]["any"], uid))
+        positive = probabilities[best_uid]["any"] >= self.model.thresholds["any"]
+        sc_key = hashlib.sha256(
+            json.dumps([best_uid, [round(probabilities[best_uid][label], 5) for label in LABELS]]).encode()
+        ).hexdigest()
+        latest_sr, latest_sc = self._latest(study_uid, SR), self._latest(study_uid, SC)
+        need_sr = latest_sr is None or latest_sr["content_key"] != sr_key
+        # A key image that could not be made before is tried again even when the SR stands.
+        need_sc = positive and (latest_sc is None or latest_sc["content_key"] != sc_key)
+        if not need_sr and not need_sc:
             return []
+        findings = self._findings(study_uid, rows, probabilities)
+        made: list[_NewObject] = []
+        if need_sr:
+            made.append(self._make_sr(study_uid, findings, sr_key, latest_sr))
+        if need_sc:
+            sc = self._make_key_image(study_uid, findings, best_uid, sc_key, latest_sc)
+            if sc is not None:
+                made.append(sc)
+        if made:
+            self._commit(made)
+        return [obj.path for obj in made]
+
+    def _findings(self, study_uid: str, rows: list[tuple], probabilities: dict[str, dict[str, float]]):
+        from pydicom import Dataset
+
+        from ichscan.dicom_objects import InstanceFinding, StudyFindings
+
+        thresholds = self.model.thresholds
         instances: list[InstanceFinding] = []
-        for sop_uid, path, _ in rows:
+        gone = 0
+        for sop_uid, path, _, series_uid, sop_class in rows:
+            probs = probabilities[sop_uid]
+            positive = {label: probs[label] >= thresholds[label] for label in LABELS}
             header = _read_header(path)
             if header is None or str(header.get("SOPInstanceUID", "")) != sop_uid:
-                log.warning("study %s: %s is gone or changed; it is left out of the report", study_uid, path)
-                continue
-            probs = probabilities[sop_uid]
-            instances.append(
-                InstanceFinding(header, probs, {label: probs[label] >= thresholds[label] for label in LABELS})
-            )
-        if not instances:
+                if not (is_valid_uid(series_uid) and is_valid_uid(sop_class)):
+                    log.warning("study %s: %s is gone or changed; it is left out of the report's references", study_uid, path)
+                    continue
+                # Gone since it was screened (a pruned store): referenced by its recorded UIDs.
+                header = Dataset()
+                header.StudyInstanceUID, header.SeriesInstanceUID = study_uid, series_uid
+                header.SOPInstanceUID, header.SOPClassUID = sop_uid, sop_class
+                gone += 1
+            instances.append(InstanceFinding(header, probs, positive))
+        if gone == len(rows) or not instances:
             raise ValueError(f"study {study_uid}: none of its {len(rows)} screened files can be read any more")
-        study_probs = {label: max(i.probabilities[label] for i in instances) for label in LABELS}
-        findings = StudyFindings(
+        # Every recorded result counts, read back or not: the same values as the study CSV.
+        study_probs = {label: max(p[label] for p in probabilities.values()) for label in LABELS}
+        return StudyFindings(
             instances=instances,
             probabilities=study_probs,
             positive={label: study_probs[label] >= thresholds[label] for label in LABELS},
@@ -309,13 +389,6 @@ class Outbox:
             model_version=self.model.version,
             demo=self.model.demo,
         )
-        made = [self._make_sr(study_uid, findings, key, latest_sr)]
-        if findings.positive["any"]:
-            sc = self._make_key_image(study_uid, findings)
-            if sc is not None:
-                made.append(sc)
-        self._commit(made)
-        return [obj.path for obj in made]
 
     def _content_key(self, probabilities: dict[str, dict[str, float]]) -> str:
         payload = {
@@ -359,35 +432,27 @@ class Outbox:
         )
         return self._write(study_uid, SR, revision, key, ds)
 
-    def _make_key_image(self, study_uid: str, findings) -> _NewObject | None:
+    def _make_key_image(self, study_uid: str, findings, best_uid: str, key: str, latest) -> _NewObject | None:
+        import numpy as np
         from pydicom.uid import generate_uid
 
         from ichscan.dicom_objects import build_key_image
         from ichscan.engine import to_result
-        from ichscan.overlay import render_overlay
         from ichscan.imaging import brain_window_image
+        from ichscan.overlay import render_overlay
         from ichscan.reporting import top_finding
 
-        best = max(findings.instances, key=lambda i: i.probabilities["any"])
-        best_uid = str(best.dataset.SOPInstanceUID)
-        key = hashlib.sha256(
-            json.dumps([best_uid, [round(best.probabilities[label], 5) for label in LABELS]]).encode()
-        ).hexdigest()
-        latest = self._latest(study_uid, SC)
-        if latest is not None and latest["content_key"] == key:
-            return None
+        best = next(i for i in findings.instances if str(i.dataset.SOPInstanceUID) == best_uid)
         path = self._path_of(best_uid)
         decoded = decode_instance(path)
         if decoded.status != OK or decoded.pixels is None:
-            log.warning("study %s: key image slice %s cannot be decoded now: %s", study_uid, path, decoded.error)
+            log.warning("study %s: key image slice %s cannot be decoded now: %s", study_uid, path, decoded.error or "file gone")
             return None
         result = to_result(decoded)
         result.probabilities = dict(best.probabilities)
         result.positive = dict(best.positive)
         result.top_label, result.top_probability = top_finding(result.probabilities, result.positive["any"])
         overlay = render_overlay(brain_window_image(decoded.pixels, decoded.slope, decoded.intercept), result)
-        import numpy as np
-
         series = latest["series_instance_uid"] if latest is not None else generate_uid()
         revision = latest["revision"] + 1 if latest is not None else 1
         ds = build_key_image(
@@ -428,7 +493,7 @@ class Outbox:
                     (obj.sop_uid, obj.study_uid, obj.kind, obj.revision, obj.series_uid, obj.sop_class_uid, obj.key, str(obj.path), now),
                 )
                 self._db.executemany(
-                    "INSERT INTO deliveries (sop_instance_uid, destination, state) VALUES (?, ?, ?)",
+                    "INSERT OR IGNORE INTO deliveries (sop_instance_uid, destination, state) VALUES (?, ?, ?)",
                     [(obj.sop_uid, str(d), PENDING) for d in self.destinations],
                 )
         for obj in made:
@@ -492,8 +557,9 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-#: Tries to read an object's file before its delivery is given up as failed.
-_READ_ATTEMPTS = 5
+#: Refusals (a failure status, SOP class not accepted, file unreadable) before a delivery
+#: is given up; an unreachable destination is retried without limit.
+_MAX_REFUSALS = 8
 #: C-STORE statuses that mean the object is stored (Success and the storage Warnings).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
 
@@ -518,9 +584,9 @@ class Forwarder(threading.Thread):
         timeout: float = 30.0,
     ):
         super().__init__(name="ichscan-forwarder", daemon=True)
-        self.state = Path(state)
+        self.state = Path(os.path.abspath(state))
         # Only this run's destinations: one dropped from the command line gets nothing more.
-        self.destinations = [str(d) for d in destinations]
+        self.destinations = list(dict.fromkeys(str(d) for d in destinations))
         marks = ", ".join("?" * len(self.destinations))
         self._where = f"d.state = ? AND d.destination IN ({marks})"
         self.calling_ae = calling_ae
@@ -559,7 +625,11 @@ class Forwarder(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stop_event.is_set():
-                delay = self._round()
+                try:
+                    delay = self._round()
+                except Exception as exc:  # noqa: BLE001 - the thread must outlive any one bad round
+                    log.error("forwarding round failed: %s: %s; trying again in %.0f s", type(exc).__name__, exc, self.max_backoff)
+                    delay = self.max_backoff
                 self.wake.wait(delay)
                 self.wake.clear()
         finally:
@@ -577,7 +647,6 @@ class Forwarder(threading.Thread):
         if not rows:
             return 3600.0
         due: dict[str, list[tuple]] = {}
-        next_due = min(row[5] for row in rows)
         for row in rows:
             if row[5] <= now:
                 due.setdefault(row[0], []).append(row)
@@ -585,87 +654,114 @@ class Forwarder(threading.Thread):
             if self._stop_event.is_set():
                 break
             self._send(Destination.parse(destination), items)
-        later = [r[0] for r in self._db.execute(f"SELECT MIN(next_try) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations))]
-        if later and later[0] is not None:
-            next_due = later[0]
-        return max(0.05, next_due - time.time())
+        (next_due,) = self._db.execute(
+            f"SELECT MIN(next_try) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations)
+        ).fetchone()
+        return 3600.0 if next_due is None else max(0.05, next_due - time.time())
 
     def _send(self, destination: Destination, items: list[tuple]) -> None:
         import pydicom
         from pydicom.errors import InvalidDicomError
+        from pydicom.uid import UID
         from pynetdicom import AE
 
         key = str(destination)
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        # Only the SOP classes being sent, each in Explicit and Implicit VR Little Endian.
         for sop_class in sorted({item[2] for item in items}):
             ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         try:
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-        except (OSError, ValueError) as exc:
-            self._failed(key, items, f"cannot connect: {exc}")
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._unreachable(key, items, f"cannot connect: {exc}")
             return
         if not assoc.is_established:
-            reason = "association rejected" if assoc.is_rejected else "no association (connection refused or timed out)"
-            self._failed(key, items, reason)
+            if assoc.is_aborted:
+                # pynetdicom aborts when the peer accepted none of the proposed SOP classes:
+                # a refusal of these objects, counted towards giving up, not "unreachable".
+                names = ", ".join(sorted({UID(item[2]).name for item in items}))
+                for item in items:
+                    self._refused(key, item, f"association aborted: {key} does not accept {names}?")
+                return
+            if assoc.is_rejected:
+                reason = "association rejected (check our --calling-ae and its AE title)"
+            else:
+                reason = "no association (connection refused or timed out)"
+            self._unreachable(key, items, reason)
             return
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
-            for n, (_, sop_uid, _, file, attempts, _) in enumerate(items):
+            for n, (_, sop_uid, sop_class, file, attempts, _) in enumerate(items):
                 if self._stop_event.is_set():
                     break
+                if sop_class not in accepted:
+                    self._refused(key, items[n], f"{key} does not accept {UID(sop_class).name}")
+                    continue
                 try:
                     ds = pydicom.dcmread(file)
                 except (OSError, InvalidDicomError) as exc:
                     # Recorded a moment before its rename, or damaged: a few more tries.
-                    if attempts + 1 >= _READ_ATTEMPTS:
-                        self._mark(key, sop_uid, FAILED, f"cannot read {file}: {exc}")
-                        log.error("cannot forward %s to %s: cannot read %s: %s", sop_uid, key, file, exc)
-                    else:
-                        self._retry_later(key, sop_uid, f"cannot read {file}: {exc}")
+                    self._refused(key, items[n], f"cannot read {file}: {exc}", retry_in=self.min_backoff)
                     continue
-                status = assoc.send_c_store(ds)
-                code = getattr(status, "Status", None)
+                try:
+                    status = assoc.send_c_store(ds)
+                except (ValueError, RuntimeError, AttributeError) as exc:
+                    status, error = None, f"{type(exc).__name__}: {exc}"
+                else:
+                    error = "no answer to C-STORE"
+                code = getattr(status, "Status", None) if status else None
                 if code in _STORED:
                     self._mark(key, sop_uid, SENT, "")
                     self.sent += 1
                     self._failures.pop(key, None)
                     log.info("forwarded %s to %s", file, key)
-                elif code is None or not assoc.is_established:
-                    # No answer: the association is gone; this object and the rest wait.
-                    self._failed(key, items[n:], "association lost during C-STORE")
-                    return
+                elif code is None:
+                    if not assoc.is_established:
+                        # The association is gone: this object and the rest wait for the next round.
+                        self._unreachable(key, items[n:], f"association lost during C-STORE ({error})")
+                        return
+                    self._refused(key, items[n], error)
                 else:
-                    self._failed(key, [items[n]], f"C-STORE status 0x{code:04X}")
+                    self._refused(key, items[n], f"C-STORE failed with status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _failed(self, key: str, items: list[tuple], reason: str) -> None:
+    def _backoff(self, key: str) -> float:
         n = self._failures.get(key, 0) + 1
         self._failures[key] = n
-        wait = min(self.max_backoff, self.min_backoff * 2 ** (n - 1))
-        now = time.time()
+        return min(self.max_backoff, self.min_backoff * 2 ** (n - 1))
+
+    def _unreachable(self, key: str, items: list[tuple], reason: str) -> None:
+        """The destination cannot be reached: retried for as long as we run, never given up."""
+        wait = self._backoff(key)
         with _Transaction(self._db):
             self._db.executemany(
-                "UPDATE deliveries SET attempts = attempts + 1, next_try = ?, last_error = ? "
-                "WHERE sop_instance_uid = ? AND destination = ?",
-                [(now + wait, reason, item[1], key) for item in items],
+                "UPDATE deliveries SET next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
+                [(time.time() + wait, reason, item[1], key) for item in items],
             )
-        if items:
-            log.warning("forwarding %d objects to %s failed (%s); retrying in %.0f s", len(items), key, reason, wait)
+        log.warning("forwarding %d objects to %s failed (%s); retrying in %.0f s", len(items), key, reason, wait)
 
-    def _retry_later(self, key: str, sop_uid: str, reason: str) -> None:
+    def _refused(self, key: str, item: tuple, reason: str, retry_in: float | None = None) -> None:
+        """This object was refused (or cannot be read): retried, then given up after
+        :data:`_MAX_REFUSALS` tries; a later run tries a given-up delivery once more."""
+        sop_uid, attempts = item[1], item[4] + 1
+        if attempts >= _MAX_REFUSALS:
+            self._mark(key, sop_uid, FAILED, reason)
+            log.error("giving up forwarding %s to %s after %d tries: %s", sop_uid, key, attempts, reason)
+            return
+        wait = retry_in if retry_in is not None else min(self.max_backoff, self.min_backoff * 2 ** (attempts - 1))
         with _Transaction(self._db):
             self._db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, next_try = ?, last_error = ? "
-                "WHERE sop_instance_uid = ? AND destination = ?",
-                (time.time() + self.min_backoff, reason, sop_uid, key),
+                "UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
+                (attempts, time.time() + wait, reason, sop_uid, key),
             )
+        log.warning("forwarding %s to %s failed (%s); try %d of %d in %.0f s", sop_uid, key, reason, attempts, _MAX_REFUSALS, wait)
 
     def _mark(self, key: str, sop_uid: str, state: str, error: str) -> None:
         with _Transaction(self._db):
             self._db.execute(
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, sent_at = ? "
-                "WHERE sop_instance_uid = ? AND destination = ?",
+                "UPDATE deliveries SET state = ?, last_error = ?, sent_at = ? WHERE sop_instance_uid = ? AND destination = ?",
                 (state, error, time.time() if state == SENT else None, sop_uid, key),
             )

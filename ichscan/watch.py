@@ -258,7 +258,9 @@ class Watcher:
         loaded = self.loaded
         self.studies = StudyTable(loaded.thresholds)
         self.studies.studies.update(self.ledger.study_summaries(loaded.thresholds))
-        self.summarised = self.ledger.summarised_studies() & set(self.studies.studies)
+        # Studies with results newer than their summary (a late instance, then a crash
+        # within --study-timeout) are not summarised yet: their clock restarts too.
+        self.summarised = (self.ledger.summarised_studies() - self.ledger.changed_since_summary()) & set(self.studies.studies)
         # Studies with results but no summary row yet: their clock restarts now.
         self.studies_clock.touch(set(self.studies.studies) - self.summarised, time.monotonic())
         self._write_studies()
@@ -421,14 +423,19 @@ class Watcher:
 
     # -- studies -----------------------------------------------------------------------
 
-    def summarise(self, uids: list[str]) -> None:
+    def summarise(self, uids: list[str], complete: bool = True) -> None:
+        """Write the study rows of ``uids``; ``complete``: the studies went quiet, so they
+        also get their DICOM results and count as summarised in the ledger. At a stop,
+        studies still within --study-timeout get their rows only: they may be cut short,
+        and the next run completes them once they go quiet."""
         uids = [uid for uid in uids if uid in self.studies.studies]
         if not uids:
             return
-        # SR and key images before the ledger says "summarised": after a crash in
-        # between, the study is completed again and the outbox sees nothing new.
-        self.reporters.on_study_complete(sorted(uids), self.studies)
-        self.ledger.mark_summarised(uids)
+        if complete:
+            # SR and key images before the ledger says "summarised": after a crash in
+            # between, the study is completed again and the outbox sees nothing new.
+            self.reporters.on_study_complete(sorted(uids), self.studies)
+            self.ledger.mark_summarised(uids)
         self.summarised.update(uids)
         self.summary.studies_summarised += len(uids)
         self._write_studies()
@@ -517,7 +524,7 @@ class Watcher:
             self.watcher.stop()
             self.pool.close()
         # A clean stop writes the rows of studies still waiting for their timeout.
-        self.summarise(self.studies_clock.pending())
+        self.summarise(self.studies_clock.pending(), complete=False)
         self.summary.seconds = time.monotonic() - start
         self.reporters.on_finish(self.summary, self.studies)
         return self.summary

@@ -368,6 +368,10 @@ def test_orthanc_sends_a_study_and_gets_sr_and_key_image_back_then_a_revision(tm
         assert set(read_sr_findings(revised)["referenced_instances"]) == {r.sop_instance_uid for r in records}
         wait_for(lambda: read_csv(work / "results_studies.csv")[0]["slices"] == "6", 30, "the study row update")
         assert (work / "report.html").exists()
+        # Nothing more arrives later: no duplicate under new UIDs.
+        time.sleep(3)
+        assert len(orthanc.instances_of_class(study_id, SR_SOP_CLASS_UID)) == 2
+        assert 1 <= len(orthanc.instances_of_class(study_id, SC_SOP_CLASS_UID)) <= 2
     finally:
         server.terminate()
         try:
@@ -455,3 +459,132 @@ def test_serve_scp_sigkill_before_delivery_then_restart_sends_once(tmp_path):
         second.terminate()
         assert second.wait(timeout=60) == 0
         target.close()
+
+
+def test_target_refusing_the_sr_class_still_gets_key_images(phantoms, tmp_path):
+    """A PACS that does not take Comprehensive SR: the key images go, the SR waits and is
+    retried, the forwarder survives; a repeated --forward is one destination."""
+    import sqlite3
+
+    from pynetdicom import AE, evt
+
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="SCONLY")
+    scp.add_supported_context(SC_SOP_CLASS_UID, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        destination = Destination("SCONLY", "127.0.0.1", port)
+        batch(phantoms, tmp_path, forward=(destination, destination), forward_wait=3)
+    finally:
+        server.shutdown()
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    rows = db.execute(
+        "SELECT o.kind, d.state, d.attempts, d.last_error, d.destination FROM deliveries d JOIN result_objects o USING (sop_instance_uid)"
+    ).fetchall()
+    sent_sc = {uid for (uid,) in db.execute("SELECT sop_instance_uid FROM result_objects WHERE kind = 'sc'")}
+    assert sent_sc and sorted(received) == sorted(sent_sc)  # every key image, once
+    assert {r[4] for r in rows} == {str(destination)}
+    srs = [r for r in rows if r[0] == "sr"]
+    assert len(srs) == 3
+    assert all(r[1] == "pending" and r[2] >= 1 and "does not accept" in r[3] for r in srs)
+
+
+@needs_storescp
+def test_state_paths_survive_a_change_of_working_folder(phantoms, tmp_path, monkeypatch):
+    port = free_port()
+    destination = Destination("TARGET", "127.0.0.1", port)
+    first = tmp_path / "first"
+    first.mkdir()
+    monkeypatch.chdir(first)
+    opts = dict(overlays_for="none", thresholds={label: 0.3 for label in LABELS}, workers=0, progress=False)
+    # Run 1 with relative paths and the target down...
+    run_batch(BatchOptions(input_dir=phantoms, out=Path("results.csv"), results=ResultsOutput(forward=(destination,), forward_wait=0), **opts))
+    made = sorted(p.stem for p in dicom_files(first / "ichscan-outbox"))
+    # ...run 2 from elsewhere, on the same state file, with the target up.
+    monkeypatch.chdir(tmp_path)
+    target = StoreSCP(tmp_path / "received", port)
+    try:
+        run_batch(
+            BatchOptions(
+                input_dir=phantoms,
+                out=tmp_path / "results.csv",
+                state=first / "ichscan-state.sqlite",
+                results=ResultsOutput(forward=(destination,), forward_wait=60),
+                **opts,
+            )
+        )
+        wait_for(lambda: len(target.received()) >= len(made), 30, "the target to store everything")
+        assert sorted(target.received()) == made
+    finally:
+        target.close()
+
+
+@pytest.mark.slow
+def test_watch_completes_studies_once_they_go_quiet_across_stops_and_crashes(tmp_path):
+    """A stop within --study-timeout makes no SR (the study may be cut short); the next run
+    makes it once the study is quiet. A late instance screened just before a SIGKILL still
+    gives a revised SR after the restart."""
+    import signal
+
+    records = sorted(generate(tmp_path / "stash", studies=1, slices=4, seed=3, size=128), key=lambda r: r.sop_instance_uid)
+    data = tmp_path / "in"
+    data.mkdir()
+    out_dir = tmp_path / "dicom"
+
+    def start(timeout: float, log: Path) -> subprocess.Popen:
+        with open(log, "w") as fh:
+            return subprocess.Popen(
+                [
+                    str(ICHSCAN), "watch", str(data), "--out", str(tmp_path / "r.csv"), "--dicom-out", str(out_dir),
+                    "--overlays-for", "none", "--settle", "0.3", "--max-latency", "0.2", "--study-timeout", str(timeout),
+                    "--workers", "0", "--poll", "--poll-interval", "0.3",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=fh,
+            )
+
+    def srs() -> list[pydicom.Dataset]:
+        found = [pydicom.dcmread(p) for p in dicom_files(out_dir)] if out_dir.exists() else []
+        return sorted((ds for ds in found if ds.SOPClassUID == SR_SOP_CLASS_UID), key=lambda ds: int(ds.InstanceNumber))
+
+    def rows() -> int:
+        return len(read_csv(tmp_path / "r.csv")) if (tmp_path / "r.csv").exists() else 0
+
+    for record in records[:3]:
+        shutil.copy(record.path, data / Path(record.path).name)
+    a = start(600, tmp_path / "a.log")
+    wait_for(lambda: rows() == 3, 120, "3 rows", a, tmp_path / "a.log")
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(60) == 0
+    assert srs() == []  # stopped within the study timeout: no SR yet
+    assert read_csv(tmp_path / "r_studies.csv")[0]["slices"] == "3"  # but the row is written
+
+    b = start(1, tmp_path / "b.log")
+    wait_for(lambda: len(srs()) == 1, 120, "the SR after restart", b, tmp_path / "b.log")
+    b.send_signal(signal.SIGTERM)
+    assert b.wait(60) == 0
+    assert len(read_sr_findings(srs()[0])["referenced_instances"]) == 3
+
+    c = start(600, tmp_path / "c.log")
+    shutil.copy(records[3].path, data / Path(records[3].path).name)
+    wait_for(lambda: rows() == 4, 120, "the late instance's row", c, tmp_path / "c.log")
+    c.send_signal(signal.SIGKILL)
+    c.wait(30)
+    assert len(srs()) == 1
+
+    d = start(1, tmp_path / "d.log")
+    try:
+        wait_for(lambda: len(srs()) == 2, 120, "the revised SR after the crash", d, tmp_path / "d.log")
+        time.sleep(2)
+        revised = srs()
+        assert len(revised) == 2 and revised[1].SeriesInstanceUID == revised[0].SeriesInstanceUID
+        assert set(read_sr_findings(revised[1])["referenced_instances"]) == {r.sop_instance_uid for r in records}
+    finally:
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(60) == 0

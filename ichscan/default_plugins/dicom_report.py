@@ -57,6 +57,13 @@ class DicomResultsReporter(Reporter):
         lock = not config.options.get("watch")
         self.outbox = Outbox(Path(config.state), outbox_folder(config), config.forward, model, lock=lock)
         self.forwarder = None
+        unfinished = self.outbox.unfinished()
+        if unfinished:
+            log.info("finishing the DICOM results of %d studies from an earlier run", len(unfinished))
+            try:
+                self._complete(unfinished)
+            except RuntimeError as exc:
+                log.error("%s", exc)
         if config.forward:
             self.forwarder = Forwarder(Path(config.state), config.forward, config.calling_ae)
             self.forwarder.start()
@@ -68,18 +75,19 @@ class DicomResultsReporter(Reporter):
         self.outbox.record_results(results)
 
     def on_study_complete(self, uids: list[str], studies: StudyTable) -> None:
-        made = 0
-        for uid in uids:
-            try:
-                files = self.outbox.complete_study(uid)
-            except Exception as exc:  # noqa: BLE001 - one study's objects must not stop the others
-                log.error("study %s: cannot make its DICOM results: %s: %s", uid, type(exc).__name__, exc)
-                continue
-            if files:
-                made += len(files)
-                log.info("study %s: wrote %s", uid, ", ".join(p.name for p in files))
-        if made and self.forwarder is not None:
+        self._complete(uids)
+
+    def _complete(self, uids: list[str]) -> None:
+        files, errors = self.outbox.complete_studies(uids)
+        for error in errors:
+            log.error("%s", error)
+        for path in files:
+            log.info("study %s: wrote %s", path.parent.name, path.name)
+        if files and self.forwarder is not None:
             self.forwarder.wake.set()
+        if errors:
+            # Counted like a reporter failure, so the run's summary says output is missing.
+            raise RuntimeError(f"{len(errors)} studies without DICOM results (retried on the next start)")
 
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
         try:
@@ -91,7 +99,7 @@ class DicomResultsReporter(Reporter):
                     log.warning(
                         "%d DICOM results not yet delivered to %s; they are kept in %s and sent by the next run",
                         left,
-                        ", ".join(str(d) for d in self.config.forward),
+                        ", ".join(str(d) for d in self.outbox.destinations),
                         self.config.state,
                     )
         finally:
