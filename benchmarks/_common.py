@@ -76,27 +76,51 @@ def naive_loop(files: list[Path], model: torch.nn.Module, warmup: int = 10, devi
     return (len(files) - warmup) / (time.perf_counter() - start)
 
 
+def cpu_busy_seconds() -> float:
+    """Busy core-seconds of the whole machine since boot (/proc/stat; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class Clock(Reporter):
-    """A reporter that notes when each batch of results arrives."""
+    """A reporter that notes when each batch of results arrives, and the machine's busy
+    core-seconds at that moment."""
 
     name = "bench-clock"
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, int, float]] = []
         self.count = 0
 
     def on_results(self, results, studies) -> None:
         self.count += len(results)
-        self.marks.append((time.perf_counter(), self.count))
+        self.marks.append((time.perf_counter(), self.count, cpu_busy_seconds()))
+
+    def _window(self, total: int):
+        start = next(m for m in self.marks if m[1] >= 0.2 * total)
+        return start, self.marks[-1]
 
     def steady_rate(self, total: int) -> float:
         """Files/s from the batch that completes 20 % of the run to the last one
         (model load and pool start-up excluded)."""
-        start = next((t, c) for t, c in self.marks if c >= 0.2 * total)
-        end = self.marks[-1]
+        start, end = self._window(total)
         if end[0] <= start[0]:  # one batch only: no steady state to measure
             return float("nan")
         return (end[1] - start[1]) / (end[0] - start[0])
+
+    def steady_cpu(self, total: int) -> tuple[float, float]:
+        """Over the same window: (busy core-ms per file, fraction of all cores busy).
+        Whole machine: other processes count too (read it with the load average)."""
+        start, end = self._window(total)
+        if end[0] <= start[0] or end[1] <= start[1]:
+            return float("nan"), float("nan")
+        busy = end[2] - start[2]
+        return 1000 * busy / (end[1] - start[1]), busy / ((end[0] - start[0]) * (os.cpu_count() or 1))
 
 
 def engine_rate(
@@ -106,8 +130,10 @@ def engine_rate(
     batch_size: int | None,
     threads: int | None = None,
     device: str = "cpu",
+    cpu: list | None = None,
 ) -> float:
-    """Steady-state images/s of ``ichscan batch`` (in this process) on ``folder``."""
+    """Steady-state images/s of ``ichscan batch`` (in this process) on ``folder``;
+    ``cpu`` (a list) gets ``Clock.steady_cpu`` of the run appended."""
     import ichscan
 
     clock = Clock()
@@ -134,6 +160,8 @@ def engine_rate(
             pm,
         )
     assert summary.ok == summary.files, summary
+    if cpu is not None:
+        cpu.append(clock.steady_cpu(summary.files))
     return clock.steady_rate(summary.files)
 
 
