@@ -286,11 +286,14 @@ class Ledger:
                 [(uid, now) for uid in uids],
             )
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self) -> Transaction:
+        return Transaction(self._db)
 
 
-class _Transaction:
+class Transaction:
+    """``with Transaction(db):`` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception
+    (for connections opened with ``isolation_level=None``)."""
+
     def __init__(self, db: sqlite3.Connection):
         self.db = db
 

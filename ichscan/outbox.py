@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ichscan.dicom import OK, decode_instance, is_valid_uid
 from ichscan.labels import LABELS
+from ichscan.ledger import Transaction
 from ichscan.reporting import SliceResult
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class Outbox:
     def _queue_new_destinations(self) -> None:
         """Objects made before a destination was added are sent to it too; deliveries
         given up by an earlier run get one more round of tries."""
-        with self._lock, _Transaction(self._db):
+        with self._lock, Transaction(self._db):
             self._db.execute(
                 "UPDATE deliveries SET state = ?, attempts = 0, next_try = 0 WHERE state = ?", (PENDING, FAILED)
             )
@@ -274,7 +275,7 @@ class Outbox:
         ]
         if not rows:
             return
-        with self._lock, _Transaction(self._db):
+        with self._lock, Transaction(self._db):
             self._db.executemany(
                 "INSERT OR REPLACE INTO result_instances (sop_instance_uid, study_instance_uid, path, probabilities, "
                 "series_instance_uid, sop_class_uid) VALUES (?, ?, ?, ?, ?, ?)",
@@ -289,7 +290,7 @@ class Outbox:
         Returns the new files and one error line per study that failed.
         """
         uids = [uid for uid in dict.fromkeys(uids) if is_valid_uid(uid)]
-        with self._lock, _Transaction(self._db):
+        with self._lock, Transaction(self._db):
             self._db.executemany(
                 "INSERT OR IGNORE INTO studies_to_complete (study_instance_uid, since) VALUES (?, ?)",
                 [(uid, time.time()) for uid in uids],
@@ -302,7 +303,7 @@ class Outbox:
             except Exception as exc:  # noqa: BLE001 - one study's objects must not stop the others
                 errors.append(f"study {uid}: cannot make its DICOM results: {type(exc).__name__}: {exc}")
                 continue
-            with self._lock, _Transaction(self._db):
+            with self._lock, Transaction(self._db):
                 self._db.execute("DELETE FROM studies_to_complete WHERE study_instance_uid = ?", (uid,))
         return files, errors
 
@@ -485,7 +486,7 @@ class Outbox:
 
     def _commit(self, made: list[_NewObject]) -> None:
         now = time.time()
-        with self._lock, _Transaction(self._db):
+        with self._lock, Transaction(self._db):
             for obj in made:
                 self._db.execute(
                     "INSERT INTO result_objects (sop_instance_uid, study_instance_uid, kind, revision, series_instance_uid, "
@@ -544,17 +545,6 @@ def _read_header(path: str):
     except (OSError, InvalidDicomError, ValueError) as exc:
         log.debug("cannot read %s: %s", path, exc)
         return None
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 #: Refusals (a failure status, SOP class not accepted, file unreadable) before a delivery
@@ -736,7 +726,7 @@ class Forwarder(threading.Thread):
     def _unreachable(self, key: str, items: list[tuple], reason: str) -> None:
         """The destination cannot be reached: retried for as long as we run, never given up."""
         wait = self._backoff(key)
-        with _Transaction(self._db):
+        with Transaction(self._db):
             self._db.executemany(
                 "UPDATE deliveries SET next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
                 [(time.time() + wait, reason, item[1], key) for item in items],
@@ -752,7 +742,7 @@ class Forwarder(threading.Thread):
             log.error("giving up forwarding %s to %s after %d tries: %s", sop_uid, key, attempts, reason)
             return
         wait = retry_in if retry_in is not None else min(self.max_backoff, self.min_backoff * 2 ** (attempts - 1))
-        with _Transaction(self._db):
+        with Transaction(self._db):
             self._db.execute(
                 "UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
                 (attempts, time.time() + wait, reason, sop_uid, key),
@@ -760,7 +750,7 @@ class Forwarder(threading.Thread):
         log.warning("forwarding %s to %s failed (%s); try %d of %d in %.0f s", sop_uid, key, reason, attempts, _MAX_REFUSALS, wait)
 
     def _mark(self, key: str, sop_uid: str, state: str, error: str) -> None:
-        with _Transaction(self._db):
+        with Transaction(self._db):
             self._db.execute(
                 "UPDATE deliveries SET state = ?, last_error = ?, sent_at = ? WHERE sop_instance_uid = ? AND destination = ?",
                 (state, error, time.time() if state == SENT else None, sop_uid, key),
