@@ -246,6 +246,17 @@ def _refused(entry: FolderEntry) -> DecodedSlice:
     return DecodedSlice(path=entry.path, status=ERROR, error=entry.refusal)
 
 
+def default_in_flight(workers: int, batch_size: int | None, chunk_size: int) -> int:
+    """Chunks submitted to the decode workers at most: about four model batches.
+
+    Fewer starve the workers while the model runs (measured on 2 cores, 1,200 files,
+    alternating runs: 16 chunks of 8 ran 8-27 % faster than the former 6, and 32 no
+    faster than 16); the cap of 64 bounds the shared memory a large GPU batch would take.
+    """
+    per_batch = -(-(batch_size or 32) // max(1, chunk_size))
+    return max(2, 3 * workers, min(64, 4 * per_batch))
+
+
 class DecodePool:
     """Decodes files in worker processes, streaming results in completion order.
 
@@ -277,7 +288,7 @@ class DecodePool:
         self.limits = limits
         self._work_args = (limits, resize_to, display)
         self.chunk_size = max(1, chunk_size)
-        self.max_in_flight = max_in_flight or max(2, 3 * workers)
+        self.max_in_flight = max_in_flight or default_in_flight(workers, batch_size, self.chunk_size)
         self._executor: cf.ProcessPoolExecutor | None = None
         if transfer not in TRANSFERS:
             raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, not {transfer!r}")
