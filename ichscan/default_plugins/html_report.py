@@ -191,8 +191,8 @@ td.p { text-align: right; font-variant-numeric: tabular-nums; }
 td.pos { background: #fbd5d5; color: #8a0000; font-weight: bold; }
 tr.negative td.uid { color: #666; }
 .uid { font-family: ui-monospace, monospace; font-size: 12px; word-break: break-all; }
-.thumbs { display: flex; flex-wrap: wrap; gap: 4px; }
-.thumbs img { height: 96px; border: 1px solid #888; display: block; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 4px; min-width: 226px; }
+.thumbs img { height: 72px; border: 1px solid #888; display: block; }
 .thumbs a.missing img { outline: 3px dashed #e0b000; }
 footer { margin-top: 2em; color: #666; font-size: 12px; }
 """
