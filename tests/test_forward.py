@@ -30,6 +30,7 @@ from ichscan.synth import generate
 
 STORESCP = Path("/usr/bin/storescp")
 ORTHANC = Path("/usr/sbin/Orthanc")
+DCIODVFY = Path("/usr/bin/dciodvfy")
 ICHSCAN = Path(sys.executable).with_name("ichscan")
 needs_storescp = pytest.mark.skipif(not STORESCP.exists(), reason="dcmtk is not installed (.ci/run installs it)")
 needs_orthanc = pytest.mark.skipif(not ORTHANC.exists(), reason="Orthanc is not installed (.ci/run installs it)")
@@ -131,6 +132,13 @@ def test_dicom_out_sr_per_study_key_image_per_positive_study(phantoms, tmp_path)
             assert scs[0].PhotometricInterpretation == "RGB"
             assert scs[0].Rows >= 512
             assert best["sop_instance_uid"] in json.dumps(scs[0].to_json_dict())  # references its source slice
+
+    # What the pipeline wrote (not only what the builders make in isolation) is valid DICOM.
+    if DCIODVFY.exists():
+        for path in written:
+            proc = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+            errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
+            assert errors == [], (path, errors)
 
     # The same folder again: same content, so no new objects and no new UIDs.
     batch(phantoms, tmp_path, dicom_out=out_dir)
