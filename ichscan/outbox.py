@@ -202,7 +202,6 @@ class Outbox:
                 raise ValueError(f"state file {self.state} is in use by another ichscan process") from None
         self._db = _connect(self.state)
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
         self._backfill_from_ledger()
         self._recover_files()
         self._queue_new_destinations()
@@ -246,7 +245,7 @@ class Outbox:
     def _queue_new_destinations(self) -> None:
         """Objects made before a destination was added are sent to it too; deliveries
         given up by an earlier run get one more round of tries."""
-        with self._lock, Transaction(self._db):
+        with Transaction(self._db):
             self._db.execute(
                 "UPDATE deliveries SET state = ?, attempts = 0, next_try = 0 WHERE state = ?", (PENDING, FAILED)
             )
@@ -275,7 +274,7 @@ class Outbox:
         ]
         if not rows:
             return
-        with self._lock, Transaction(self._db):
+        with Transaction(self._db):
             self._db.executemany(
                 "INSERT OR REPLACE INTO result_instances (sop_instance_uid, study_instance_uid, path, probabilities, "
                 "series_instance_uid, sop_class_uid) VALUES (?, ?, ?, ?, ?, ?)",
@@ -290,7 +289,7 @@ class Outbox:
         Returns the new files and one error line per study that failed.
         """
         uids = [uid for uid in dict.fromkeys(uids) if is_valid_uid(uid)]
-        with self._lock, Transaction(self._db):
+        with Transaction(self._db):
             self._db.executemany(
                 "INSERT OR IGNORE INTO studies_to_complete (study_instance_uid, since) VALUES (?, ?)",
                 [(uid, time.time()) for uid in uids],
@@ -303,7 +302,7 @@ class Outbox:
             except Exception as exc:  # noqa: BLE001 - one study's objects must not stop the others
                 errors.append(f"study {uid}: cannot make its DICOM results: {type(exc).__name__}: {exc}")
                 continue
-            with self._lock, Transaction(self._db):
+            with Transaction(self._db):
                 self._db.execute("DELETE FROM studies_to_complete WHERE study_instance_uid = ?", (uid,))
         return files, errors
 
@@ -443,8 +442,11 @@ class Outbox:
         from ichscan.overlay import render_overlay
         from ichscan.reporting import top_finding
 
-        best = next(i for i in findings.instances if str(i.dataset.SOPInstanceUID) == best_uid)
+        best = next((i for i in findings.instances if str(i.dataset.SOPInstanceUID) == best_uid), None)
         path = self._path_of(best_uid)
+        if best is None:  # gone, and too old a record to reference it
+            log.warning("study %s: key image slice %s is gone", study_uid, path)
+            return None
         decoded = decode_instance(path)
         if decoded.status != OK or decoded.pixels is None:
             log.warning("study %s: key image slice %s cannot be decoded now: %s", study_uid, path, decoded.error or "file gone")
@@ -486,7 +488,7 @@ class Outbox:
 
     def _commit(self, made: list[_NewObject]) -> None:
         now = time.time()
-        with self._lock, Transaction(self._db):
+        with Transaction(self._db):
             for obj in made:
                 self._db.execute(
                     "INSERT INTO result_objects (sop_instance_uid, study_instance_uid, kind, revision, series_instance_uid, "
@@ -501,23 +503,6 @@ class Outbox:
             os.replace(_tmp_name(obj.path), obj.path)
         for folder in {obj.path.parent for obj in made}:
             _fsync_dir(folder)
-
-    # -- queries -----------------------------------------------------------------------
-
-    def objects(self, study_uid: str | None = None) -> list[dict]:
-        """Recorded objects (oldest first), as dicts of their columns."""
-        self._db.row_factory = sqlite3.Row
-        try:
-            sql = "SELECT * FROM result_objects"
-            args: tuple = ()
-            if study_uid is not None:
-                sql, args = sql + " WHERE study_instance_uid = ?", (study_uid,)
-            return [dict(row) for row in self._db.execute(sql + " ORDER BY created_at, kind", args)]
-        finally:
-            self._db.row_factory = None
-
-    def delivery_counts(self) -> dict[str, int]:
-        return {state: n for state, n in self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")}
 
 
 @dataclass
@@ -589,7 +574,6 @@ class Forwarder(threading.Thread):
         self._failures: dict[str, int] = {}
         self._db = _connect(self.state)
         self._db.executescript(_SCHEMA)
-        self.sent = 0
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -703,7 +687,6 @@ class Forwarder(threading.Thread):
                 code = getattr(status, "Status", None) if status else None
                 if code in _STORED:
                     self._mark(key, sop_uid, SENT, "")
-                    self.sent += 1
                     self._failures.pop(key, None)
                     log.info("forwarded %s to %s", file, key)
                 elif code is None:

@@ -150,6 +150,21 @@ class RunConfig:
     state: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def bundled_weights(self) -> bool:
+        """Whether ``weights`` names the demo weights shipped in the package."""
+        from ichscan.models import BUNDLED_WEIGHTS  # lazy: ichscan.models imports torch
+
+        try:
+            return Path(self.weights).resolve() == BUNDLED_WEIGHTS.resolve()
+        except (OSError, ValueError):  # "untrained (seed N)" or an unresolvable path
+            return False
+
+    @property
+    def demo(self) -> bool:
+        """Untrained or bundled demo weights: outputs say "not for diagnostic use"."""
+        return not self.trained or self.bundled_weights
+
 
 @dataclass
 class RunSummary:

@@ -17,18 +17,6 @@ log = logging.getLogger(__name__)
 OUTBOX_FOLDER_NAME = "ichscan-outbox"
 
 
-def is_demo(config: RunConfig) -> bool:
-    """Untrained or bundled demo weights: the SR says "not for diagnostic use"."""
-    from ichscan.models import BUNDLED_WEIGHTS
-
-    if not config.trained:
-        return True
-    try:
-        return Path(config.weights).resolve() == Path(BUNDLED_WEIGHTS).resolve()
-    except (OSError, ValueError):
-        return False
-
-
 def outbox_folder(config: RunConfig) -> Path:
     if config.dicom_out is not None:
         return Path(config.dicom_out)
@@ -49,7 +37,7 @@ class DicomResultsReporter(Reporter):
         model = ModelInfo(
             name=config.model_name,
             version=weights_version(config.weights),
-            demo=is_demo(config),
+            demo=config.demo,
             thresholds=dict(config.thresholds),
         )
         self.config = config

@@ -64,21 +64,11 @@ class NotScreened:
     reason: str
 
 
-def is_bundled_weights(weights: str) -> bool:
-    """Whether ``weights`` (``RunConfig.weights``) names the demo weights in the package."""
-    from ichscan.models import BUNDLED_WEIGHTS  # lazy: ichscan.models imports torch
-
-    try:
-        return Path(weights).resolve() == BUNDLED_WEIGHTS.resolve()
-    except (OSError, ValueError):  # "untrained (seed N)" or an unresolvable path
-        return False
-
-
 def diagnostic_warning(config: RunConfig) -> str | None:
     """The banner text for weights whose output must not guide care, or ``None``."""
     if not config.trained:
         return "Not for diagnostic use: this run used an UNTRAINED model; its probabilities are meaningless."
-    if is_bundled_weights(config.weights):
+    if config.bundled_weights:
         return "Not for diagnostic use: this run used the bundled demo weights, trained on synthetic phantoms only."
     return None
 
