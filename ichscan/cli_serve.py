@@ -46,7 +46,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint from 'ichscan train'.  [default: the bundled weights]")
 @click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per full model batch.  [default: 32 on CPU, 256 on GPU]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per full model batch.  [default: 32 on CPU; on a GPU 256, fewer if its free memory is short]")
 @click.option("--max-latency", type=click.FloatRange(0, 3600), default=1.0, help="Seconds a partial batch waits for more instances.")
 @click.option("--workers", type=click.IntRange(0, 256), default=None, help="Decode worker processes.  [default: one per core on CPU, all but one with a GPU]")
 @click.pass_context
