@@ -12,16 +12,16 @@ from ichscan.labels import LABELS
 
 
 @lru_cache(maxsize=4)
-def _screener(weights: str | None):
+def _screener(weights: str | None, device: str = "auto"):
     from ichscan.engine import Screener
     from ichscan.models import load_model
     from ichscan.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    return Screener(pm, load_model(pm, weights), "auto")
+    return Screener(pm, load_model(pm, weights), device)
 
 
-def screen_file(path, weights=None, thresholds=None, pm=None):
+def screen_file(path, weights=None, thresholds=None, pm=None, device: str = "auto"):
     """Screen one file; return ``(SliceResult, brain-window image, LoadedModel)``.
 
     Raises ValueError when the file cannot be screened.
@@ -30,12 +30,12 @@ def screen_file(path, weights=None, thresholds=None, pm=None):
     from ichscan.models import load_model
 
     if pm is None and thresholds is None:
-        screener = _screener(os.fspath(weights) if weights is not None else None)
+        screener = _screener(os.fspath(weights) if weights is not None else None, device)
     else:
         from ichscan.plugins import get_plugin_manager
 
         pm = pm or get_plugin_manager()
-        screener = Screener(pm, load_model(pm, weights, thresholds=thresholds), "auto")
+        screener = Screener(pm, load_model(pm, weights, thresholds=thresholds), device)
     # The same decode path as `ichscan batch` on this device, so the numbers agree.
     resize_to = screener.settings.size if screener.device.type == "cpu" else None
     [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True)

@@ -147,6 +147,7 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         reporters = collect_reporters(pm, config)
     except (OSError, ValueError, sqlite3.Error) as exc:
         raise RunError(f"cannot open output: {exc}") from None
+    log.debug("reporters: %s", ", ".join(r.name for r in reporters) or "none")
     total = count_folder(root) if opts.progress else None
     log.info(
         "screening %s with %s (%s) on %s: batch %d, %d decode workers, %d torch threads",

@@ -27,11 +27,13 @@ SYNTH_SYNTAXES = {
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    # Libraries (pydicom, openjpeg...) log chatter at INFO: show theirs from -vv only.
+    """ichscan logs at INFO by default (what it did, where the results went); ``-v`` adds
+    its debug messages, ``-vv`` also the libraries' (pydicom, pynetdicom...), which log
+    chatter at INFO; ``-q`` keeps warnings and errors only."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.WARNING,
-        format="ichscan %(levelname)s: %(message)s",
+        format="ichscan %(levelname)s %(name)s: %(message)s" if verbose > 1 else "ichscan %(levelname)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
@@ -47,7 +49,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Load every .py file in this folder as a plugin (repeatable).",
 )
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="-v: ichscan's debug messages too; -vv: also those of the libraries (pydicom, pynetdicom).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
 def cli(ctx: click.Context, plugins_dirs: tuple[Path, ...], verbose: int, quiet: bool) -> None:
@@ -145,7 +152,7 @@ def batch(
 @click.option("--slices", type=click.IntRange(1, 1000), default=10, help="Slices per study.")
 @click.option("--seed", type=int, default=0, help="Random seed; the same seed gives the same files.")
 @click.option("--layout", type=click.Choice(["pacs", "rsna"]), default="pacs", help="pacs: Patient/Study/Series/*.dcm; rsna: stage_2_train/ID_*.dcm + stage_2_train.csv.")
-@click.option("--size", type=click.IntRange(64, 2048), default=None, help="Force this image size.  [default: varies per study, 400-640]")
+@click.option("--size", type=click.IntRange(64, 2048), default=None, help="Image size in pixels (square).  [default: varies per study, 400-640]")
 @click.option(
     "--transfer-syntax",
     "transfer_syntaxes",
@@ -233,7 +240,7 @@ def train(ctx, data_dir, labels_csv, out_dir, epochs, model_name, batch_size, lr
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint to evaluate.  [default: the bundled weights]")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="RUN_DIR/split.csv from 'ichscan train': evaluate one split only.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", help="Which split of --split-file.")
-@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
+@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch': '0.4' or 'any=0.3,subdural=0.4'.  [default: the checkpoint's, else 0.5]")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, help="Images per batch.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto takes CUDA when present.")
 @click.option("--workers", type=click.IntRange(0, 256), default=None, help="Data loading processes.  [default: one per core]")
@@ -262,16 +269,17 @@ def evaluate(ctx, data_dir, labels_csv, out_dir, weights, split_file, split, thr
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint.  [default: the bundled weights]")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save the image with the prediction drawn on it (PNG).")
-@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
+@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch': '0.4' or 'any=0.3,subdural=0.4'.  [default: the checkpoint's, else 0.5]")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
 @click.pass_context
-def predict(ctx, file, weights, save, thresholds):
+def predict(ctx, file, weights, save, thresholds, device):
     """Screen one DICOM file and print what was found."""
     from ichscan.api import screen_file
     from ichscan.models import ModelError
     from ichscan.overlay import render_overlay
 
     try:
-        result, image, loaded = screen_file(file, weights=weights, thresholds=thresholds, pm=_plugin_manager(ctx))
+        result, image, loaded = screen_file(file, weights=weights, thresholds=thresholds, pm=_plugin_manager(ctx), device=device)
     except (ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if loaded.notice():

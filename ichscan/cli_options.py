@@ -63,7 +63,7 @@ model_options = _apply(
             default=None,
             help="Checkpoint from 'ichscan train'.  [default: the bundled weights]",
         ),
-        click.option("--model", "model_name", default=None, help="Model name, for a model without a checkpoint.  [default: simplecnn]"),
+        click.option("--model", "model_name", default=None, help="Registered model name; with --weights it must be the checkpoint's model.  [default: simplecnn]"),
         click.option(
             "--threshold",
             "thresholds",

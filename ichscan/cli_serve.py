@@ -44,11 +44,11 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--study-timeout", type=click.FloatRange(0, 86400), default=60.0, help="Seconds without a new instance after which a study's summary row is written.")
 @click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=30.0, help="On SIGINT/SIGTERM, seconds open associations get to finish.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint from 'ichscan train'.  [default: the bundled weights]")
-@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch'.")
+@click.option("--threshold", "thresholds", metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help="Decision thresholds, as for 'batch': '0.4' or 'any=0.3,subdural=0.4'.  [default: the checkpoint's, else 0.5]")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the model runs; auto takes CUDA when present.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per full model batch.  [default: 32 on CPU; on a GPU 256, fewer if its free memory is short]")
 @click.option("--max-latency", type=click.FloatRange(0, 3600), default=1.0, help="Seconds a partial batch waits for more instances.")
-@click.option("--workers", type=click.IntRange(0, 256), default=None, help="Decode worker processes.  [default: one per core on CPU, all but one with a GPU]")
+@click.option("--workers", type=click.IntRange(0, 256), default=None, help="Decode worker processes (0: decode in the main process).  [default: one per core on CPU, all but one with a GPU]")
 @click.pass_context
 def serve_command(ctx, port, ae_title, bind, store, out, studies_out, state, overlays_dir, overlays_for, results, allow_calling, accept_all_storage,
                   max_associations, max_pdu, idle_timeout, tls_cert, tls_key, tls_ca, study_timeout, drain_timeout, weights, thresholds,

@@ -543,6 +543,16 @@ def run_stream(
         with DecodePool(
             workers, limits, resize_to=resize_to, display=display, transfer=transfer, batch_size=batch_size
         ) as pool:
+            log.debug(
+                "decoding: %d workers, chunks of %d files, up to %d chunks in flight, transfer %s, "
+                "resized in the workers to %s; overlays: %s",
+                pool.workers,
+                pool.chunk_size,
+                pool.max_in_flight,
+                pool.transfer,
+                resize_to or "no",
+                f"{overlays_for} by {overlays.threads} threads" if overlays is not None else "none",
+            )
             for decoded in pool.decode(entries):
                 (ready if decoded.status == OK else other).append(decoded)
                 if len(ready) >= batch_size or len(other) >= batch_size:

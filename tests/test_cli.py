@@ -156,6 +156,28 @@ def test_run_that_cannot_happen_exits_1_with_one_line(tmp_path, args, message, m
     assert not (tmp_path / "overlays").exists()  # a run that could not happen leaves no folders
 
 
+def test_verbosity_levels(phantoms, tmp_path):
+    """Default: ichscan's INFO lines; -v adds its DEBUG lines; -vv also the libraries'
+    (named); -q keeps warnings only."""
+    folder, _ = phantoms
+
+    def stderr(*flags: str) -> str:
+        proc = subprocess.run(
+            [str(ICHSCAN), *flags, "batch", str(folder), "--out", str(tmp_path / f"r{''.join(flags)}.csv"),
+             "--overlays-for", "none", "--workers", "1", "--no-progress"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    default, verbose, very, quiet = stderr(), stderr("-v"), stderr("-vv"), stderr("-q")
+    assert "ichscan INFO: screened" in default and "DEBUG" not in default
+    assert "ichscan DEBUG: decoding: 1 workers" in verbose and "ichscan INFO: screened" in verbose
+    assert "ichscan DEBUG ichscan.engine: decoding:" in very
+    assert any(line.startswith("ichscan DEBUG ") and " ichscan." not in line for line in very.splitlines())
+    assert "INFO" not in quiet and "NOT for clinical use" in quiet  # the demo-weights warning stays
+
+
 def test_bad_threshold_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--threshold", "bleed=0.3"])
     assert result.exit_code == 2

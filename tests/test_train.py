@@ -251,6 +251,12 @@ def test_predict_command(trained, rsna, tmp_path):
     assert "any" in result.output and (tmp_path / "p.png").stat().st_size > 1000
     result = CliRunner().invoke(cli, ["predict", str(trained / "split.csv")])
     assert result.exit_code == 1 and "not a DICOM file" in result.output
+    # --device: the CPU on request; CUDA where there is none is a one-line error.
+    on_cpu = CliRunner().invoke(cli, ["predict", str(dcm), "--weights", str(trained / "best.pt"), "--device", "cpu"])
+    assert on_cpu.exit_code == 0 and f"{dcm}: " in on_cpu.output and "any" in on_cpu.output
+    if not torch.cuda.is_available():
+        no_gpu = CliRunner().invoke(cli, ["predict", str(dcm), "--device", "cuda"])
+        assert no_gpu.exit_code == 1 and "no CUDA device" in no_gpu.output and "Traceback" not in no_gpu.output
 
 
 @pytest.mark.slow
