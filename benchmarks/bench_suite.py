@@ -191,7 +191,7 @@ def say(name: str, value) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="a folder of CT slices instead of generated phantoms")
-    parser.add_argument("--files", type=int, default=1200, help="phantoms to generate for the timings (default 1200)")
+    parser.add_argument("--files", type=int, default=1200, help="phantoms to generate for the timings (default 1200; with --data every file under it is used)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--memory-files", type=parse_sizes, default=[1000, 4000], help="phantom sets for peak memory (default 1000,4000)")
