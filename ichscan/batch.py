@@ -21,7 +21,7 @@ from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.ledger import DEFAULT_STATE_NAME
 from ichscan.reporting import Reporter, ReporterSet, ResultsOutput, RunConfig, RunSummary
-from ichscan.sources.folder import check_input_folder, count_folder, iter_folder
+from ichscan.sources.folder import Outputs, check_input_folder, count_folder, iter_folder
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,28 @@ def default_studies_out(out: Path) -> Path:
 
 
 def prepare_output_file(path: Path, what: str) -> None:
-    """Create the parent folder and check that ``path`` can be written."""
+    """Create the parent folder and check that ``path`` can be written: not a folder, not
+    a device or pipe (our writes replace the file), and not a DICOM file (an input)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"cannot create folder for {what} {path}: {exc.strerror or exc}") from None
     if path.is_dir():
         raise RunError(f"{what} {path} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise RunError(f"{what} {path} exists and is not a regular file (a device, pipe or socket)")
+    if _is_dicom_file(path):
+        raise RunError(f"{what} {path} is a DICOM file; refusing to overwrite it with results")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RunError(f"{what} {path} is not writable")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def prepare_folder(path: Path, what: str) -> None:
@@ -148,7 +161,15 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
     except (OSError, ValueError, sqlite3.Error) as exc:
         raise RunError(f"cannot open output: {exc}") from None
     log.debug("reporters: %s", ", ".join(r.name for r in reporters) or "none")
-    total = count_folder(root) if opts.progress else None
+    # Our own outputs are not screened when they lie inside the input folder.
+    from ichscan.default_plugins.dicom_report import OUTBOX_FOLDER_NAME
+
+    outputs = Outputs(
+        [p for p in (out, studies_out, results.html) if p is not None]
+        + ([state.with_name(state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")] if state else []),
+        [p for p in (overlays_dir, results.dicom_out, state.parent / OUTBOX_FOLDER_NAME if state else None) if p is not None],
+    )
+    total = count_folder(root, outputs) if opts.progress else None
     log.info(
         "screening %s with %s (%s) on %s: batch %d, %d decode workers, %d torch threads",
         root,
@@ -160,7 +181,7 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         torch.get_num_threads(),
     )
     summary, _ = run_stream(
-        iter_folder(root),
+        iter_folder(root, outputs),
         screener,
         ReporterSet(reporters),
         batch_size=batch_size,

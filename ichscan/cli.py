@@ -170,7 +170,10 @@ def synth(out_dir, studies, slices, seed, layout, size, transfer_syntaxes):
     from ichscan.synth import generate
 
     ts = [SYNTH_SYNTAXES[name] for name in transfer_syntaxes] or None
-    records = generate(out_dir, studies=studies, slices=slices, seed=seed, layout=layout, transfer_syntaxes=ts, size=size)
+    try:
+        records = generate(out_dir, studies=studies, slices=slices, seed=seed, layout=layout, transfer_syntaxes=ts, size=size)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write phantoms to {out_dir}: {exc.strerror or exc}") from None
     positives = sum(r.labels["any"] for r in records)
     counts = ", ".join(f"{label} {sum(r.labels[label] for r in records)}" for label in LABELS[:-1])
     click.echo(f"wrote {len(records)} slices ({positives} positive: {counts}) to {out_dir}")
@@ -291,7 +294,10 @@ def predict(ctx, file, weights, save, thresholds, device):
         mark = "*" if result.positive[label] else " "
         click.echo(f"  {mark} {label:17s} {probs[label]:.3f}")
     if save is not None:
-        render_overlay(image, result).save(save)
+        try:
+            render_overlay(image, result).save(save)
+        except (OSError, ValueError) as exc:  # a missing folder; an extension Pillow does not know
+            raise click.ClickException(f"cannot save {save}: {getattr(exc, 'strerror', None) or exc}") from None
         click.echo(f"-> {save}")
 
 

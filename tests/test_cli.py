@@ -178,6 +178,22 @@ def test_verbosity_levels(phantoms, tmp_path):
     assert "INFO" not in quiet and "NOT for clinical use" in quiet  # the demo-weights warning stays
 
 
+def test_unwritable_save_and_synth_targets_are_one_line_errors(phantoms, tmp_path):
+    folder, records = phantoms
+    dcm = next(folder.rglob("*.dcm"))
+    (tmp_path / "afile").write_text("x")
+    for args in (
+        ["predict", str(dcm), "--save", str(tmp_path / "nodir" / "x.png")],
+        ["predict", str(dcm), "--save", str(tmp_path / "x.jpgg")],
+        ["synth", str(tmp_path / "afile" / "sub"), "--studies", "1", "--slices", "1"],
+    ):
+        proc = subprocess.run([str(ICHSCAN), "-q", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and ("cannot save" in errors[0] or "cannot write phantoms" in errors[0]), proc.stderr
+
+
 def test_bad_threshold_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--threshold", "bleed=0.3"])
     assert result.exit_code == 2

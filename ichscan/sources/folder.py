@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +19,52 @@ class FolderEntry:
     refusal: str = ""
 
 
-def iter_folder(root: str | os.PathLike[str]) -> Iterator[FolderEntry]:
+class Outputs:
+    """Our own output files and folders: never screened when they lie inside the input."""
+
+    def __init__(self, files: Iterable[str | os.PathLike[str]] = (), folders: Iterable[str | os.PathLike[str]] = ()):
+        self.files = {os.path.realpath(p) for p in files}
+        self.folders = [os.path.realpath(p) for p in folders]
+
+    def __contains__(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real in self.files or any(real == d or real.startswith(d + os.sep) for d in self.folders)
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.folders)
+
+
+def iter_folder(root: str | os.PathLike[str], outputs: Outputs | None = None) -> Iterator[FolderEntry]:
     """Yield every non-hidden file under ``root``, recursively, in sorted order.
 
     Files with or without ``.dcm`` are candidates: the decoder decides what is DICOM.
-    Hidden files and folders (leading dot) are skipped. Symbolic links are followed
-    only while their target stays inside ``root``; a file link that leaves it is
-    yielded with a refusal (so it gets a result row), a folder link that leaves it or
-    loops back is logged and not entered.
+    Hidden files and folders (leading dot) are skipped, and so are ``outputs`` (ours).
+    A folder that cannot be read is yielded with a refusal (so it gets a result row
+    instead of vanishing). Symbolic links are followed only while their target stays
+    inside ``root``; a file link that leaves it is yielded with a refusal, a folder link
+    that leaves it or loops back is logged and not entered, and so is a folder link to a
+    folder inside ``root`` that the walk reaches under its own path anyway (its files
+    would otherwise be screened twice).
     """
     root_real = os.path.realpath(root)
     seen_dirs = {root_real}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    outputs = outputs or Outputs()
+    unreadable: list[OSError] = []
+
+    def refused_folders() -> Iterator[FolderEntry]:
+        while unreadable:
+            exc = unreadable.pop(0)
+            yield FolderEntry(str(exc.filename), f"cannot read folder: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
+        yield from refused_folders()
         kept = []
         for name in sorted(dirnames):
             if name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
+            if outputs and full in outputs:
+                continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not _inside(target, root_real):
@@ -44,6 +73,9 @@ def iter_folder(root: str | os.PathLike[str]) -> Iterator[FolderEntry]:
                 if target in seen_dirs:
                     log.warning("not following folder link %s: already visited", full)
                     continue
+                if not _hidden(os.path.relpath(target, root_real)):
+                    log.info("not following folder link %s: %s is screened under its own path", full, target)
+                    continue
                 seen_dirs.add(target)
             kept.append(name)
         dirnames[:] = kept
@@ -51,20 +83,30 @@ def iter_folder(root: str | os.PathLike[str]) -> Iterator[FolderEntry]:
             if name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
+            if outputs and full in outputs:
+                continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not _inside(target, root_real):
                     yield FolderEntry(full, "symbolic link leaves the input folder; not followed")
                     continue
+                if not os.path.exists(target):
+                    yield FolderEntry(full, "broken symbolic link (its target does not exist)")
+                    continue
                 if not os.path.isfile(target):
                     yield FolderEntry(full, "symbolic link to something that is not a regular file")
                     continue
             yield FolderEntry(full)
+    yield from refused_folders()
 
 
-def count_folder(root: str | os.PathLike[str]) -> int:
+def count_folder(root: str | os.PathLike[str], outputs: Outputs | None = None) -> int:
     """How many entries :func:`iter_folder` will yield (for progress)."""
-    return sum(1 for _ in iter_folder(root))
+    return sum(1 for _ in iter_folder(root, outputs))
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in Path(relative).parts)
 
 
 def _inside(path: str, root: str) -> bool:
