@@ -67,6 +67,57 @@ CREATE TABLE IF NOT EXISTS studies (
 """
 
 
+# -- paths in SQLite and in text ----------------------------------------------------
+#
+# On POSIX a file name is bytes; Python decodes one that is not valid UTF-8 with
+# ``surrogateescape`` (b"bad\xff.dcm" -> "bad\udcff.dcm"), and such a str can be
+# neither stored by sqlite3 nor written to a UTF-8 file. The state file keeps every
+# valid-UTF-8 path as TEXT, unchanged (ledgers written before keep working), and only
+# a path with surrogates as a BLOB of its file-system bytes: a BLOB never equals a TEXT
+# value in SQLite, so the two cannot be confused, and os.fsdecode gives back exactly
+# the str that opens the file again. Text for people (the CSV, the HTML report) gets
+# the bad bytes as backslash escapes: "bad\xff.dcm".
+
+
+def encode_path(path: str) -> str | bytes:
+    """The value a path is stored as in SQLite: the path itself when it is valid UTF-8,
+    else its file-system bytes (a BLOB). :func:`decode_path` reverses it exactly."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(path)
+        except UnicodeEncodeError:
+            # A surrogate that no file name decodes to, so no file has this name:
+            # stored all the same (a path is never what stops a run).
+            return path.encode("utf-8", "surrogatepass")
+    return path
+
+
+def decode_path(value: str | bytes) -> str:
+    """The path :func:`encode_path` stored as ``value``."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return os.fsdecode(raw)
+        except UnicodeDecodeError:  # a non-UTF-8 file-system encoding without surrogateescape
+            return raw.decode("utf-8", "surrogatepass")
+    return value
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 for people: bytes that are not UTF-8 in a file name
+    (surrogates) become backslash escapes (``bad\\xff.dcm``); other text is unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(text).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or used; the message is one line."""
 
@@ -163,9 +214,9 @@ class Ledger:
         """The most recent row for ``path``, or ``None`` if it was never queued."""
         row = self._db.execute(
             "SELECT id, path, size, mtime_ns, state, status FROM files WHERE path = ? ORDER BY id DESC LIMIT 1",
-            (path,),
+            (encode_path(path),),
         ).fetchone()
-        return LedgerEntry(*row) if row else None
+        return _entry(row) if row else None
 
     def is_done(self, identity: FileIdentity) -> LedgerEntry | None:
         """The ``done`` row for exactly this identity, or ``None`` when it still needs screening."""
@@ -194,7 +245,7 @@ class Ledger:
                 else:
                     cur = self._db.execute(
                         "INSERT INTO files (path, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?)",
-                        (ident.path, ident.size, ident.mtime_ns, QUEUED, now),
+                        (encode_path(ident.path), ident.size, ident.mtime_ns, QUEUED, now),
                     )
                     ids[ident.path] = int(cur.lastrowid)
         return ids
@@ -231,7 +282,7 @@ class Ledger:
         rows = self._db.execute(
             "SELECT id, path, size, mtime_ns, state, status FROM files WHERE state = ? ORDER BY id", (QUEUED,)
         ).fetchall()
-        return [LedgerEntry(*row) for row in rows]
+        return [_entry(row) for row in rows]
 
     def counts(self) -> Counter[str]:
         """``done`` rows per status."""
@@ -242,7 +293,8 @@ class Ledger:
         """Every ``done`` file's CSV row, in the order the results were committed."""
         cur = self._db.execute("SELECT csv_row FROM files WHERE state = ? ORDER BY done_seq", (DONE,))
         for (raw,) in cur:
-            yield json.loads(raw)
+            # Rows are recorded printable; printable() again for any recorded otherwise.
+            yield [printable(cell) for cell in json.loads(raw)]
 
     # -- studies -------------------------------------------------------------------
 
@@ -306,7 +358,11 @@ class Transaction:
 
 def _cell(value: object) -> str:
     # Exactly what csv.writer writes, so a row read back from the CSV compares equal.
-    return "" if value is None else str(value)
+    return "" if value is None else printable(str(value))
+
+
+def _entry(row: Sequence) -> LedgerEntry:
+    return LedgerEntry(row[0], decode_path(row[1]), *row[2:])
 
 
 # -- the CSV side ------------------------------------------------------------------

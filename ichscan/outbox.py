@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ichscan.dicom import OK, decode_instance, is_valid_uid
 from ichscan.labels import LABELS
-from ichscan.ledger import Transaction
+from ichscan.ledger import Transaction, decode_path, encode_path, printable
 from ichscan.reporting import SliceResult
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Outbox:
 
     def _recover_files(self) -> None:
         """Finish renames cut short by a crash; delete temporary files nobody recorded."""
-        known = {row[0] for row in self._db.execute("SELECT file FROM result_objects")}
+        known = {decode_path(row[0]) for row in self._db.execute("SELECT file FROM result_objects")}
         for path_text in known:
             path = Path(path_text)
             tmp = _tmp_name(path)
@@ -264,7 +264,9 @@ class Outbox:
             (
                 r.sop_instance_uid,
                 r.study_instance_uid,
-                os.path.abspath(r.path),  # a later run may start from another folder
+                # Absolute: a later run may start from another folder. encode_path: a
+                # name that is not UTF-8 is kept exactly (as the ledger keeps it).
+                encode_path(os.path.abspath(r.path)),
                 json.dumps(r.probabilities),
                 r.series_instance_uid,
                 r.sop_class_uid,
@@ -329,6 +331,7 @@ class Outbox:
         ).fetchall()
         if not rows:
             return []
+        rows = [(uid, decode_path(path), *rest) for uid, path, *rest in rows]
         probabilities = {uid: json.loads(p) for uid, _, p, _, _ in rows}
         sr_key = self._content_key(probabilities)
         best_uid = max(probabilities, key=lambda uid: (probabilities[uid]["any"], uid))
@@ -418,9 +421,11 @@ class Outbox:
         previous = None
         if previous_row is not None:
             try:
-                previous = pydicom.dcmread(previous_row["file"], stop_before_pixels=True)
+                previous = pydicom.dcmread(decode_path(previous_row["file"]), stop_before_pixels=True)
             except (OSError, InvalidDicomError) as exc:
-                log.warning("cannot read the earlier SR %s (%s): the revision will not reference it", previous_row["file"], exc)
+                log.warning(
+                    "cannot read the earlier SR %s (%s): the revision will not reference it", decode_path(previous_row["file"]), exc
+                )
         series = previous_row["series_instance_uid"] if previous_row is not None else generate_uid()
         revision = previous_row["revision"] + 1 if previous_row is not None else 1
         ds = build_sr(
@@ -470,7 +475,7 @@ class Outbox:
 
     def _path_of(self, sop_uid: str) -> str:
         row = self._db.execute("SELECT path FROM result_instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone()
-        return row[0]
+        return decode_path(row[0])
 
     def _write(self, study_uid: str, kind: str, revision: int, key: str, ds) -> _NewObject:
         """Write ``ds`` to its temporary file (fsync); :meth:`_commit` records and renames it."""
@@ -493,7 +498,7 @@ class Outbox:
                 self._db.execute(
                     "INSERT INTO result_objects (sop_instance_uid, study_instance_uid, kind, revision, series_instance_uid, "
                     "sop_class_uid, content_key, file, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (obj.sop_uid, obj.study_uid, obj.kind, obj.revision, obj.series_uid, obj.sop_class_uid, obj.key, str(obj.path), now),
+                    (obj.sop_uid, obj.study_uid, obj.kind, obj.revision, obj.series_uid, obj.sop_class_uid, obj.key, encode_path(str(obj.path)), now),
                 )
                 self._db.executemany(
                     "INSERT OR IGNORE INTO deliveries (sop_instance_uid, destination, state) VALUES (?, ?, ?)",
@@ -620,6 +625,7 @@ class Forwarder(threading.Thread):
         ).fetchall()
         if not rows:
             return 3600.0
+        rows = [(*row[:3], decode_path(row[3]), *row[4:]) for row in rows]
         due: dict[str, list[tuple]] = {}
         for row in rows:
             if row[5] <= now:
@@ -712,7 +718,7 @@ class Forwarder(threading.Thread):
         with Transaction(self._db):
             self._db.executemany(
                 "UPDATE deliveries SET next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
-                [(time.time() + wait, reason, item[1], key) for item in items],
+                [(time.time() + wait, printable(reason), item[1], key) for item in items],
             )
         log.warning("forwarding %d objects to %s failed (%s); retrying in %.0f s", len(items), key, reason, wait)
 
@@ -728,7 +734,7 @@ class Forwarder(threading.Thread):
         with Transaction(self._db):
             self._db.execute(
                 "UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
-                (attempts, time.time() + wait, reason, sop_uid, key),
+                (attempts, time.time() + wait, printable(reason), sop_uid, key),
             )
         log.warning("forwarding %s to %s failed (%s); try %d of %d in %.0f s", sop_uid, key, reason, attempts, _MAX_REFUSALS, wait)
 
@@ -736,5 +742,5 @@ class Forwarder(threading.Thread):
         with Transaction(self._db):
             self._db.execute(
                 "UPDATE deliveries SET state = ?, last_error = ?, sent_at = ? WHERE sop_instance_uid = ? AND destination = ?",
-                (state, error, time.time() if state == SENT else None, sop_uid, key),
+                (state, printable(error), time.time() if state == SENT else None, sop_uid, key),
             )

@@ -1,12 +1,24 @@
 """The SQLite ledger behind ``ichscan watch`` and the CSV reconciliation it drives."""
 
 import csv
+import os
 import sqlite3
 
 import pytest
 
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, result_row
-from ichscan.ledger import DONE, QUEUED, FileIdentity, Ledger, LedgerError, reconcile_csv, repair_torn_csv
+from ichscan.ledger import (
+    DONE,
+    QUEUED,
+    FileIdentity,
+    Ledger,
+    LedgerError,
+    decode_path,
+    encode_path,
+    printable,
+    reconcile_csv,
+    repair_torn_csv,
+)
 from ichscan.labels import LABELS
 from ichscan.reporting import SliceResult, StudyTable
 
@@ -161,3 +173,60 @@ def test_repair_torn_csv(tmp_path, content, kept):
     path.write_bytes(content)
     assert repair_torn_csv(path, ("a", "b", "c")) == len(content) - len(kept)
     assert path.read_bytes() == kept
+
+
+# -- file names that are not valid UTF-8 ------------------------------------------------
+
+ODD = os.fsdecode(b"/in/bad\xff.dcm")  # "/in/bad\udcff.dcm", as os.listdir gives it
+
+
+@pytest.mark.parametrize("path", ["/in/a.dcm", "/in/ünï cödé/€.dcm", "/in/\\xff.dcm", "relative/b.dcm", ""])
+def test_path_codec_keeps_valid_utf8_paths_unchanged(path):
+    stored = encode_path(path)
+    assert type(stored) is str and stored == path  # ledgers written before keep working
+    assert decode_path(stored) == path
+    assert printable(path) == path
+
+
+@pytest.mark.parametrize("raw", [b"/in/bad\xff.dcm", b"/in/\xff\xfe/\x80x.dcm", b"/in/caf\xe9.dcm", b"/in/\xed\xa0\x80.dcm"])
+def test_path_codec_round_trips_surrogate_paths_exactly(raw, tmp_path):
+    path = os.fsdecode(raw)
+    stored = encode_path(path)
+    assert stored != path and decode_path(stored) == path
+    assert os.fsencode(decode_path(stored)) == raw  # the real file's name, byte for byte
+    # Unambiguous: never equal to what any valid-UTF-8 path is stored as.
+    escaped = printable(path)
+    assert escaped.encode("utf-8") and encode_path(escaped) == escaped != stored
+    # Through SQLite and back.
+    db = sqlite3.connect(tmp_path / "x.sqlite")
+    db.execute("CREATE TABLE t (path TEXT NOT NULL)")
+    db.execute("INSERT INTO t VALUES (?), (?)", (stored, escaped))
+    assert [decode_path(v) for (v,) in db.execute("SELECT path FROM t ORDER BY rowid")] == [path, escaped]
+    assert db.execute("SELECT COUNT(*) FROM t WHERE path = ?", (stored,)).fetchone() == (1,)
+
+
+def test_printable_escapes_the_bad_bytes():
+    assert printable(ODD) == "/in/bad\\xff.dcm"
+    assert printable("not a path \udcff") == "not a path \\xff"
+
+
+def test_ledger_keeps_a_non_utf8_path_across_restarts_and_the_csv_stays_utf8(tmp_path):
+    state, out = tmp_path / "state.sqlite", tmp_path / "results.csv"
+    with Ledger(state) as ledger:
+        screen(ledger, [ok_result(ODD, "1.1"), ok_result("/in/a.dcm", "1.2")])
+        ledger.queue([FileIdentity(os.fsdecode(b"/in/q\xfe.dcm"), 5, 6)])  # in flight when "killed"
+    with Ledger(state) as ledger:
+        assert ledger.is_done(FileIdentity(ODD, 100, 1_000)).path == ODD
+        assert ledger.is_done(FileIdentity(ODD, 101, 1_000)) is None
+        (queued,) = ledger.queued()
+        assert queued.path == os.fsdecode(b"/in/q\xfe.dcm")  # the real name: the file can be found again
+        assert ledger.queue([FileIdentity(queued.path, 5, 6)]) == {queued.path: queued.id}  # its row is reused
+        reconcile_csv(out, ledger, RESULT_COLUMNS)
+        text = out.read_bytes().decode("utf-8")  # strict
+        rows = list(csv.reader(text.splitlines()))[1:]
+        assert [r[0] for r in rows] == ["/in/bad\\xff.dcm", "/in/a.dcm"]
+        # The CSV's text and the ledger's rows agree: nothing is appended a second time.
+        assert reconcile_csv(out, ledger, RESULT_COLUMNS).appended == 0
+    # Valid names are stored as before (TEXT); only the odd one is kept as its bytes.
+    stored = sqlite3.connect(state).execute("SELECT path FROM files ORDER BY id").fetchall()
+    assert stored == [(b"/in/bad\xff.dcm",), ("/in/a.dcm",), (b"/in/q\xfe.dcm",)]

@@ -349,6 +349,72 @@ def test_restart_screens_only_new_and_changed_files(tmp_path):
     assert extra[0].sop_instance_uid in {r["sop_instance_uid"] for r in rows}
 
 
+def _odd_names(root: Path, slices: int = 2) -> str:
+    """Phantoms in ``root``, the first renamed to b"bad\\xff.dcm" (not UTF-8); returns its
+    path as Python sees it (with a surrogate)."""
+    records = phantoms(root, slices=slices)
+    first = Path(records[0].path)
+    odd = os.path.join(os.fsencode(first.parent), b"bad\xff.dcm")
+    try:
+        os.rename(os.fsencode(first), odd)
+    except OSError as exc:
+        pytest.skip(f"this file system takes UTF-8 names only: {exc}")
+    return os.fsdecode(odd)
+
+
+def _escaped(path: str) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def test_non_utf8_names_are_screened_once_across_restarts(tmp_path):
+    root = tmp_path / "incoming"
+    odd = _odd_names(root)
+    junk = os.path.join(os.fsencode(root), b"junk\xfe.dcm")  # and an unreadable one
+    Path(os.fsdecode(junk)).write_bytes(b"not a DICOM file at all")
+    quarantine = tmp_path / "quarantine"
+    with Watching(tmp_path, root, quarantine_dir=quarantine, rescan_interval=0.2) as w:
+        w.wait_rows(3)  # read_rows decodes strictly: the CSV is valid UTF-8
+        time.sleep(0.8)  # rescans: none of them comes back
+        rows = w.rows()
+        w.finish()
+    assert len(rows) == 3
+    by_path = {r["path"]: r for r in rows}
+    assert by_path[_escaped(odd)]["status"] == "ok"
+    assert by_path[_escaped(os.fsdecode(junk))]["status"] == "error"
+    assert os.path.exists(os.path.join(os.fsencode(quarantine), b"junk\xfe.dcm"))
+    extra = phantoms(tmp_path / "staging", slices=1, seed=9)
+    move_in(tmp_path / "staging", root)
+    with Watching(tmp_path, root, quarantine_dir=quarantine) as w2:
+        rows = w2.wait_rows(4)
+        time.sleep(0.8)
+        rows = w2.rows()
+        summary = w2.finish()
+    assert summary.files == 1  # only the new file: the odd one is known to the ledger
+    assert len(rows) == 4 and [r["path"] for r in rows].count(_escaped(odd)) == 1
+    assert rows[-1]["sop_instance_uid"] == extra[0].sop_instance_uid
+
+
+def test_non_utf8_name_in_flight_at_a_crash_is_screened_again_from_the_ledger(tmp_path):
+    from ichscan.ledger import FileIdentity, Ledger
+
+    root = tmp_path / "incoming"
+    odd = _odd_names(root)
+    out = tmp_path / "out" / "results.csv"
+    st = os.stat(odd)
+    with Ledger(out.with_name("ichscan-state.sqlite")) as ledger:  # as left by a SIGKILL
+        (row_id,) = ledger.queue([FileIdentity(odd, st.st_size, st.st_mtime_ns)]).values()
+    with Watching(tmp_path, root, out=out) as w:
+        w.wait_rows(2)
+        time.sleep(0.5)
+        rows = w.rows()
+        summary = w.finish()
+    assert summary.files == 2
+    assert sorted(r["status"] for r in rows) == ["ok", "ok"]  # found again, not "disappeared"
+    state = sqlite3.connect(out.with_name("ichscan-state.sqlite"))
+    stored = state.execute("SELECT id, path, state FROM files ORDER BY id").fetchall()
+    assert len(stored) == 2 and stored[0] == (row_id, os.fsencode(odd), "done")  # its queued row was reused
+
+
 def test_study_row_after_timeout_and_updated_by_a_late_image(tmp_path):
     root = tmp_path / "incoming"
     root.mkdir()

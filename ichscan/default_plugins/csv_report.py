@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ichscan import hookimpl
 from ichscan.labels import LABELS
+from ichscan.ledger import printable
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
 
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -37,9 +38,13 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def neutralise(cell: object) -> object:
-    """Defuse spreadsheet formulas: text starting with = + - @ gets a leading quote."""
-    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
-        return "'" + cell
+    """Make text safe for the CSV: bytes of a file name that are not UTF-8 (surrogates)
+    become backslash escapes (``bad\\xff.dcm``), so the file stays valid UTF-8; and
+    spreadsheet formulas are defused: text starting with = + - @ gets a leading quote."""
+    if isinstance(cell, str):
+        cell = printable(cell)
+        if cell.startswith(_FORMULA_START):
+            return "'" + cell
     return cell
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 from ichscan import __version__, hookimpl
 from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS, SUBTYPES
+from ichscan.ledger import printable
 from ichscan.overlay import render_overlay
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
 
@@ -84,7 +85,8 @@ def relative_href(target: str | os.PathLike[str], base_dir: Path) -> str:
         rel = os.path.relpath(target_abs, base_dir.resolve())
     except ValueError:
         return target_abs.as_uri()
-    return urllib.parse.quote(Path(rel).as_posix(), safe="/")
+    # Quoted from the file-system bytes: a name that is not UTF-8 keeps its bytes.
+    return urllib.parse.quote(os.fsencode(Path(rel).as_posix()), safe="/")
 
 
 def display_path(path: str, root: Path | None) -> str:
@@ -249,7 +251,11 @@ class HtmlReporter(Reporter):
             if result.status != "ok" or result.probabilities is None:
                 if len(self.not_screened) < self.max_not_screened:
                     self.not_screened.append(
-                        NotScreened(result.status, display_path(result.path, self.config.input_root), result.error)
+                        NotScreened(
+                            result.status,
+                            printable(display_path(result.path, self.config.input_root)),
+                            printable(result.error) if isinstance(result.error, str) else result.error,
+                        )
                     )
             elif result.is_positive:
                 self._keep_thumbnail(result)
@@ -412,7 +418,9 @@ class HtmlReporter(Reporter):
         )
         out.append(f"<script>{_CHECK_SCRIPT}</script>")
         out.append("</body></html>")
-        return "\n".join(out) + "\n"
+        # Valid UTF-8 throughout: file-name bytes that are not UTF-8 (surrogates), in a
+        # path, weights file or message, shown as backslash escapes (bad\xff.dcm).
+        return printable("\n".join(out) + "\n")
 
     def _study_row(self, rank: int, study: StudySummary, thresholds: dict[str, float]) -> str:
         e = html.escape
