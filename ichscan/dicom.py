@@ -42,6 +42,13 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 ICHSCAN_MANUFACTURER = "ichscan"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Never turned into a row: the user or the interpreter is stopping the process.
+FATAL_EXCEPTIONS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+#: Rescale values beyond these are refused: a CT slope is about 1 (0.5-2 seen in practice)
+#: and an intercept within a few thousand HU; past them Hounsfield units are meaningless
+#: (and a slope near 1e38 overflows float32 to inf).
+MAX_RESCALE_SLOPE = 1e4
+MAX_RESCALE_INTERCEPT = 1e5
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,11 @@ def decode_instance(
     except Exception as exc:  # noqa: BLE001 - every input must end in a row, never a traceback
         result.status, result.pixels = ERROR, None
         result.error = _one_line(f"{type(exc).__name__}: {exc}")
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - e.g. a Rust decoder's pyo3 PanicException
+        result.status, result.pixels = ERROR, None
+        result.error = _one_line(f"decoder failure: {type(exc).__name__}: {exc}")
     return result
 
 
@@ -200,10 +212,17 @@ def decode_many(
     for result in results:
         if result.pixels is None:
             continue
-        if display:
-            result.display = brain_window_image(result.pixels, result.slope, result.intercept)
-        if resize_to:
-            result.pixels = resize_stored(result.pixels, resize_to)
+        try:
+            if display:
+                result.display = brain_window_image(result.pixels, result.slope, result.intercept)
+            if resize_to:
+                result.pixels = resize_stored(result.pixels, resize_to)
+        except FATAL_EXCEPTIONS:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one file's failure must not cost the chunk
+            result.status, result.pixels, result.display = ERROR, None, None
+            what = "out of memory" if isinstance(exc, MemoryError) else f"{type(exc).__name__}: {exc}"
+            result.error = _one_line(f"cannot prepare the decoded image: {what}")
     return results
 
 
@@ -259,6 +278,8 @@ def _parse(data: bytes, limits: DecodeLimits) -> pydicom.FileDataset:
     if not has_marker and not _looks_like_bare_dataset(data):
         raise Refused("not a DICOM file (no 'DICM' marker at byte 128)")
     force = not has_marker
+    if has_marker and len(data) < 144:  # not even the first file meta element
+        raise Refused(_meta_truncation(data) or "file truncated inside the file meta information (no data set)")
     if _may_be_deflated(data, has_marker):
         fp = io.BytesIO(data)
         try:
@@ -277,9 +298,29 @@ def _parse(data: bytes, limits: DecodeLimits) -> pydicom.FileDataset:
     except InvalidDicomError as exc:
         raise Refused(f"not a DICOM file ({_one_line(str(exc))})") from None
     except Exception as exc:  # noqa: BLE001
-        raise Refused(f"unreadable DICOM data set: {type(exc).__name__}: {exc}") from None
+        truncated = _meta_truncation(data) if has_marker else None
+        raise Refused(truncated or f"unreadable DICOM data set: {type(exc).__name__}: {exc}") from None
+    if len(ds) == 0:
+        truncated = _meta_truncation(data) if has_marker else None
+        raise Refused(truncated or f"no data set after the file meta information (file truncated? {len(data)} bytes)")
     _check_complete(ds)
     return ds
+
+
+def _meta_truncation(data: bytes) -> str | None:
+    """The reason when a file with the 'DICM' marker ends inside its file meta group."""
+    if len(data) <= 132:
+        return "file truncated: it ends right after the 'DICM' marker (no file meta information, no data set)"
+    if len(data) < 144:
+        return f"file truncated: it ends at byte {len(data)}, inside the file meta information (no data set)"
+    if data[132:138] == b"\x02\x00\x00\x00UL":  # (0002,0000) group length gives the end of the group
+        (group_length,) = struct.unpack("<I", data[140:144])
+        if len(data) < 144 + group_length:
+            return (
+                f"file truncated: it ends at byte {len(data)}, inside the file meta information "
+                f"(which declares {group_length} bytes, to byte {144 + group_length}); no data set"
+            )
+    return None
 
 
 def _check_complete(ds: pydicom.Dataset) -> None:
@@ -296,7 +337,7 @@ _DEFLATED_UID_BYTES = str(DeflatedExplicitVRLittleEndian).encode()
 
 def _may_be_deflated(data: bytes, has_marker: bool) -> bool:
     """Cheap pre-check: does the file meta group mention the deflated transfer syntax?"""
-    if has_marker and data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+    if has_marker and data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL" and len(data) >= 144:
         # (0002,0000) group length gives the end of the meta group.
         (group_length,) = struct.unpack("<I", data[140:144])
         return _DEFLATED_UID_BYTES in data[144 : 144 + group_length]
@@ -379,7 +420,7 @@ def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: b
         raise Refused(f"unsupported BitsAllocated {bits}")
     expected = rows * cols * (bits // 8)
     element = ds["PixelData"]
-    transfer_syntax = UID(_text(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
+    transfer_syntax = _transfer_syntax(meta)
     if not transfer_syntax.is_compressed:
         length = len(element.value or b"")
         if length < expected:
@@ -398,19 +439,34 @@ def _is_ct(ds: pydicom.Dataset) -> bool:
 
 def _decode_pixels(ds: pydicom.Dataset, limits: DecodeLimits) -> np.ndarray:
     rows, cols = int(ds.Rows), int(ds.Columns)
-    transfer_syntax = UID(_text(ds.file_meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
+    transfer_syntax = _transfer_syntax(getattr(ds, "file_meta", None) or {})
     if not transfer_syntax.is_compressed and _int(ds, "BitsAllocated", 0) in (8, 16, 32):
         return _native_pixels(ds, transfer_syntax, rows, cols)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001
-        ts = UID(_text(ds.file_meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
-        raise Refused(f"cannot decode pixel data ({ts.name}): {_one_line(str(exc))}") from None
+        raise Refused(f"cannot decode pixel data ({transfer_syntax.name}): {_one_line(str(exc))}") from None
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic (pyo3 PanicException) is a BaseException
+        raise Refused(
+            f"pixel decoder failed ({transfer_syntax.name}): {type(exc).__name__}: {_one_line(str(exc))}"
+        ) from None
     if arr.shape != (rows, cols):
         raise Refused(f"decoded pixel array has shape {arr.shape}, expected ({rows}, {cols})")
     if arr.dtype.kind not in "iu":
         raise Refused(f"pixel data of type {arr.dtype} is not integer")
     return arr
+
+
+def _transfer_syntax(meta: object) -> UID:
+    """The file's transfer syntax (Implicit VR Little Endian when absent); refused when unknown."""
+    value = _text(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2"
+    uid = UID(value)
+    if not uid.is_transfer_syntax:
+        shown = value if is_valid_uid(value) else repr(value[:80])
+        raise Refused(f"unknown transfer syntax {shown} (TransferSyntaxUID)")
+    return uid
 
 
 def _native_pixels(ds: pydicom.Dataset, transfer_syntax: UID, rows: int, cols: int) -> np.ndarray:
@@ -442,6 +498,11 @@ def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
         raise Refused(f"invalid rescale slope/intercept: {exc}") from None
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
         raise Refused(f"invalid rescale slope {slope} / intercept {intercept}")
+    if abs(slope) > MAX_RESCALE_SLOPE or abs(intercept) > MAX_RESCALE_INTERCEPT:
+        raise Refused(
+            f"implausible rescale slope {slope:g} / intercept {intercept:g} "
+            f"(accepted: |slope| <= {MAX_RESCALE_SLOPE:g}, |intercept| <= {MAX_RESCALE_INTERCEPT:g})"
+        )
     return slope, intercept
 
 

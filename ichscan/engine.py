@@ -22,7 +22,16 @@ import numpy as np
 import pluggy
 import torch
 
-from ichscan.dicom import DEFAULT_LIMITS, ERROR, OK, DecodedSlice, DecodeLimits, decode_many
+from ichscan.dicom import (
+    DEFAULT_LIMITS,
+    ERROR,
+    FATAL_EXCEPTIONS,
+    OK,
+    DecodedSlice,
+    DecodeLimits,
+    _one_line,
+    decode_many,
+)
 from ichscan.labels import LABELS
 from ichscan.models import LoadedModel
 from ichscan.overlay import OverlayWriter
@@ -246,6 +255,36 @@ def _refused(entry: FolderEntry) -> DecodedSlice:
     return DecodedSlice(path=entry.path, status=ERROR, error=entry.refusal)
 
 
+class DecodeWorkerStartError(RuntimeError, ValueError):
+    """The decode worker processes cannot be started (the run cannot happen).
+
+    A ValueError too, so that the commands' usual one-line error handling shows it
+    (``ichscan batch``, ``watch`` and ``serve-scp`` catch ValueError).
+    """
+
+
+#: What starting a worker can raise: the forkserver failing to start or to answer
+#: (OSError: BrokenPipeError, ConnectionRefusedError...; EOFError from its socket).
+_START_FAILURES = (OSError, EOFError)
+
+
+def _failure_text(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _decode_inline(paths: list[str], work_args: tuple) -> list[DecodedSlice]:
+    """:func:`decode_many` in this process; a failure costs only the file it happened on."""
+    try:
+        return decode_many(paths, *work_args)
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decode_many does not raise; if it ever does, no file is lost
+        if len(paths) > 1:
+            return [d for path in paths for d in _decode_inline([path], work_args)]
+        log.error("decoding %s failed: %s", paths[0], _failure_text(exc))
+        return [DecodedSlice(path=paths[0], status=ERROR, error=f"decoding failed: {_failure_text(exc)}")]
+
+
 def default_in_flight(workers: int, batch_size: int | None, chunk_size: int) -> int:
     """Chunks submitted to the decode workers at most: about four model batches.
 
@@ -316,6 +355,40 @@ class DecodePool:
         if self.slabs is not None:
             self.slabs.close()
 
+    def _pool_submit(self, fn, *args) -> cf.Future:
+        """Submit to the worker pool, starting it (or a worker) as needed.
+
+        Raises
+        ------
+        DecodeWorkerStartError
+            When worker processes cannot be started (one-line message).
+        """
+        try:
+            return self._pool().submit(fn, *args)
+        except BrokenProcessPool:
+            raise
+        except _START_FAILURES as exc:
+            self._discard_pool()
+            log.debug("starting decode workers failed", exc_info=True)
+            raise DecodeWorkerStartError(
+                f"cannot start decode worker processes: {_failure_text(exc)} (try --workers 0)"
+            ) from None
+
+    def _discard_pool(self) -> None:
+        """Drop a pool that failed to start: end the workers it did start, without waiting."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            try:
+                process.terminate()
+            except Exception:  # noqa: BLE001 - best effort: it may never have started
+                pass
+        try:
+            executor.shutdown(wait=False, cancel_futures=True)
+        except Exception:  # noqa: BLE001
+            log.debug("shutting down a pool that failed to start", exc_info=True)
+
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self._executor is None:
             ctx = multiprocessing.get_context("forkserver")
@@ -346,8 +419,8 @@ class DecodePool:
         slab = self.slabs.acquire() if self.slabs is not None else None
         try:
             if slab is None:
-                return self._pool().submit(decode_many, chunk, *self._work_args)
-            future = self._pool().submit(decode_into_slab, chunk, slab.ticket, *self._work_args)
+                return self._pool_submit(decode_many, chunk, *self._work_args)
+            future = self._pool_submit(decode_into_slab, chunk, slab.ticket, *self._work_args)
         except BrokenProcessPool as exc:
             if slab is not None:
                 self.slabs.release_unused(slab)
@@ -362,7 +435,8 @@ class DecodePool:
         return future
 
     def _result(self, future: cf.Future) -> list[DecodedSlice]:
-        """The slices of a finished chunk; raises what the future raises (BrokenProcessPool)."""
+        """The slices of a finished chunk; raises what the future raises (BrokenProcessPool,
+        or e.g. a PicklingError when a worker's result or exception cannot be sent back)."""
         slab = self._slab_of.pop(future, None)
         if slab is None:
             return future.result()
@@ -385,7 +459,7 @@ class DecodePool:
         entries = (FolderEntry(e) if isinstance(e, str) else e for e in entries)
         if self.workers <= 0:
             for entry in entries:
-                yield _refused(entry) if entry.refusal else decode_many([entry.path], *self._work_args)[0]
+                yield _refused(entry) if entry.refusal else _decode_inline([entry.path], self._work_args)[0]
             return
         in_flight: dict[cf.Future, list[str]] = {}
         exhausted = False
@@ -406,29 +480,62 @@ class DecodePool:
             if not in_flight:
                 return
             done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-            broken: list[str] = []
-            for future in done:
-                paths = in_flight.pop(future)
-                try:
-                    yield from self._result(future)
-                except BrokenProcessPool:
-                    broken.extend(paths)
-            if broken:
-                broken.extend(p for paths in in_flight.values() for p in paths)
-                self._abandon(in_flight)
-                in_flight.clear()
-                log.warning("a decode worker died; retrying %d files one at a time", len(broken))
-                self._restart()
-                yield from self._decode_isolated(broken)
+            finished, broken, failed = self._sort_done(done, in_flight)
+            for results in finished:
+                yield from results
+            yield from self._retry(broken, failed, in_flight)
+
+    def _sort_done(
+        self, done: Iterable[cf.Future], in_flight: dict[cf.Future, list[str]]
+    ) -> tuple[list[list[DecodedSlice]], list[str], list[str]]:
+        """Finished chunks: their results, the files of chunks a dead worker held (``broken``)
+        and those of chunks that failed otherwise (``failed``), e.g. a result that could not
+        be pickled back from the worker."""
+        finished: list[list[DecodedSlice]] = []
+        broken: list[str] = []
+        failed: list[str] = []
+        for future in done:
+            paths = in_flight.pop(future)
+            try:
+                finished.append(self._result(future))
+            except BrokenProcessPool:
+                broken.extend(paths)
+            except FATAL_EXCEPTIONS:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - one bad chunk must not end the run
+                log.warning("decoding %d files failed (%s); retrying them one at a time", len(paths), _failure_text(exc))
+                failed.extend(paths)
+        return finished, broken, failed
+
+    def _retry(self, broken: list[str], failed: list[str], in_flight: dict[cf.Future, list[str]]) -> Iterator[DecodedSlice]:
+        """Retry files one at a time: after a worker died, every file in flight (the pool is
+        restarted); after a chunk failed otherwise, that chunk's files."""
+        retry = broken + failed
+        if broken:
+            retry.extend(p for paths in in_flight.values() for p in paths)
+            self._abandon(in_flight)
+            in_flight.clear()
+            log.warning("a decode worker died; retrying %d files one at a time", len(retry))
+            self._restart()
+        if retry:
+            yield from self._decode_isolated(retry)
 
     def _decode_isolated(self, paths: list[str]) -> Iterator[DecodedSlice]:
         for path in paths:
             try:
-                yield from self._pool().submit(decode_many, [path], *self._work_args).result()
+                results = self._pool_submit(decode_many, [path], *self._work_args).result()
             except BrokenProcessPool:
                 self._restart()
                 log.error("decoder crashed on %s", path)
                 yield DecodedSlice(path=path, status=ERROR, error="decoder process crashed while reading this file")
+                continue
+            except (DecodeWorkerStartError, *FATAL_EXCEPTIONS):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - e.g. a PicklingError: this file fails, the run goes on
+                log.error("decoding %s failed: %s", path, _failure_text(exc))
+                yield DecodedSlice(path=path, status=ERROR, error=f"decoding failed: {_failure_text(exc)}")
+                continue
+            yield from results
 
 
 @dataclass
@@ -689,7 +796,7 @@ class StreamingDecodePool(DecodePool):
     def submit(self, paths: list[str]) -> None:
         """Start decoding ``paths`` (in chunks of at most ``chunk_size``)."""
         if self.workers <= 0:
-            self._done.extend(decode_many(list(paths), *self._work_args))
+            self._done.extend(_decode_inline(list(paths), self._work_args))
             return
         for start in range(0, len(paths), self.chunk_size):
             chunk = list(paths[start : start + self.chunk_size])
@@ -701,20 +808,10 @@ class StreamingDecodePool(DecodePool):
         if not self._in_flight:
             return out
         done, _ = cf.wait(self._in_flight, timeout=0 if out else timeout, return_when=cf.FIRST_COMPLETED)
-        broken: list[str] = []
-        for future in done:
-            paths = self._in_flight.pop(future)
-            try:
-                out.extend(self._result(future))
-            except BrokenProcessPool:
-                broken.extend(paths)
-        if broken:
-            broken.extend(p for paths in self._in_flight.values() for p in paths)
-            self._abandon(self._in_flight)
-            self._in_flight.clear()
-            log.warning("a decode worker died; retrying %d files one at a time", len(broken))
-            self._restart()
-            out.extend(self._decode_isolated(broken))
+        finished, broken, failed = self._sort_done(done, self._in_flight)
+        for results in finished:
+            out.extend(results)
+        out.extend(self._retry(broken, failed, self._in_flight))
         return out
 
     def close(self) -> None:

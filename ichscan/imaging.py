@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -13,12 +15,25 @@ def brain_window_image(pixels: np.ndarray, slope: float, intercept: float) -> np
     centre, width = BRAIN_WINDOW
     low = centre - width / 2.0
     # In place, the same arithmetic: this runs for every slice when overlays are on.
-    hu = pixels.astype(np.float32)
-    hu *= np.float32(slope)
-    hu += np.float32(intercept - low)
-    hu *= np.float32(255.0 / width)
-    np.clip(hu, 0, 255, out=hu)
-    return hu.astype(np.uint8)
+    # Absurd rescale values (decoding refuses them; other callers may not) overflow
+    # float32: no numpy warning on stderr, and inf/nan pixels render as 255/0.
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = pixels.astype(np.float32)
+        hu *= np.float32(slope)
+        hu += np.float32(intercept - low)
+        hu *= np.float32(255.0 / width)
+        np.clip(hu, 0, 255, out=hu)
+        if not _cannot_overflow(slope, intercept):
+            np.nan_to_num(hu, copy=False, nan=0.0)
+        return hu.astype(np.uint8)
+
+
+def _cannot_overflow(slope: float, intercept: float) -> bool:
+    """True when stored values (below 2**32) times ``slope`` plus ``intercept`` stay finite in float32."""
+    try:
+        return math.isfinite(slope) and math.isfinite(intercept) and abs(slope) < 1e20 and abs(intercept) < 1e20
+    except TypeError:
+        return False
 
 
 def resize_stored(pixels: np.ndarray, size: int) -> np.ndarray:

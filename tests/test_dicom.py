@@ -896,3 +896,137 @@ def test_decode_worker_does_not_import_torch_after_decoding():
         (result,) = list(pool.decode([str(CT_SMALL)]))
         assert result.status == OK
         assert pool._pool().submit(eval, TORCH_PROBE, {}).result(timeout=60) is False
+
+
+# --------------------------------------------------------------------------- 6. fuzz findings
+
+
+def bad_rle_file(path: Path) -> Path:
+    """A CT slice whose RLE segment overruns: pylibjpeg-rle (Rust) panics on it.
+
+    The panic reaches Python as ``pyo3_runtime.PanicException``, a BaseException that a
+    worker cannot pickle back. Built from pydicom's bundled MR_small_RLE.dcm (64x64).
+    """
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small_RLE.dcm")
+    ds.Modality = "CT"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+    ds.save_as(path)
+    data = bytearray(path.read_bytes())
+    pixel_data = data.rfind(b"\xe0\x7f\x10\x00")
+    data[pixel_data + 200 : pixel_data + 264] = b"\x81" * 64  # RLE repeat runs past the segment's end
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_rust_decoder_panic_is_an_error_row(tmp_path):
+    pytest.importorskip("rle")  # pylibjpeg-rle
+    r = decode_instance(bad_rle_file(tmp_path / "bad_rle.dcm"))
+    assert_contract(r)
+    assert r.status == ERROR
+    assert "pixel decoder failed" in r.error and "PanicException" in r.error, r.error
+    assert r.sop_instance_uid  # the identity read before decoding is kept
+
+
+def test_decoder_base_exception_is_an_error_row_but_ctrl_c_is_not(tmp_path, monkeypatch):
+    class Panic(BaseException):
+        pass
+
+    def panics(*args, **kwargs):
+        raise Panic("the decoder panicked")
+
+    monkeypatch.setattr(dicom, "_decode_into", panics)
+    r = decode_instance(CT_SMALL)
+    assert_contract(r)
+    assert r.status == ERROR and r.error == "decoder failure: Panic: the decoder panicked"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dicom, "_decode_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decode_instance(CT_SMALL)
+
+
+def test_failed_resize_costs_only_its_file(tmp_path, monkeypatch):
+    import ichscan.imaging as imaging
+
+    real = imaging.resize_stored
+    calls = []
+
+    def resize_fails_once(pixels, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise MemoryError
+        return real(pixels, size)
+
+    monkeypatch.setattr(imaging, "resize_stored", resize_fails_once)
+    out = dicom.decode_many([str(CT_SMALL)] * 3, resize_to=32)
+    assert [r.status for r in out] == [OK, ERROR, OK]
+    assert out[1].error == "cannot prepare the decoded image: out of memory" and out[1].pixels is None
+    assert out[0].pixels.shape == (32, 32)
+
+
+@pytest.mark.parametrize("cut", [132, 133, 136, 139, 140, 143, 144, 150, 200])
+def test_file_cut_inside_the_file_meta_is_a_truncation_error(cut, tmp_path):
+    raw = save(ct_dataset(np.zeros((8, 8), np.int16)), tmp_path / "whole.dcm").read_bytes()
+    path = tmp_path / f"cut_{cut}.dcm"
+    path.write_bytes(raw[:cut])
+    r = decode_instance(path)
+    assert_contract(r)
+    assert r.status == ERROR, r.error
+    assert "truncated" in r.error and "no data set" in r.error, r.error
+    assert "unpack" not in r.error
+
+
+def test_meta_only_file_is_an_error(tmp_path):
+    path = tmp_path / "meta_only.dcm"
+    path.write_bytes(meta_bytes(CT_IMAGE, ExplicitVRLittleEndian))
+    r = decode_instance(path)
+    assert_contract(r)
+    assert r.status == ERROR and "no data set after the file meta information" in r.error, r.error
+
+
+def test_unknown_transfer_syntax_is_named(tmp_path):
+    ds = ct_dataset(np.zeros((8, 8), np.int16))
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    path = tmp_path / "ts_unknown.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=False)
+    r = decode_instance(path)
+    assert_contract(r)
+    assert r.status == ERROR
+    assert "unknown transfer syntax 1.2.3.4" in r.error, r.error
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept"),
+    [("1e38", "0"), ("1e39", "0"), ("20000", "-1024"), ("-1e5", "0"), ("1", "1e6"), ("1", "-3e38")],
+)
+def test_implausible_rescale_is_an_error(slope, intercept, tmp_path):
+    ds = ct_dataset(hu_phantom((16, 16), seed=3).astype(np.int16))
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    path = save(ds, tmp_path / "rescale.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning fails the test
+        r = decode_instance(path)
+        out = dicom.decode_many([str(path)], resize_to=8, display=True)
+    assert_contract(r)
+    assert r.status == ERROR and "implausible rescale" in r.error and "10000" in r.error, r.error
+    assert out[0].status == ERROR and out[0].display is None
+
+
+def test_plausible_rescale_still_decodes(tmp_path):
+    ds = ct_dataset(hu_phantom((16, 16), seed=3).astype(np.int16))
+    ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-8192"
+    r = decode_instance(save(ds, tmp_path / "rescale.dcm"))
+    assert r.status == OK and (r.slope, r.intercept) == (0.5, -8192.0), r.error
+
+
+@pytest.mark.parametrize("slope", [1e38, float("inf"), float("nan"), -1e39])
+def test_brain_window_of_absurd_rescale_warns_nothing(slope):
+    from ichscan.imaging import brain_window_image
+
+    pixels = np.array([[0, 1, 1000], [-5, 30000, 7]], np.int16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = brain_window_image(pixels, slope, -1024.0)
+    assert image.dtype == np.uint8 and image.shape == pixels.shape

@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from ichscan.dicom import decode_instance
-from ichscan.engine import DecodePool, Screener
+from ichscan.engine import DecodePool, Screener, StreamingDecodePool
 from ichscan.models import ModelError, load_model, read_checkpoint, save_checkpoint
 from ichscan.plugins import get_plugin_manager
 from ichscan.sources.folder import FolderEntry, iter_folder
@@ -170,3 +171,172 @@ def test_predict_image_show_draws_the_prediction(monkeypatch):
     assert f"any {probabilities['any']:.2f}" in title
     assert all(probabilities[p] >= 0 for p in predictions)
     plt.close("all")
+
+
+# -- fuzz findings: a decoder panic, a chunk that fails, workers that cannot start ------------
+
+
+@pytest.fixture
+def with_bad_rle(tmp_path):
+    """Four good CT slices and one whose RLE data makes pylibjpeg-rle panic."""
+    pytest.importorskip("rle")  # pylibjpeg-rle
+    from test_dicom import bad_rle_file
+
+    folder = tmp_path / "rle"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(CT_SMALL, folder / f"{i:02d}.dcm")
+    bad = str(bad_rle_file(folder / "zz_bad_rle.dcm"))
+    return sorted(str(p) for p in folder.iterdir()), bad
+
+
+def check_one_row_each(out, paths, bad, reason):
+    assert sorted(d.path for d in out) == sorted(paths)  # exactly one row per file
+    by_path = {d.path: d for d in out}
+    assert by_path[bad].status == "error" and reason in by_path[bad].error, by_path[bad].error
+    assert "\n" not in by_path[bad].error
+    assert all(d.status == "ok" for p, d in by_path.items() if p != bad), [d.error for d in out]
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_decoder_panic_gets_an_error_row_through_the_pool(with_bad_rle, workers):
+    paths, bad = with_bad_rle
+    with DecodePool(workers=workers, chunk_size=2) as pool:
+        out = list(pool.decode(paths))
+    check_one_row_each(out, paths, bad, "PanicException")
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_decoder_panic_gets_an_error_row_in_the_streaming_pool(with_bad_rle, workers):
+    paths, bad = with_bad_rle
+    with StreamingDecodePool(workers=workers, chunk_size=2) as pool:
+        pool.submit(paths)
+        out = []
+        while pool.pending:
+            out += pool.collect(timeout=30)
+    check_one_row_each(out, paths, bad, "PanicException")
+
+
+# Imported by the worker processes (from a folder put on sys.path): like a Rust panic,
+# the exception cannot be pickled back, so the chunk's future fails with a PicklingError.
+FLAKY_DECODER = '''
+import os
+import pickle
+
+from ichscan.dicom import decode_many as real_decode_many
+
+
+class Unpicklable(BaseException):
+    def __reduce__(self):
+        raise pickle.PicklingError("Can't pickle Unpicklable: import of module 'pyo3_runtime' failed")
+
+
+def decode_many(paths, *args):
+    if any(os.path.basename(p).startswith("bad") for p in paths):
+        raise Unpicklable("panicked")
+    return real_decode_many(paths, *args)
+'''
+
+
+@pytest.fixture
+def flaky_decoder(tmp_path, monkeypatch, many_ct):
+    """The pool's decoder fails, unpicklably, on chunks holding a file named bad*."""
+    import importlib
+
+    import ichscan.engine as engine
+
+    module_dir = tmp_path / "flaky_module"
+    module_dir.mkdir()
+    (module_dir / "ichscan_flaky_decoder.py").write_text(FLAKY_DECODER)
+    monkeypatch.syspath_prepend(str(module_dir))  # worker processes get this sys.path too
+    flaky = importlib.import_module("ichscan_flaky_decoder")
+    monkeypatch.setattr(engine, "decode_many", flaky.decode_many)
+    bad = str(Path(many_ct[0]).with_name("bad.dcm"))
+    shutil.copy(CT_SMALL, bad)
+    yield many_ct[:9] + [bad], bad
+    os.unlink(bad)
+    sys.modules.pop("ichscan_flaky_decoder", None)
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_a_failed_chunk_is_retried_file_by_file(flaky_decoder, workers):
+    paths, bad = flaky_decoder
+    with DecodePool(workers=workers, chunk_size=4) as pool:
+        out = list(pool.decode(paths))
+    check_one_row_each(out, paths, bad, "decoding failed: ")
+    if workers:
+        assert "PicklingError" in [d for d in out if d.path == bad][0].error
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_a_failed_chunk_is_retried_file_by_file_in_the_streaming_pool(flaky_decoder, workers):
+    paths, bad = flaky_decoder
+    with StreamingDecodePool(workers=workers, chunk_size=4) as pool:
+        pool.submit(paths)
+        out = []
+        while pool.pending:
+            out += pool.collect(timeout=30)
+    check_one_row_each(out, paths, bad, "decoding failed: ")
+
+
+class _PoolThatCannotStart:
+    """A ProcessPoolExecutor whose first worker cannot start (the forkserver is gone)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def submit(self, fn, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        pass
+
+
+def _no_executor(*args, **kwargs):
+    raise OSError(24, "Too many open files")
+
+
+@pytest.mark.parametrize(
+    ("executor", "reason"),
+    [(_no_executor, "Too many open files"), (_PoolThatCannotStart, "ConnectionRefusedError")],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_workers_that_cannot_start_are_one_clear_error(monkeypatch, executor, reason, streaming):
+    import concurrent.futures
+
+    from ichscan.engine import DecodeWorkerStartError
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", executor)
+    with pytest.raises(DecodeWorkerStartError) as caught:
+        if streaming:
+            with StreamingDecodePool(workers=2) as pool:
+                pool.submit([str(CT_SMALL)])
+        else:
+            with DecodePool(workers=2) as pool:
+                list(pool.decode([str(CT_SMALL)]))
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)  # what the commands turn into a one-line error
+    assert message.startswith("cannot start decode worker processes: ") and reason in message
+    assert message.endswith("(try --workers 0)") and "\n" not in message
+
+
+def test_batch_says_why_workers_cannot_start(monkeypatch, tmp_path):
+    import concurrent.futures
+
+    from click.testing import CliRunner
+
+    from ichscan.cli import cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(CT_SMALL, folder / "a.dcm")
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _PoolThatCannotStart)
+    args = ["batch", str(folder), "--out", str(tmp_path / "r.csv"), "--workers", "2", "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--overlays-for", "none", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # a click error, not a traceback
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: cannot start decode worker processes: ConnectionRefusedError: [Errno 111] Connection refused "
+        "(try --workers 0)"
+    ], result.output
