@@ -144,6 +144,8 @@ def batch(
     if summary.interrupted:
         click.echo(f"ichscan: interrupted after {summary.files} files; their rows are in {out}", err=True)
         ctx.exit(130)
+    if "csv" in summary.reporter_errors:  # the results file itself is incomplete: a script must notice
+        raise click.ClickException(f"some rows could not be written to {out} (see the errors above)")
 
 
 @cli.command()

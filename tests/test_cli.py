@@ -194,6 +194,31 @@ def test_unwritable_save_and_synth_targets_are_one_line_errors(phantoms, tmp_pat
         assert len(errors) == 1 and ("cannot save" in errors[0] or "cannot write phantoms" in errors[0]), proc.stderr
 
 
+def test_rows_that_could_not_be_written_make_batch_exit_1(phantoms, tmp_path, monkeypatch):
+    """A disk that fills up mid-run: the CSV reporter fails, the run goes on, and the exit
+    status says the results file is incomplete."""
+    from ichscan.default_plugins.csv_report import CsvReporter
+
+    folder, _ = phantoms
+    written = CsvReporter.on_results
+    calls = []
+
+    def on_results(self, results, studies):
+        calls.append(len(results))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        written(self, results, studies)
+
+    monkeypatch.setattr(CsvReporter, "on_results", on_results)
+    result = CliRunner().invoke(
+        cli, ["batch", str(folder), "--out", str(tmp_path / "r.csv"), "--workers", "0", "--batch-size", "4",
+              "--overlays-for", "none", "--no-progress"],
+    )
+    assert result.exit_code == 1, result.output
+    assert "some rows could not be written to" in result.output
+    assert len(calls) > 2  # the run went on after the failure
+
+
 def test_bad_threshold_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--threshold", "bleed=0.3"])
     assert result.exit_code == 2
