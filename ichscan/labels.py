@@ -43,6 +43,8 @@ def parse_thresholds(spec: str) -> dict[str, float]:
         return {label: value for label in LABELS}
     result: dict[str, float] = {}
     for part in spec.split(","):
+        if not part.strip():
+            raise ValueError(f"empty item in threshold {spec!r} (a stray comma?)")
         name, sep, value_text = part.partition("=")
         name = name.strip()
         if not sep or name not in LABELS:

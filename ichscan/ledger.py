@@ -172,7 +172,7 @@ class Ledger:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_fh.close()
-            raise LedgerError(f"state file {self.path} is in use by another ichscan watch") from None
+            raise LedgerError(f"state file {self.path} is in use by another ichscan process (watch or serve-scp)") from None
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)

@@ -123,7 +123,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         # torch's messages run to several paragraphs; keep the first line.
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise ModelError(f"cannot read weights {path}: not an ichscan checkpoint ({type(exc).__name__}: {first[:120]})") from None
+        if len(first) > 120:
+            first = first[:120].rsplit(" ", 1)[0] + " ..."
+        raise ModelError(f"cannot read weights {path}: not an ichscan checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not an ichscan checkpoint")
     if list(payload.get("labels", [])) != list(LABELS):

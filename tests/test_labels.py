@@ -21,6 +21,11 @@ def test_bad_thresholds_raise(spec):
         parse_thresholds(spec)
 
 
+def test_stray_comma_is_named():
+    with pytest.raises(ValueError, match="empty item in threshold 'any=0.3,,'"):
+        parse_thresholds("any=0.3,,")
+
+
 def test_precedence_cli_over_checkpoint_over_default():
     merged = merge_thresholds({"any": 0.2, "epidural": 0.7}, {"any": 0.3})
     assert merged["any"] == 0.3

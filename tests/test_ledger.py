@@ -87,7 +87,7 @@ def test_results_survive_reopening_and_queued_rows_are_reused(tmp_path):
 
 def test_a_second_process_cannot_share_the_ledger(tmp_path):
     with Ledger(tmp_path / "state.sqlite"):
-        with pytest.raises(LedgerError, match="in use by another ichscan watch"):
+        with pytest.raises(LedgerError, match="in use by another ichscan process"):
             Ledger(tmp_path / "state.sqlite")
     Ledger(tmp_path / "state.sqlite").close()  # released on close
 
