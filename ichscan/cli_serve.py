@@ -16,6 +16,8 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if not value:
         return ()
     titles = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not titles:
+        raise click.BadParameter(f"{value!r} names no AE title", ctx, param)
     for title in titles:
         if len(title) > 16 or "\\" in title:
             raise click.BadParameter(f"{title!r} is not an AE title (at most 16 characters, no backslash)", ctx, param)
@@ -76,7 +78,7 @@ def serve_command(ctx, port, ae_title, bind, store, out, studies_out, state, ove
     if tls_ca is not None and tls_cert is None:
         raise click.UsageError("--tls-ca needs --tls-cert and --tls-key")
     if not ae_title.strip() or len(ae_title) > 16:
-        raise click.BadParameter("at most 16 characters", param_hint="--ae-title")
+        raise click.BadParameter("1 to 16 characters, not only spaces", param_hint="--ae-title")
     obj = ctx.obj if isinstance(ctx.obj, dict) else {}
     try:
         pm = get_plugin_manager(obj.get("plugins_dirs", ()))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pluggy
+import pydicom
+import pydicom.config
 
 from ichscan.batch import RunError, prepare_folder
 from ichscan.sources.scp import ScpOptions, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
@@ -50,6 +52,10 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
     stop = stop or threading.Event()
     engine_stop = threading.Event()
     watcher = Watcher(watch_opts, pm, engine_stop)
+    # Received data sets are checked by ichscan itself (UIDs, SOP class, pixel data) and
+    # refused with one line; pydicom's own per-element warnings would repeat each problem
+    # several times over (a bad UID: ~8 lines and a raw UserWarning).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     handler = StoreHandler(store, on_stored=lambda path: log.debug("stored %s", path))
     try:
         ssl_context = tls_context(opts.scp)

@@ -219,6 +219,15 @@ def test_rows_that_could_not_be_written_make_batch_exit_1(phantoms, tmp_path, mo
     assert len(calls) > 2  # the run went on after the failure
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--ae-title", ""], "1 to 16 characters"), (["--allow-calling", ",,"], "names no AE title")],
+)
+def test_serve_scp_ae_title_errors_say_what_is_wrong(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["serve-scp", "--port", "0", "--store", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
 def test_bad_threshold_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--threshold", "bleed=0.3"])
     assert result.exit_code == 2
