@@ -48,7 +48,7 @@ from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import ReporterSet, ResultsOutput, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
 from ichscan.shm import default_transfer
-from ichscan.sources.folder import check_input_folder
+from ichscan.sources.folder import Outputs, check_input_folder
 from ichscan.sources.watch import FolderWatcher, IgnoredLog, Settler, classify, is_temporary, scan_tree
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,6 @@ class WatchSummary(RunSummary):
 
 def default_state(out: Path) -> Path:
     return out.with_name(DEFAULT_STATE_NAME)
-
-
-class _Exclusions:
-    """Our own outputs, never to be screened when they live inside the watched folder."""
-
-    def __init__(self, files: list[Path], folders: list[Path]):
-        self.files = {os.path.realpath(p) for p in files}
-        self.folders = [os.path.realpath(p) for p in folders]
-
-    def __contains__(self, path: str) -> bool:
-        real = os.path.realpath(path)
-        return real in self.files or any(real == d or real.startswith(d + os.sep) for d in self.folders)
 
 
 class _StudyClock:
@@ -184,7 +172,7 @@ class Watcher:
         from ichscan.default_plugins.dicom_report import OUTBOX_FOLDER_NAME
 
         outbox = self.dicom_out or (self.state.parent / OUTBOX_FOLDER_NAME if results.forward else None)
-        self.exclusions = _Exclusions(
+        self.exclusions = Outputs(
             [p for p in (self.out, self.studies_out, self.html, *state_files) if p is not None],
             [p for p in (self.overlays_dir, self.quarantine, outbox) if p is not None],
         )

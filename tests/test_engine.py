@@ -209,12 +209,17 @@ def test_decoder_panic_gets_an_error_row_through_the_pool(with_bad_rle, workers)
 @pytest.mark.parametrize("workers", [2, 0])
 def test_decoder_panic_gets_an_error_row_in_the_streaming_pool(with_bad_rle, workers):
     paths, bad = with_bad_rle
-    with StreamingDecodePool(workers=workers, chunk_size=2) as pool:
+    check_one_row_each(stream_all(paths, workers=workers, chunk_size=2), paths, bad, "PanicException")
+
+
+def stream_all(paths, **pool_args):
+    """Every slice a StreamingDecodePool gives for ``paths``."""
+    with StreamingDecodePool(**pool_args) as pool:
         pool.submit(paths)
         out = []
         while pool.pending:
             out += pool.collect(timeout=30)
-    check_one_row_each(out, paths, bad, "PanicException")
+    return out
 
 
 # Imported by the worker processes (from a folder put on sys.path): like a Rust panic,
@@ -271,12 +276,7 @@ def test_a_failed_chunk_is_retried_file_by_file(flaky_decoder, workers):
 @pytest.mark.parametrize("workers", [2, 0])
 def test_a_failed_chunk_is_retried_file_by_file_in_the_streaming_pool(flaky_decoder, workers):
     paths, bad = flaky_decoder
-    with StreamingDecodePool(workers=workers, chunk_size=4) as pool:
-        pool.submit(paths)
-        out = []
-        while pool.pending:
-            out += pool.collect(timeout=30)
-    check_one_row_each(out, paths, bad, "decoding failed: ")
+    check_one_row_each(stream_all(paths, workers=workers, chunk_size=4), paths, bad, "decoding failed: ")
 
 
 class _PoolThatCannotStart:
