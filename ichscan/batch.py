@@ -19,7 +19,7 @@ from ichscan.engine import (
 )
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
-from ichscan.ledger import DEFAULT_STATE_NAME
+from ichscan.ledger import DEFAULT_STATE_NAME, state_files
 from ichscan.reporting import Reporter, ReporterSet, ResultsOutput, RunConfig, RunSummary
 from ichscan.sources.folder import Outputs, check_input_folder, count_folder, iter_folder
 
@@ -166,7 +166,7 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
 
     outputs = Outputs(
         [p for p in (out, studies_out, results.html) if p is not None]
-        + ([state.with_name(state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")] if state else []),
+        + (state_files(state) if state else []),
         [p for p in (overlays_dir, results.dicom_out, state.parent / OUTBOX_FOLDER_NAME if state else None) if p is not None],
     )
     total = count_folder(root, outputs) if opts.progress else None

@@ -30,10 +30,7 @@ def brain_window_image(pixels: np.ndarray, slope: float, intercept: float) -> np
 
 def _cannot_overflow(slope: float, intercept: float) -> bool:
     """True when stored values (below 2**32) times ``slope`` plus ``intercept`` stay finite in float32."""
-    try:
-        return math.isfinite(slope) and math.isfinite(intercept) and abs(slope) < 1e20 and abs(intercept) < 1e20
-    except TypeError:
-        return False
+    return math.isfinite(slope) and math.isfinite(intercept) and abs(slope) < 1e20 and abs(intercept) < 1e20
 
 
 def resize_stored(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 #: The state file's name beside --out when --state is not given.
 DEFAULT_STATE_NAME = "ichscan-state.sqlite"
+
+
+def state_files(state: Path) -> list[Path]:
+    """The state file and the files SQLite and the lock keep beside it."""
+    return [state.with_name(state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
 QUEUED = "queued"
 DONE = "done"
 SCHEMA_VERSION = 1

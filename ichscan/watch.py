@@ -43,7 +43,7 @@ from ichscan.engine import (
     prepare_screening,
     screen_decoded,
 )
-from ichscan.ledger import DEFAULT_STATE_NAME, FileIdentity, Ledger, LedgerError, reconcile_csv
+from ichscan.ledger import DEFAULT_STATE_NAME, FileIdentity, Ledger, LedgerError, reconcile_csv, state_files
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import ReporterSet, ResultsOutput, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
@@ -168,12 +168,11 @@ class Watcher:
                 prepare_folder(folder, what)
         if self.quarantine is not None and os.path.realpath(self.root) == os.path.realpath(self.quarantine):
             raise RunError("--quarantine must not be the watched folder itself")
-        state_files = [self.state.with_name(self.state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
         from ichscan.default_plugins.dicom_report import OUTBOX_FOLDER_NAME
 
         outbox = self.dicom_out or (self.state.parent / OUTBOX_FOLDER_NAME if results.forward else None)
         self.exclusions = Outputs(
-            [p for p in (self.out, self.studies_out, self.html, *state_files) if p is not None],
+            [p for p in (self.out, self.studies_out, self.html, *state_files(self.state)) if p is not None],
             [p for p in (self.overlays_dir, self.quarantine, outbox) if p is not None],
         )
         self.pm = pm or get_plugin_manager(opts.plugins_dirs)

@@ -251,11 +251,8 @@ class HtmlReporter(Reporter):
             if result.status != "ok" or result.probabilities is None:
                 if len(self.not_screened) < self.max_not_screened:
                     self.not_screened.append(
-                        NotScreened(
-                            result.status,
-                            printable(display_path(result.path, self.config.input_root)),
-                            printable(result.error) if isinstance(result.error, str) else result.error,
-                        )
+                        # Odd file-name bytes are escaped once, when the page is rendered.
+                        NotScreened(result.status, display_path(result.path, self.config.input_root), result.error)
                     )
             elif result.is_positive:
                 self._keep_thumbnail(result)

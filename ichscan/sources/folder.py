@@ -25,6 +25,8 @@ class Outputs:
     def __init__(self, files: Iterable[str | os.PathLike[str]] = (), folders: Iterable[str | os.PathLike[str]] = ()):
         self.files = {os.path.realpath(p) for p in files}
         self.folders = [os.path.realpath(p) for p in folders]
+        #: Names the output files have (a link to one may have another: see iter_folder).
+        self.file_names = {os.path.basename(p) for p in files} | {os.path.basename(p) for p in self.files}
 
     def __contains__(self, path: str) -> bool:
         real = os.path.realpath(path)
@@ -83,7 +85,9 @@ def iter_folder(root: str | os.PathLike[str], outputs: Outputs | None = None) ->
             if name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
-            if outputs and full in outputs:
+            # By name first: resolving every file's path would cost the walk a stat per
+            # folder level (output folders are pruned above, so only files are checked).
+            if (name in outputs.file_names or os.path.islink(full)) and full in outputs:
                 continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
