@@ -49,6 +49,8 @@ class BatchOptions:
     limits: DecodeLimits = DEFAULT_LIMITS
     results: ResultsOutput = field(default_factory=ResultsOutput)
     state: Path | None = None  # default: ichscan-state.sqlite beside out (used with --dicom-out/--forward)
+    #: Skip files the state file records as screened under the same path, size and mtime.
+    resume: bool = False
     options: dict = field(default_factory=dict)
 
 

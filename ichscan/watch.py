@@ -78,6 +78,9 @@ class WatchOptions:
     max_latency: float = 1.0
     rescan_interval: float = 60.0
     study_timeout: float = 60.0
+    #: With a model that needs neighbouring slices: seconds a series must be quiet before
+    #: its slices with missing neighbours are screened anyway.
+    series_timeout: float = 10.0
     weights: Path | None = None
     model_name: str | None = None
     thresholds: dict[str, float] | None = None
