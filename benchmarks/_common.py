@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ichscan.batch import BatchOptions, run_batch
+from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import Reporter
 from ichscan.synth import generate

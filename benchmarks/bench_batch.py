@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from _common import engine_rate, files_in, naive_loop, peak_memory_mb, phantoms
-from ichscan.engine import cpu_count
+from ichscan.pipeline.sizing import cpu_count
 from ichscan.models import load_model
 from ichscan.plugins import get_plugin_manager
 

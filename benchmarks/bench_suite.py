@@ -60,7 +60,7 @@ import torch
 
 from _common import engine_rate, files_in, naive_loop, peak_memory_mb, phantoms
 from ichscan.dicom import OK, decode_many
-from ichscan.engine import cpu_count, prepare_screening, resolve_device
+from ichscan.pipeline.sizing import cpu_count, prepare_screening, resolve_device
 from ichscan.models import load_model
 from ichscan.plugins import get_plugin_manager
 from ichscan.shm import default_transfer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ichscan.engine import cpu_count
+from ichscan.pipeline.sizing import cpu_count
 from ichscan.synth import generate
 from ichscan.train import loop
 from ichscan.train.loop import TrainOptions, run_training

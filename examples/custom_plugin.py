@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import ichscan
-from ichscan.batch import BatchOptions, run_batch
+from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import Reporter
 from ichscan.synth import generate

@@ -13,7 +13,7 @@ from ichscan.labels import LABELS
 
 @lru_cache(maxsize=4)
 def _screener(weights: str | None, device: str = "auto"):
-    from ichscan.engine import Screener
+    from ichscan.pipeline.screener import Screener
     from ichscan.models import load_model
     from ichscan.plugins import get_plugin_manager
 
@@ -26,7 +26,7 @@ def screen_file(path, weights=None, thresholds=None, pm=None, device: str = "aut
 
     Raises ValueError when the file cannot be screened.
     """
-    from ichscan.engine import Screener
+    from ichscan.pipeline.screener import Screener
     from ichscan.models import load_model
 
     if pm is None and thresholds is None:

@@ -102,7 +102,7 @@ def batch(
     leave FOLDER are not followed. Exit status 0 when the run completed, error rows
     included.
     """
-    from ichscan.batch import BatchOptions, RunError, run_batch
+    from ichscan.pipeline import BatchOptions, RunError, run_batch
     from ichscan.models import ModelError
 
     pm = _plugin_manager(ctx)

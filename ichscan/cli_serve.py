@@ -66,12 +66,12 @@ def serve_command(ctx, port, ae_title, bind, store, out, studies_out, state, ove
     Ctrl-C or SIGTERM: no new associations, open ones get --drain-timeout seconds, what
     was received is screened, exit status 0.
     """
-    from ichscan.batch import RunError
+    from ichscan.pipeline import RunError
     from ichscan.models import ModelError
     from ichscan.plugins import PluginError, get_plugin_manager
-    from ichscan.serve import ServeOptions, run_serve
+    from ichscan.pipeline import ServeOptions, run_serve
     from ichscan.sources.scp import ScpOptions
-    from ichscan.watch import WatchOptions
+    from ichscan.pipeline import WatchOptions
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")

@@ -76,10 +76,10 @@ def watch_command(
     that, across restarts and crashes, every file gets exactly one row. Stop with
     Ctrl-C or SIGTERM: the files in flight are finished first (exit status 0).
     """
-    from ichscan.batch import RunError
+    from ichscan.pipeline import RunError
     from ichscan.models import ModelError
     from ichscan.plugins import PluginError, get_plugin_manager
-    from ichscan.watch import WatchOptions, run_watch
+    from ichscan.pipeline import WatchOptions, run_watch
 
     obj = ctx.obj if isinstance(ctx.obj, dict) else None
     if obj is None:  # run alone (python -m ichscan.cli_watch): no group set up logging

@@ -21,7 +21,7 @@ import re
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -32,9 +32,9 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 log = logging.getLogger(__name__)
 
-OK = "ok"
-SKIPPED = "skipped"
-ERROR = "error"
+from ichscan.records import DecodedSlice, Instance, Status, StoredImage  # noqa: E402 - after numpy/pydicom
+
+OK, SKIPPED, ERROR = Status.OK, Status.SKIPPED, Status.ERROR
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -81,36 +81,6 @@ class NotScreenable(Exception):
     """Readable DICOM that is not a single-frame greyscale CT image (status ``skipped``)."""
 
 
-@dataclass
-class DecodedSlice:
-    """The outcome of decoding one file.
-
-    ``pixels`` holds the stored values (2-D, after the RSNA 12-bit fix) only when
-    ``status`` is ``ok``; ``error`` holds a one-line reason otherwise.
-    """
-
-    path: str
-    status: str = ERROR
-    error: str = ""
-    sop_instance_uid: str = ""
-    study_instance_uid: str = ""
-    series_instance_uid: str = ""
-    instance_number: int | None = None
-    sop_class_uid: str = ""
-    pixels: np.ndarray | None = field(default=None, repr=False)
-    #: Full-resolution brain-window uint8 image, when the caller asked for one.
-    display: np.ndarray | None = field(default=None, repr=False)
-    slope: float = 1.0
-    intercept: float = 0.0
-    rsna_fixed: bool = False
-
-    def hu(self) -> np.ndarray:
-        """Hounsfield units as float32 (only for ``ok`` slices)."""
-        if self.pixels is None:
-            raise ValueError(f"{self.path}: no pixels ({self.status}: {self.error})")
-        return self.pixels.astype(np.float32) * np.float32(self.slope) + np.float32(self.intercept)
-
-
 def is_valid_uid(value: object) -> bool:
     """True for a dotted-decimal UID of at most 64 characters (safe in a path)."""
     return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
@@ -140,7 +110,7 @@ def decode_instance(
         ``ok`` with pixels, ``skipped`` with a reason (readable DICOM that is not a
         single-frame greyscale CT image), or ``error`` with a reason.
     """
-    result = DecodedSlice(path=os.fspath(path))
+    result = DecodedSlice(Instance(os.fspath(path)))
     try:
         with warnings.catch_warnings():
             # pydicom warns on many recoverable oddities; they are not our user's business
@@ -148,29 +118,28 @@ def decode_instance(
             warnings.simplefilter("ignore")
             _decode_into(result, limits, any_modality)
     except Refused as exc:
-        result.status, result.error, result.pixels = ERROR, _one_line(str(exc)), None
+        result.fail(_one_line(str(exc)))
     except NotScreenable as exc:
-        result.status, result.error, result.pixels = SKIPPED, _one_line(str(exc)), None
+        result.fail(_one_line(str(exc)), SKIPPED)
     except MemoryError:
-        result.status, result.error, result.pixels = ERROR, "out of memory while decoding", None
+        result.fail("out of memory while decoding")
     except Exception as exc:  # noqa: BLE001 - every input must end in a row, never a traceback
-        result.status, result.pixels = ERROR, None
-        result.error = _one_line(f"{type(exc).__name__}: {exc}")
+        result.fail(_one_line(f"{type(exc).__name__}: {exc}"))
     except FATAL_EXCEPTIONS:
         raise
     except BaseException as exc:  # noqa: BLE001 - e.g. a Rust decoder's pyo3 PanicException
-        result.status, result.pixels = ERROR, None
-        result.error = _one_line(f"decoder failure: {type(exc).__name__}: {exc}")
+        result.fail(_one_line(f"decoder failure: {type(exc).__name__}: {exc}"))
     return result
 
 
 def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool) -> None:
     data = _read_file(result.path, limits)
     ds = _parse(data, limits)
-    _read_identity(ds, result)
+    _read_identity(ds, result.instance)
     _check_screenable(ds, limits, any_modality)
     pixels = _decode_pixels(ds, limits)
     slope, intercept = _rescale(ds)
+    rsna_fixed = False
     bits_stored = int(ds.get("BitsStored", 16) or 16)
     if (
         bits_stored == 12
@@ -180,9 +149,27 @@ def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool)
     ):
         pixels = rsna_12bit_fix(pixels)
         intercept = -1000.0
-        result.rsna_fixed = True
-    result.pixels, result.slope, result.intercept = pixels, slope, intercept
+        rsna_fixed = True
+    result.image = StoredImage(pixels, slope, intercept, rsna_fixed=rsna_fixed)
     result.status, result.error = OK, ""
+
+
+def read_header_instance(path: str | os.PathLike[str], limits: DecodeLimits = DEFAULT_LIMITS) -> Instance | None:
+    """Identity and geometry from a file's header (pixel data not read); ``None`` when the
+    file cannot be read as DICOM (decoding it later says why)."""
+    instance = Instance(os.fspath(path))
+    try:
+        if os.path.getsize(path) > limits.max_file_bytes:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            _read_identity(ds, instance)
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException:  # noqa: BLE001 - any failure here is found again, and reported, by the decoder
+        return None
+    return instance
 
 
 def decode_many(
@@ -210,19 +197,19 @@ def decode_many(
 
     results = [decode_instance(path, limits) for path in paths]
     for result in results:
-        if result.pixels is None:
+        image = result.image
+        if image is None:
             continue
         try:
             if display:
-                result.display = brain_window_image(result.pixels, result.slope, result.intercept)
+                image.display = brain_window_image(image.pixels, image.slope, image.intercept)
             if resize_to:
-                result.pixels = resize_stored(result.pixels, resize_to)
+                image.pixels = resize_stored(image.pixels, resize_to)
         except FATAL_EXCEPTIONS:
             raise
         except BaseException as exc:  # noqa: BLE001 - one file's failure must not cost the chunk
-            result.status, result.pixels, result.display = ERROR, None, None
             what = "out of memory" if isinstance(exc, MemoryError) else f"{type(exc).__name__}: {exc}"
-            result.error = _one_line(f"cannot prepare the decoded image: {what}")
+            result.fail(_one_line(f"cannot prepare the decoded image: {what}"))
     return results
 
 
@@ -365,7 +352,7 @@ def _check_inflated_size(zipped: bytes, cap: int) -> None:
         raise Refused(f"deflated data set inflates to over {cap} bytes (deflate bomb?)")
 
 
-def _read_identity(ds: pydicom.Dataset, result: DecodedSlice) -> None:
+def _read_identity(ds: pydicom.Dataset, instance: Instance) -> None:
     for keyword, attr in (
         ("SOPInstanceUID", "sop_instance_uid"),
         ("StudyInstanceUID", "study_instance_uid"),
@@ -374,14 +361,56 @@ def _read_identity(ds: pydicom.Dataset, result: DecodedSlice) -> None:
         value = _text(ds, keyword)
         if value and not is_valid_uid(value):
             raise Refused(f"invalid {keyword} {value[:80]!r}")
-        setattr(result, attr, value)
+        setattr(instance, attr, value)
     sop_class = _text(ds, "SOPClassUID") or _text(ds.get("file_meta", {}), "MediaStorageSOPClassUID")
-    result.sop_class_uid = sop_class if is_valid_uid(sop_class) else ""
+    instance.sop_class_uid = sop_class if is_valid_uid(sop_class) else ""
     try:
         number = ds.get("InstanceNumber")
-        result.instance_number = None if number in (None, "") else int(number)
+        instance.instance_number = None if number in (None, "") else int(number)
     except (TypeError, ValueError):
-        result.instance_number = None
+        instance.instance_number = None
+    instance.position, instance.spacing = slice_position(ds, instance.instance_number)
+
+
+def slice_position(ds: pydicom.Dataset, instance_number: int | None = None) -> tuple[float | None, float | None]:
+    """``(position, spacing)`` of a slice along its series' normal; ``(None, None)`` when unknown.
+
+    The position is ImagePositionPatient projected on the slice normal, the cross product
+    of the row and column cosines of ImageOrientationPatient (mm); the spacing is
+    SpacingBetweenSlices, else SliceThickness. Without usable geometry the InstanceNumber
+    is the position, with spacing 1. Malformed values count as missing, never as an error.
+    """
+    ipp = _floats(ds, "ImagePositionPatient", 3)
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    if ipp is not None and iop is not None:
+        normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+        length = float(np.linalg.norm(normal))
+        if length > 1e-6:
+            position = float(np.dot(np.asarray(ipp), normal / length))
+            spacing = None
+            for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+                value = _floats(ds, keyword, 1)
+                if value is not None and value[0] > 0:
+                    spacing = abs(value[0])
+                    break
+            return position, spacing
+    if instance_number is not None:
+        return float(instance_number), 1.0
+    return None, None
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> list[float] | None:
+    """``count`` finite numbers from a DS/FD element, or ``None`` when absent or malformed."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        values = [float(v) for v in (value if count > 1 else [value])]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        return None
+    return values
 
 
 def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: bool = False) -> None:

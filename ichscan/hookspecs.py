@@ -28,6 +28,9 @@ def ichscan_register_models(register: Callable[[str, Callable[..., Any]], None])
     Call ``register(name, factory)`` once per model; ``factory(**kwargs)`` returns a
     ``torch.nn.Module`` mapping an ``(N, C, S, S)`` float batch to ``(N, 6)`` logits in
     the label order of :data:`ichscan.LABELS`. Names must be unique across plugins.
+    A module with an integer attribute ``slice_context = k`` gets each slice with ``k``
+    neighbours per side of its series: ``C = (2k + 1) * windows`` (see
+    ``ichscan_preprocess``); absent means 0, single slices.
     The built-in ``simplecnn`` is registered this way.
 
     :param register: callback taking the model name and its factory.
@@ -42,12 +45,20 @@ def ichscan_preprocess(
     settings: PreprocessSettings,
     device: torch.device,
     channels_last: bool,
+    context: int,
 ) -> torch.Tensor | None:
     """Turn a batch of stored pixel arrays into the model's input tensor.
 
     Used for inference and for training alike. Stops at the first non-None result;
     the built-in windowing (three CT windows, 224 x 224) runs last, so a plugin that
     returns a tensor replaces it and one that returns None leaves it in place.
+
+    For a model with ``slice_context = k`` (``context``) the batch holds ``N`` slices
+    with their ``2k + 1`` neighbours each, slice after slice, neighbours in position
+    order (lowest first, the slice itself in the middle): ``len(pixels) == N * (2k+1)``.
+    Return either one image per array, ``(N * (2k+1), C, S, S)`` (the pipeline then
+    stacks each slice's neighbours into channels: channel ``j * C + c`` is window ``c``
+    of neighbour ``j``), or that ``(N, (2k+1) * C, S, S)`` tensor directly.
 
     :param pixels: 2-D arrays of stored values, one per image (sizes may differ; on
         the CPU the decode workers have already resized them to ``settings.size``).
@@ -56,7 +67,8 @@ def ichscan_preprocess(
     :param settings: windows and output size saved with the model's checkpoint.
     :param device: where the result must live.
     :param channels_last: whether the caller wants channels-last memory format.
-    :return: an ``(N, C, S, S)`` float32 tensor on ``device``, or None to pass.
+    :param context: the model's ``slice_context`` ``k`` (0: one array per slice).
+    :return: a float32 tensor on ``device`` shaped as above, or None to pass.
     """
 
 

@@ -42,6 +42,8 @@ def state_files(state: Path) -> list[Path]:
     return [state.with_name(state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
 QUEUED = "queued"
 DONE = "done"
+#: Rows of an earlier run whose outputs a later run rewrote (batch without --resume).
+SUPERSEDED = "superseded"
 SCHEMA_VERSION = 1
 
 _SCHEMA = f"""
@@ -281,6 +283,12 @@ class Ledger:
                     ),
                 )
                 self._next_seq += 1
+
+    def start_over(self) -> None:
+        """A run that rewrites its outputs from scratch (``batch`` without ``--resume``):
+        rows of earlier runs no longer stand for a row of the results CSV."""
+        with self._transaction():
+            self._db.execute("UPDATE files SET state = ? WHERE state IN (?, ?)", (SUPERSEDED, DONE, QUEUED))
 
     def queued(self) -> list[LedgerEntry]:
         """Rows still ``queued``: files in flight when a previous run stopped."""

@@ -442,10 +442,9 @@ class Outbox:
         from pydicom.uid import generate_uid
 
         from ichscan.dicom_objects import build_key_image
-        from ichscan.engine import to_result
         from ichscan.imaging import brain_window_image
         from ichscan.overlay import render_overlay
-        from ichscan.reporting import top_finding
+        from ichscan.records import Prediction, SliceResult, top_finding
 
         best = next((i for i in findings.instances if str(i.dataset.SOPInstanceUID) == best_uid), None)
         path = self._path_of(best_uid)
@@ -456,10 +455,9 @@ class Outbox:
         if decoded.status != OK or decoded.pixels is None:
             log.warning("study %s: key image slice %s cannot be decoded now: %s", study_uid, path, decoded.error or "file gone")
             return None
-        result = to_result(decoded)
-        result.probabilities = dict(best.probabilities)
-        result.positive = dict(best.positive)
-        result.top_label, result.top_probability = top_finding(result.probabilities, result.positive["any"])
+        top_label, top_probability = top_finding(best.probabilities, best.positive["any"])
+        prediction = Prediction(dict(best.probabilities), dict(best.positive), top_label, top_probability)
+        result = SliceResult.of(decoded, prediction)
         overlay = render_overlay(brain_window_image(decoded.pixels, decoded.slope, decoded.intercept), result)
         series = latest["series_instance_uid"] if latest is not None else generate_uid()
         revision = latest["revision"] + 1 if latest is not None else 1

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ichscan.dicom import is_valid_uid
 from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS
-from ichscan.reporting import SliceResult
+from ichscan.records import SliceResult, Status
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def overlay_name(result: SliceResult) -> str | None:
 
 
 def wants_overlay(result: SliceResult, overlays_for: str) -> bool:
-    if result.status != "ok" or overlays_for == "none":
+    if result.status != Status.OK or overlays_for == "none":
         return False
     return overlays_for == "all" or result.is_positive
 

@@ -8,53 +8,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import enum
 
-from ichscan.labels import LABELS, SUBTYPES
+from ichscan.labels import LABELS
+from ichscan.records import NO_FINDING, NO_STUDY_UID, SliceResult, Status, top_finding
+
+__all__ = [
+    "NO_FINDING",
+    "Reporter",
+    "ReporterSet",
+    "ResultsOutput",
+    "RunConfig",
+    "RunMode",
+    "RunSummary",
+    "SliceResult",
+    "StudySummary",
+    "StudyTable",
+    "top_finding",
+]
 
 log = logging.getLogger(__name__)
-
-NO_FINDING = "none"
-
-
-@dataclass
-class SliceResult:
-    """One input file's outcome: identity, status and (for ``ok``) probabilities."""
-
-    path: str
-    status: str
-    error: str = ""
-    sop_instance_uid: str = ""
-    study_instance_uid: str = ""
-    series_instance_uid: str = ""
-    instance_number: int | None = None
-    sop_class_uid: str = ""
-    probabilities: dict[str, float] | None = None
-    positive: dict[str, bool] | None = None
-    top_label: str = ""
-    top_probability: float | None = None
-    overlay: str = ""
-    #: Stored pixels (possibly resized for the model) and rescale; dropped after reporting.
-    pixels: np.ndarray | None = field(default=None, repr=False)
-    #: Full-resolution brain-window image from the decode worker, when overlays are on.
-    display: np.ndarray | None = field(default=None, repr=False)
-    slope: float = 1.0
-    intercept: float = 0.0
-
-    @property
-    def is_positive(self) -> bool:
-        return bool(self.positive and self.positive["any"])
-
-
-def top_finding(probabilities: Mapping[str, float], positive: bool) -> tuple[str, float]:
-    """``(top subtype, its probability)``; the label is ``none`` for a negative slice.
-
-    The probability is the highest subtype probability either way, so a near-miss
-    stays visible in the output.
-    """
-    label = max(SUBTYPES, key=lambda name: probabilities[name])
-    return (label if positive else NO_FINDING), float(probabilities[label])
-
 
 @dataclass
 class StudySummary:
@@ -74,12 +47,14 @@ class StudyTable:
         self.thresholds = dict(thresholds)
         self.studies: dict[str, StudySummary] = {}
         self.changed: set[str] = set()
+        #: Studies known to be complete (a finite run's end, a live study gone quiet).
+        self.complete: set[str] = set()
 
     def add(self, results: Iterable[SliceResult]) -> None:
         for result in results:
-            if result.status != "ok" or result.probabilities is None:
+            if result.status != Status.OK or result.probabilities is None:
                 continue
-            uid = result.study_instance_uid or "(no study uid)"
+            uid = result.instance.study_key
             study = self.studies.get(uid)
             if study is None:
                 study = self.studies[uid] = StudySummary(uid)
@@ -96,8 +71,10 @@ class StudyTable:
     def __len__(self) -> int:
         return len(self.studies)
 
-    def sorted(self) -> list[StudySummary]:
-        return sorted(self.studies.values(), key=lambda s: s.study_instance_uid)
+    def sorted(self, only: set[str] | None = None) -> list[StudySummary]:
+        """Studies by UID; ``only``: just these."""
+        studies = self.studies.values() if only is None else (self.studies[u] for u in only if u in self.studies)
+        return sorted(studies, key=lambda s: s.study_instance_uid)
 
 
 @dataclass
@@ -125,6 +102,19 @@ class ResultsOutput:
         }
 
 
+class RunMode(enum.Enum):
+    """Which command runs: a finite folder, or a live source that runs until stopped."""
+
+    BATCH = "batch"
+    WATCH = "watch"
+    SERVE = "serve-scp"
+
+    @property
+    def live(self) -> bool:
+        """Files arrive over time; outputs grow across runs (reconciled with the ledger)."""
+        return self is not RunMode.BATCH
+
+
 @dataclass
 class RunConfig:
     """Settings of one screening run, as reporters see them."""
@@ -146,9 +136,21 @@ class RunConfig:
     calling_ae: str = "ICHSCAN"
     #: At the end of a run, seconds to wait for pending deliveries.
     forward_wait: float = 30.0
-    #: SQLite state file (the watch ledger; for batch, the outbox's own).
+    #: SQLite state file: the ledger of screened files and the DICOM results' outbox.
     state: Path | None = None
+    #: Which command runs.
+    mode: RunMode = RunMode.BATCH
+    #: ``batch --resume``: files screened before keep their rows, the CSV is appended to.
+    resume: bool = False
+    #: The run's ledger (:class:`ichscan.ledger.Ledger`), opened and locked by the runner.
+    ledger: Any = None
+    #: Free-form settings for third-party plugins (ichscan itself sets none).
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def append(self) -> bool:
+        """Whether the results CSV keeps the rows of earlier runs (reconciled with the ledger)."""
+        return self.mode.live or self.resume
 
     @property
     def bundled_weights(self) -> bool:
@@ -180,7 +182,12 @@ class RunSummary:
     def count(self, results: Iterable[SliceResult]) -> None:
         for result in results:
             self.files += 1
-            setattr(self, result.status, getattr(self, result.status) + 1)
+            if result.status is Status.OK:
+                self.ok += 1
+            elif result.status is Status.SKIPPED:
+                self.skipped += 1
+            else:
+                self.error += 1
             self.positive += int(result.is_positive)
 
 

@@ -133,13 +133,16 @@ def pack(results: list[DecodedSlice], ticket: SlabTicket) -> list[Placed]:
     placed: list[Placed] = []
     offset = 0
     for index, result in enumerate(results):
+        image = result.image
+        if image is None:
+            continue
         for name in _FIELDS:
-            arr = getattr(result, name)
+            arr = getattr(image, name)
             if arr is None or arr.dtype.hasobject or offset + arr.nbytes > ticket.size:
                 continue
             np.ndarray(arr.shape, arr.dtype, buffer=buf, offset=offset)[...] = arr
             placed.append(Placed(index, name, offset, tuple(arr.shape), arr.dtype.str))
-            setattr(result, name, None)
+            setattr(image, name, None)
             offset = _aligned(offset + arr.nbytes)
     return placed
 
@@ -280,7 +283,7 @@ class SlabPool:
                 slab.users += 1
             # Views of `arr` keep `arr` as their base, so this runs once all are gone.
             weakref.finalize(arr, self._release, slab).atexit = False
-            setattr(results[where.index], where.field, arr)
+            setattr(results[where.index].image, where.field, arr)
         self._release(slab)
         return results
 

@@ -173,7 +173,7 @@ def test_verbosity_levels(phantoms, tmp_path):
     default, verbose, very, quiet = stderr(), stderr("-v"), stderr("-vv"), stderr("-q")
     assert "ichscan INFO: screened" in default and "DEBUG" not in default
     assert "ichscan DEBUG: decoding: 1 workers" in verbose and "ichscan INFO: screened" in verbose
-    assert "ichscan DEBUG ichscan.engine: decoding:" in very
+    assert "ichscan DEBUG ichscan.pipeline.run: decoding:" in very
     assert any(line.startswith("ichscan DEBUG ") and " ichscan." not in line for line in very.splitlines())
     assert "INFO" not in quiet and "NOT for clinical use" in quiet  # the demo-weights warning stays
 

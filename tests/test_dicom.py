@@ -820,7 +820,7 @@ def test_no_pixel_data_limits_in_compressed_files(tmp_path):
 @pytest.mark.slow
 def test_batch_over_bad_files(bad_files, tmp_path, monkeypatch):
     """One CSV row per file, the right statuses, the CSV columns, formula cells defused."""
-    from ichscan.batch import BatchOptions, run_batch
+    from ichscan.pipeline import BatchOptions, run_batch
     from ichscan.default_plugins.csv_report import RESULT_COLUMNS
 
     source, expect = bad_files
@@ -883,14 +883,14 @@ TORCH_PROBE = "'torch' in __import__('sys').modules"
 
 
 def test_fresh_decode_worker_does_not_import_torch():
-    from ichscan.engine import DecodePool
+    from ichscan.pipeline.decode import DecodePool
 
     with DecodePool(1) as pool:
         assert pool._pool().submit(eval, TORCH_PROBE, {}).result(timeout=60) is False
 
 
 def test_decode_worker_does_not_import_torch_after_decoding():
-    from ichscan.engine import DecodePool
+    from ichscan.pipeline.decode import DecodePool
 
     with DecodePool(1) as pool:
         (result,) = list(pool.decode([str(CT_SMALL)]))

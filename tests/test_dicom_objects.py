@@ -32,7 +32,7 @@ from ichscan.dicom_objects import (
 from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS
 from ichscan.overlay import render_overlay
-from ichscan.reporting import SliceResult, top_finding
+from ichscan.records import Instance, Prediction, SliceResult, Status, top_finding
 from ichscan.synth import generate
 
 DCIODVFY = "/usr/bin/dciodvfy"
@@ -134,12 +134,9 @@ def overlay_for(path: Path, finding: InstanceFinding) -> np.ndarray:
     image = brain_window_image(decoded.pixels, decoded.slope, decoded.intercept)
     top_label, top_probability = top_finding(finding.probabilities, finding.positive["any"])
     result = SliceResult(
-        path=str(path),
-        status="ok",
-        probabilities=finding.probabilities,
-        positive=finding.positive,
-        top_label=top_label,
-        top_probability=top_probability,
+        Instance(str(path)),
+        Status.OK,
+        prediction=Prediction(finding.probabilities, finding.positive, top_label, top_probability),
     )
     return np.asarray(render_overlay(image, result))
 

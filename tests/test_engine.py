@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ichscan.dicom import decode_instance
-from ichscan.engine import DecodePool, Screener, StreamingDecodePool
+from ichscan.pipeline.decode import DecodePool
+from ichscan.pipeline.screener import Screener
 from ichscan.models import ModelError, load_model, read_checkpoint, save_checkpoint
 from ichscan.plugins import get_plugin_manager
 from ichscan.sources.folder import FolderEntry, iter_folder
@@ -213,8 +214,8 @@ def test_decoder_panic_gets_an_error_row_in_the_streaming_pool(with_bad_rle, wor
 
 
 def stream_all(paths, **pool_args):
-    """Every slice a StreamingDecodePool gives for ``paths``."""
-    with StreamingDecodePool(**pool_args) as pool:
+    """Every slice a DecodePool gives for ``paths``."""
+    with DecodePool(**pool_args) as pool:
         pool.submit(paths)
         out = []
         while pool.pending:
@@ -248,7 +249,7 @@ def flaky_decoder(tmp_path, monkeypatch, many_ct):
     """The pool's decoder fails, unpicklably, on chunks holding a file named bad*."""
     import importlib
 
-    import ichscan.engine as engine
+    import ichscan.pipeline.decode as engine
 
     module_dir = tmp_path / "flaky_module"
     module_dir.mkdir()
@@ -304,12 +305,12 @@ def _no_executor(*args, **kwargs):
 def test_workers_that_cannot_start_are_one_clear_error(monkeypatch, executor, reason, streaming):
     import concurrent.futures
 
-    from ichscan.engine import DecodeWorkerStartError
+    from ichscan.pipeline.decode import DecodeWorkerStartError
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", executor)
     with pytest.raises(DecodeWorkerStartError) as caught:
         if streaming:
-            with StreamingDecodePool(workers=2) as pool:
+            with DecodePool(workers=2) as pool:
                 pool.submit([str(CT_SMALL)])
         else:
             with DecodePool(workers=2) as pool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ichscan.batch import BatchOptions, run_batch
+from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.sources.folder import Outputs, iter_folder
 from ichscan.synth import generate
 

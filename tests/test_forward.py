@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ichscan.batch import BatchOptions, run_batch
+from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.dicom import decode_instance
 from ichscan.dicom_objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
 from ichscan.labels import LABELS

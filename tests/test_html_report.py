@@ -17,12 +17,14 @@ import pydicom
 import pytest
 
 from ichscan import synth
-from ichscan.batch import collect_reporters
+from ichscan.pipeline import collect_reporters
 from ichscan.default_plugins.html_report import HtmlReporter, relative_href
-from ichscan.engine import prepare_screening, run_stream
+from ichscan.pipeline.run import run_stream
+from ichscan.pipeline.sizing import prepare_screening
 from ichscan.labels import LABELS, SUBTYPES, default_thresholds
 from ichscan.plugins import get_plugin_manager
-from ichscan.reporting import ReporterSet, RunConfig, SliceResult, StudyTable
+from ichscan.records import Instance, Prediction, SliceResult, Status, StoredImage
+from ichscan.reporting import ReporterSet, RunConfig, StudyTable
 from ichscan.sources.folder import iter_folder
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -260,17 +262,18 @@ def make_result(study: str, instance: int, p_any: float, *, path: str = "", thre
     probabilities["subdural"] = 0.9
     probabilities["any"] = p_any
     result = SliceResult(
-        path=path or f"/data/in/{study}/{instance}.dcm",
-        status="ok",
-        sop_instance_uid=f"1.2.3.{instance}",
-        study_instance_uid=study,
-        series_instance_uid="1.2.4",
-        instance_number=instance,
-        probabilities=probabilities,
-        positive={label: probabilities[label] >= thresholds[label] for label in LABELS},
-        top_label="subdural",
-        top_probability=0.9,
-        display=np.full((64, 64), 90 + instance, dtype=np.uint8),
+        Instance(
+            path or f"/data/in/{study}/{instance}.dcm",
+            sop_instance_uid=f"1.2.3.{instance}",
+            study_instance_uid=study,
+            series_instance_uid="1.2.4",
+            instance_number=instance,
+        ),
+        Status.OK,
+        image=StoredImage(None, display=np.full((64, 64), 90 + instance, dtype=np.uint8)),
+        prediction=Prediction(
+            probabilities, {label: probabilities[label] >= thresholds[label] for label in LABELS}, "subdural", 0.9
+        ),
     )
     return result
 
@@ -280,9 +283,9 @@ def test_untrusted_text_is_escaped(tmp_path: Path) -> None:
     study_uid = '1.2"><img src=x onerror=alert(2)>'
     table = StudyTable(thresholds)
     reporter = HtmlReporter(tmp_path / "r.html", RunConfig(thresholds=thresholds, input_root=Path("/data/in")))
-    bad = SliceResult(path="/data/in/sub/<script>alert(1)</script>.dcm", status="error", error="not DICOM <b>x</b>")
+    bad = SliceResult.failed("/data/in/sub/<script>alert(1)</script>.dcm", "not DICOM <b>x</b>")
     results = [bad, make_result(study_uid, 1, 0.99, thresholds=thresholds)]
-    results[1].sop_instance_uid = "<i>sop</i>"
+    results[1].instance.sop_instance_uid = "<i>sop</i>"
     table.add(results)
     reporter.on_results(results, table)
     reporter.on_finish(reporter.counts, table)

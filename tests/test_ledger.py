@@ -20,7 +20,8 @@ from ichscan.ledger import (
     repair_torn_csv,
 )
 from ichscan.labels import LABELS
-from ichscan.reporting import SliceResult, StudyTable
+from ichscan.records import Instance, Prediction, SliceResult, Status
+from ichscan.reporting import StudyTable
 
 STUDY = "1.2.3"
 
@@ -31,16 +32,9 @@ def ok_result(path, sop, p_any=0.7, study=STUDY):
     positive = {label: probs[label] >= 0.5 for label in LABELS}
     top = "subdural" if positive["any"] else "none"
     return SliceResult(
-        path=path,
-        status="ok",
-        sop_instance_uid=sop,
-        study_instance_uid=study,
-        series_instance_uid="1.2.3.4",
-        instance_number=1,
-        probabilities=probs,
-        positive=positive,
-        top_label=top,
-        top_probability=p_any,
+        Instance(path, sop_instance_uid=sop, study_instance_uid=study, series_instance_uid="1.2.3.4", instance_number=1),
+        Status.OK,
+        prediction=Prediction(probs, positive, top, p_any),
     )
 
 
@@ -102,7 +96,7 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
 def test_study_summaries_match_the_study_table(tmp_path):
     results = [ok_result(f"/in/{i}.dcm", f"1.{i}", p_any=p) for i, p in enumerate([0.2, 0.9, 0.6])]
     results.append(ok_result("/in/other.dcm", "2.1", p_any=0.1, study="9.9"))
-    results.append(SliceResult("/in/bad", "error", "not a DICOM file"))
+    results.append(SliceResult.failed("/in/bad", "not a DICOM file"))
     table = StudyTable({label: 0.5 for label in LABELS})
     table.add(results)
     with Ledger(tmp_path / "state.sqlite") as ledger:

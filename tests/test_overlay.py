@@ -10,9 +10,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from ichscan.batch import BatchOptions, run_batch
+from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.dicom import decode_instance
-from ichscan.engine import to_result
+from ichscan.records import Prediction, SliceResult
 from ichscan.labels import LABELS
 from ichscan.overlay import MIN_OVERLAY_SIDE, OverlayWriter, overlay_name, render_overlay, render_overlay_indexed
 from ichscan.synth import generate
@@ -23,11 +23,10 @@ RED = (255, 64, 64)
 
 def screened(path, index=0, positive=True):
     """A decoded slice with made-up probabilities, as the engine hands it on."""
-    result = to_result(decode_instance(str(path)))
-    result.sop_instance_uid = f"1.2.3.{index + 1}"
-    result.probabilities = {label: 0.9 if positive else 0.1 for label in LABELS}
-    result.positive = {label: positive for label in LABELS}
-    result.top_label, result.top_probability = ("subdural" if positive else "none"), result.probabilities["subdural"]
+    probabilities = {label: 0.9 if positive else 0.1 for label in LABELS}
+    prediction = Prediction(probabilities, {label: positive for label in LABELS}, "subdural" if positive else "none", probabilities["subdural"])
+    result = SliceResult.of(decode_instance(str(path)), prediction)
+    result.instance.sop_instance_uid = f"1.2.3.{index + 1}"
     return result
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ichscan import hookspecs
-from ichscan.batch import BatchOptions, run_batch
+from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.cli import cli
 from ichscan.plugins import PluginError, describe_plugins, get_plugin_manager
 
@@ -176,7 +176,7 @@ def test_hook_ichscan_preprocess_replaces_builtin(tmp_path):
     import numpy as np
     import torch
 
-    from ichscan.engine import Screener
+    from ichscan.pipeline.screener import Screener
     from ichscan.models import load_model
 
     (tmp_path / "zeros.py").write_text(PREPROCESS_PLUGIN)

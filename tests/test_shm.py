@@ -19,7 +19,10 @@ import torch
 
 import ichscan.shm as shm_module
 from ichscan.dicom import OK, decode_instance
-from ichscan.engine import DecodePool, Screener, StreamingDecodePool, fit_batch_size, run_stream
+from ichscan.pipeline.decode import DecodePool
+from ichscan.pipeline.run import run_stream
+from ichscan.pipeline.screener import Screener
+from ichscan.pipeline.sizing import fit_batch_size
 from ichscan.imaging import resize_stored
 from ichscan.models import load_model
 from ichscan.plugins import get_plugin_manager
@@ -168,7 +171,7 @@ def test_killed_worker_loses_no_file_and_leaks_no_slab(many_ct, slab_names):
 
 @needs_dev_shm
 def test_streaming_pool_over_shm(many_ct, slab_names):
-    with StreamingDecodePool(workers=1, chunk_size=2, max_in_flight=3, transfer=SHM) as pool:
+    with DecodePool(workers=1, chunk_size=2, max_in_flight=3, transfer=SHM) as pool:
         out = []
         pending = list(many_ct[:12])
         while pending or pool.pending:
@@ -288,7 +291,7 @@ def test_hostile_files_get_one_row_each_over_shm(tmp_path, monkeypatch, slab_nam
 
     from test_dicom import build_bad_files
 
-    from ichscan.batch import BatchOptions, run_batch
+    from ichscan.pipeline import BatchOptions, run_batch
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -322,7 +325,8 @@ CHILD = textwrap.dedent(
     shm.SlabPool._create = announce
 
     if __name__ == "__main__":
-        from ichscan.engine import Screener, run_stream
+        from ichscan.pipeline.run import run_stream
+        from ichscan.pipeline.screener import Screener
         from ichscan.models import load_model
         from ichscan.plugins import get_plugin_manager
         from ichscan.reporting import ReporterSet

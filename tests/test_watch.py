@@ -24,11 +24,13 @@ from click.testing import CliRunner
 
 from ichscan.cli_watch import watch_command
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, STUDY_COLUMNS
-from ichscan.dicom import DecodedSlice
-from ichscan.engine import MicroBatcher, StreamingDecodePool
+from ichscan.records import DecodedSlice, Instance, Status
+from ichscan.pipeline.batcher import MicroBatcher
+from ichscan.pipeline.decode import DecodePool
+from ichscan.pipeline.series import ContextSlice
 from ichscan.sources.watch import Settler, is_temporary
 from ichscan.synth import generate
-from ichscan.watch import WatchOptions, run_watch
+from ichscan.pipeline import WatchOptions, run_watch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPLICIT = ["ExplicitVRLittleEndian"]
@@ -169,7 +171,7 @@ def test_settler_holds_a_file_still_in_flight(tmp_path):
 
 
 def _slice(i, status="ok"):
-    return DecodedSlice(path=f"/f{i}", status=status)
+    return ContextSlice(DecodedSlice(Instance(f"/f{i}"), Status(status)))
 
 
 def test_micro_batcher_full_batch_or_latency_bound():
@@ -193,7 +195,7 @@ def test_streaming_pool_returns_one_result_per_file_across_a_killed_worker(tmp_p
     records = phantoms(tmp_path / "in", slices=12)
     paths = [str(r.path) for r in records] + [str(tmp_path / "missing.dcm")]
     seen: list[DecodedSlice] = []
-    with StreamingDecodePool(workers=1, chunk_size=2, max_in_flight=3) as pool:
+    with DecodePool(workers=1, chunk_size=2, max_in_flight=3) as pool:
         assert pool.free_slots() == 6
         pool.submit(paths[:6])
         assert pool.free_slots() == 0 and pool.pending == 6

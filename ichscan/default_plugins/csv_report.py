@@ -3,90 +3,34 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import time
 from pathlib import Path
 
 from ichscan import hookimpl
 from ichscan.labels import LABELS
-from ichscan.ledger import printable
+from ichscan.ledger import Ledger, reconcile_csv
+from ichscan.rows import RESULT_COLUMNS, STUDY_COLUMNS, neutralise, probability_cell, result_row
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
 
-RESULT_COLUMNS: tuple[str, ...] = (
-    "path",
-    "sop_instance_uid",
-    "study_instance_uid",
-    "series_instance_uid",
-    "instance_number",
-    "status",
-    "error",
-    *(f"p_{label}" for label in LABELS),
-    *LABELS,
-    "top_label",
-    "top_probability",
-    "overlay",
-)
-STUDY_COLUMNS: tuple[str, ...] = (
-    "study_instance_uid",
-    "slices",
-    "positive_slices",
-    *(f"p_{label}" for label in LABELS),
-    "top_label",
-    "top_probability",
-)
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+log = logging.getLogger(__name__)
 
-
-def neutralise(cell: object) -> object:
-    """Make text safe for the CSV: bytes of a file name that are not UTF-8 (surrogates)
-    become backslash escapes (``bad\\xff.dcm``), so the file stays valid UTF-8; and
-    spreadsheet formulas are defused: text starting with = + - @ gets a leading quote."""
-    if isinstance(cell, str):
-        cell = printable(cell)
-        if cell.startswith(_FORMULA_START):
-            return "'" + cell
-    return cell
-
-
-def _prob(value: float | None) -> str:
-    return "" if value is None else f"{value:.6f}"
-
-
-def result_row(result: SliceResult) -> list[object]:
-    probs = result.probabilities
-    positive = result.positive
-    row: list[object] = [
-        result.path,
-        result.sop_instance_uid,
-        result.study_instance_uid,
-        result.series_instance_uid,
-        "" if result.instance_number is None else result.instance_number,
-        result.status,
-        result.error,
-        *(_prob(probs[label]) if probs else "" for label in LABELS),
-        *(int(positive[label]) if positive else "" for label in LABELS),
-        result.top_label if probs else "",
-        _prob(result.top_probability) if probs else "",
-        result.overlay,
-    ]
-    return [neutralise(cell) for cell in row]
-
-
-def write_studies_csv(path: Path, studies: StudyTable) -> None:
+def write_studies_csv(path: Path, studies: StudyTable, only: set[str] | None = None) -> None:
     """Rewrite the study summary atomically (temporary file + rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(STUDY_COLUMNS)
-        for study in studies.sorted():
+        for study in studies.sorted(only):
             writer.writerow(
                 [
                     neutralise(study.study_instance_uid),
                     study.slices,
                     study.positive_slices,
-                    *(_prob(study.max_probabilities[label]) for label in LABELS),
+                    *(probability_cell(study.max_probabilities[label]) for label in LABELS),
                     study.top_label,
-                    _prob(study.top_probability),
+                    probability_cell(study.top_probability),
                 ]
             )
     os.replace(tmp, path)
@@ -100,21 +44,33 @@ class CsvReporter(Reporter):
     out
         The per-slice results CSV.
     studies_out
-        The per-study CSV, rewritten as studies change; ``None`` to leave it alone.
-    append
-        Keep the rows already in ``out`` and append (the header only into an empty
-        file), for ``ichscan watch``, which reconciles ``out`` with its ledger before
-        it starts; by default ``out`` is rewritten from scratch.
+        The per-study CSV; ``None`` to leave it alone.
+    ledger
+        Keep the rows already in ``out`` and append: first ``out`` is reconciled with the
+        ledger (a torn last line cut, rows the ledger has and the file lacks appended),
+        for a live run or ``batch --resume``. Without it ``out`` is rewritten from scratch.
+    live
+        Study rows are written as studies complete (and all of them at the end), rather
+        than rewritten as they change.
     """
 
     name = "csv"
     #: Rewrite the study file at most this often during a run (always at the end).
     studies_interval_s = 2.0
 
-    def __init__(self, out: Path, studies_out: Path | None, *, append: bool = False):
+    def __init__(self, out: Path, studies_out: Path | None, *, ledger: Ledger | None = None, live: bool = False):
         self.out = out
         self.studies_out = studies_out
-        self._fh = open(out, "a" if append else "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in on_finish
+        self.live = live
+        if ledger is not None:
+            repair = reconcile_csv(out, ledger, RESULT_COLUMNS)
+            if repair.torn_bytes:
+                log.warning("cut a torn last line (%d bytes) from %s", repair.torn_bytes, out)
+            if repair.appended:
+                log.warning("restored %d rows to %s from the ledger", repair.appended, out)
+            if repair.unknown:
+                log.warning("%s holds %d rows the ledger %s does not know (another run?)", out, repair.unknown, ledger.path)
+        self._fh = open(out, "a" if ledger is not None else "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in on_finish
         self._writer = csv.writer(self._fh)
         if self._fh.tell() == 0:
             self._writer.writerow(RESULT_COLUMNS)
@@ -125,24 +81,32 @@ class CsvReporter(Reporter):
     def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
         self._writer.writerows(result_row(r) for r in results)
         self._fh.flush()
+        if self.live:
+            return
         self._studies_dirty |= bool(studies.changed)
         now = time.monotonic()
         if self.studies_out and self._studies_dirty and now - self._last_studies >= self.studies_interval_s:
-            write_studies_csv(self.studies_out, studies)
+            self._write_studies(studies)
             self._last_studies, self._studies_dirty = now, False
+
+    def on_study_complete(self, uids: list[str], studies: StudyTable) -> None:
+        self._write_studies(studies, studies.complete if self.live else None)
 
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
         self._fh.close()
-        if self.studies_out:
-            write_studies_csv(self.studies_out, studies)
+        self._write_studies(studies)
+
+    def _write_studies(self, studies: StudyTable, only: set[str] | None = None) -> None:
+        if self.studies_out is None:
+            return
+        try:
+            write_studies_csv(self.studies_out, studies, only)
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.studies_out, exc.strerror or exc)
 
 
 @hookimpl
 def ichscan_register_reporters(register, config: RunConfig):
     if config.out is not None:
-        if config.options.get("append"):
-            # ichscan watch: the results CSV grows across runs (reconciled with the
-            # ledger on start) and the watcher writes study rows as studies complete.
-            register(CsvReporter(config.out, None, append=True))
-        else:
-            register(CsvReporter(config.out, config.studies_out))
+        ledger = config.ledger if config.append else None
+        register(CsvReporter(config.out, config.studies_out, ledger=ledger, live=config.mode.live))

@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 
 from ichscan import hookimpl
+from ichscan.pipeline.options import OUTBOX_FOLDER_NAME
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
 
 log = logging.getLogger(__name__)
 
 #: Where objects wait for delivery when --forward is given without --dicom-out.
-OUTBOX_FOLDER_NAME = "ichscan-outbox"
 
 
 def outbox_folder(config: RunConfig) -> Path:
@@ -41,8 +41,9 @@ class DicomResultsReporter(Reporter):
             thresholds=dict(config.thresholds),
         )
         self.config = config
-        # ichscan watch holds the state file's lock through its ledger; batch takes it here.
-        lock = not config.options.get("watch")
+        # The runner holds the state file's lock through its ledger; a reporter used
+        # without one (a library call) takes it here.
+        lock = config.ledger is None
         self.outbox = Outbox(Path(config.state), outbox_folder(config), config.forward, model, lock=lock)
         self.forwarder = None
         unfinished = self.outbox.unfinished()

@@ -32,12 +32,12 @@ from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS, SUBTYPES
 from ichscan.ledger import printable
 from ichscan.overlay import render_overlay
+from ichscan.records import NO_STUDY_UID, Status
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
 
 log = logging.getLogger(__name__)
 
 #: The key :class:`ichscan.reporting.StudyTable` files slices without a study UID under.
-NO_STUDY_UID = "(no study uid)"
 #: Longest side of a thumbnail in pixels.
 THUMBNAIL_SIZE = 160
 #: How many linked overlay PNGs the page's script probes on load: each probe reads a
@@ -248,7 +248,7 @@ class HtmlReporter(Reporter):
     def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
         self.counts.count(results)
         for result in results:
-            if result.status != "ok" or result.probabilities is None:
+            if result.status != Status.OK or result.probabilities is None:
                 if len(self.not_screened) < self.max_not_screened:
                     self.not_screened.append(
                         # Odd file-name bytes are escaped once, when the page is rendered.

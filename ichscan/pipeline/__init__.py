@@ -1,20 +1,21 @@
-"""One pipeline for every source: source -> decode -> batch -> (series context) -> screen -> report.
+"""One pipeline for every source: source -> decode -> (series context) -> batch -> screen -> report.
 
 The entry points of the three screening commands, each a source plus a stop condition.
 """
 
 from __future__ import annotations
 
-from ichscan.batch import BatchOptions, RunError, run_batch
-from ichscan.serve import ServeOptions, run_serve
-from ichscan.watch import WatchOptions, WatchSummary, run_watch
+from ichscan.pipeline.commands import ServeOptions, WatchSummary, collect_reporters, run_batch, run_serve, run_watch
+from ichscan.pipeline.options import BatchOptions, RunError, ScreeningOptions, WatchOptions
 
 __all__ = [
     "BatchOptions",
     "RunError",
+    "ScreeningOptions",
     "ServeOptions",
     "WatchOptions",
     "WatchSummary",
+    "collect_reporters",
     "run_batch",
     "run_serve",
     "run_watch",

@@ -5,18 +5,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ichscan.sources.base import Entry, FolderEntry
+
+if TYPE_CHECKING:
+    from ichscan.pipeline.run import Pipeline
+    from ichscan.records import SliceResult
+
+__all__ = ["Entry", "FolderEntry", "FolderSource", "Outputs", "check_input_folder", "count_folder", "iter_folder"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FolderEntry:
-    """A file to screen, or one refused before reading (``refusal`` says why)."""
-
-    path: str
-    refusal: str = ""
 
 
 class Outputs:
@@ -127,3 +127,94 @@ def check_input_folder(root: str | os.PathLike[str]) -> Path:
     if not os.access(path, os.R_OK | os.X_OK):
         raise ValueError(f"input folder {root} is not readable")
     return path
+
+
+class FolderSource:
+    """The folder walk as a finite source (``ichscan batch``).
+
+    Each file is stat'ed when handed over (its identity in the ledger). With
+    ``resume``, files the ledger has screened under the same identity are skipped.
+    With a model that looks at neighbouring slices, the headers are read first and the
+    files handed over series by series in position order, so that a slice's neighbours
+    are decoded close together and the pixels held stay few.
+    """
+
+    live = False
+
+    def __init__(self, root: str | os.PathLike[str], *, resume: bool = False):
+        self.root = root
+        self.resume = resume
+        self.resumed = 0
+        self._entries: Iterator[Entry] = iter(())
+        self._finished = False
+        self._pipeline: Pipeline | None = None
+
+    def open(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        entries: Iterable[Entry] = iter_folder(self.root, pipeline.exclusions)
+        if pipeline.series.context > 0:
+            entries = order_by_series(list(entries), pipeline.series)
+        self._entries = iter(entries)
+
+    def poll(self, now: float, limit: int) -> list[Entry]:
+        chunk: list[Entry] = []
+        ledger = self._pipeline.ledger if self._pipeline is not None else None
+        for entry in self._entries:
+            entry = _with_identity(entry)
+            if self.resume and ledger is not None and not entry.refusal:
+                from ichscan.ledger import FileIdentity
+
+                if ledger.is_done(FileIdentity(entry.path, entry.size, entry.mtime_ns)) is not None:
+                    self.resumed += 1
+                    continue
+            chunk.append(entry)
+            if len(chunk) >= limit:
+                return chunk
+        self._finished = True
+        return chunk
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._finished = True
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def on_results(self, results: list[SliceResult]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _with_identity(entry: Entry) -> Entry:
+    if entry.refusal or entry.size >= 0:
+        return entry
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return entry  # the decoder says what is wrong with it
+    return Entry(entry.path, "", st.st_size, st.st_mtime_ns)
+
+
+def order_by_series(entries: list[Entry], series) -> list[Entry]:
+    """Entries series by series (first seen first), each in position order; the series
+    announced to ``series`` (a :class:`~ichscan.pipeline.series.SeriesAssembler`).
+    Files whose header gives no series or position keep their order, at the end."""
+    from ichscan.dicom import read_header_instance
+
+    placed: dict[str, list[tuple[float, Entry]]] = {}
+    rest: list[Entry] = []
+    for entry in entries:
+        instance = None if entry.refusal else read_header_instance(entry.path)
+        if instance is None or not instance.series_instance_uid or instance.position is None:
+            rest.append(entry)
+            continue
+        placed.setdefault(instance.series_instance_uid, []).append((instance.position, entry))
+        series.expect(instance.series_instance_uid, entry.path, instance.position, instance.spacing)
+    ordered = [entry for members in placed.values() for _, entry in sorted(members, key=lambda m: m[0])]
+    log.debug("read %d headers: %d series, %d files without series geometry", len(entries), len(placed), len(rest))
+    return ordered + rest

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from pydicom.uid import (
 )
 
 from ichscan.dicom import is_valid_uid
+from ichscan.sources.base import Entry
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +236,113 @@ def build_ae(opts: ScpOptions):
     else:
         ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
     return ae
+
+
+class ScpSource:
+    """The C-STORE receiver as a live source (``ichscan serve-scp``).
+
+    The :class:`StoreHandler` hands each durably stored instance straight over
+    (:meth:`received`, from the association's thread); a scan of the store at start
+    finds what was stored but not screened before a crash. On :meth:`stop` no new
+    associations are accepted and open ones get ``drain_timeout`` seconds to finish;
+    what they store is still screened.
+    """
+
+    live = True
+
+    def __init__(self, store: Path, drain_timeout: float = 30.0):
+        self.store = Path(store)
+        self.drain_timeout = drain_timeout
+        self.server = None  # set by the caller once it listens
+        self._received: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._backlog: dict[str, None] = {}
+        self._drained = threading.Event()
+        self._stopping = False
+
+    def received(self, path: str) -> None:
+        """Called by the handler for each newly stored instance (before Success)."""
+        self._received.put(path)
+        self._wakeup.set()
+
+    def open(self, pipeline) -> None:
+        from ichscan.sources.watch import scan_tree
+
+        self.pipeline = pipeline
+        ledger = pipeline.ledger
+        for path in scan_tree(str(self.store)):
+            entry = _stored_entry(path)
+            if entry is not None and (ledger is None or ledger.is_done(_identity(entry)) is None):
+                self._backlog[path] = None
+
+    def poll(self, now: float, limit: int) -> list[Entry]:
+        while True:
+            try:
+                self._backlog[self._received.get_nowait()] = None
+            except queue.Empty:
+                break
+        ledger = self.pipeline.ledger
+        out: list[Entry] = []
+        for path in list(self._backlog):
+            if len(out) >= limit:
+                break
+            del self._backlog[path]
+            entry = _stored_entry(path)
+            if entry is None or path in self.pipeline.in_flight:
+                continue
+            if ledger is not None and ledger.is_done(_identity(entry)) is not None:
+                continue
+            out.append(entry)
+        return out
+
+    def wait(self, timeout: float) -> None:
+        self._wakeup.wait(timeout)
+        self._wakeup.clear()
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        threading.Thread(target=self._drain, name="ichscan-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        server = self.server
+        if server is not None:
+            log.warning("stopping: no new associations; waiting up to %.0f s for open ones", self.drain_timeout)
+            server.shutdown()
+            deadline = time.monotonic() + self.drain_timeout
+            # Only established associations are waited for: a connection that never
+            # sent an association request (a port check, a stalled peer) is not work.
+            while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in server.active_associations:
+                if assoc.is_established:
+                    log.warning("aborting association with %s after the drain timeout", assoc.requestor.ae_title)
+                assoc.abort()
+        self._drained.set()
+        self._wakeup.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._drained.is_set() and self._received.empty() and not self._backlog
+
+    def on_results(self, results) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.server is not None and not self._drained.is_set():
+            self.server.shutdown()
+
+
+def _stored_entry(path: str) -> Entry | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return Entry(path, "", st.st_size, st.st_mtime_ns)
+
+
+def _identity(entry: Entry):
+    from ichscan.ledger import FileIdentity
+
+    return FileIdentity(entry.path, entry.size, entry.mtime_ns)

@@ -19,9 +19,11 @@ import fnmatch
 import logging
 import os
 import queue
+import shutil
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from ichscan.ledger import FileIdentity
+from ichscan.sources.base import Entry
+from ichscan.sources.folder import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +292,201 @@ def scan_tree(root: str, skip_dir: Callable[[str], bool] = lambda path: False) -
         for name in sorted(filenames):
             if not is_temporary(name):
                 yield os.path.join(dirpath, name)
+
+
+#: How often the watched folder itself is checked (removed, recreated, observer dead).
+_HEALTH_S = 1.0
+#: Rescan interval while events are unavailable (watch limits, folder gone).
+_FALLBACK_RESCAN_S = 5.0
+
+
+class WatchSource:
+    """A watched folder as a live source (``ichscan watch``; ``serve-scp`` for its store).
+
+    1. events, the startup scan and periodic rescans make *candidates*; a candidate the
+       ledger has screened under the same identity (path, size, mtime) is dropped;
+    2. a candidate whose size and mtime stay unchanged for ``settle`` seconds is handed
+       over (the pipeline records it as queued in the ledger before a worker sees it);
+    3. with a quarantine folder, files that got an ``error`` row are moved there.
+    """
+
+    live = True
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        settle: float = 2.0,
+        poll: bool = False,
+        poll_interval: float = 1.0,
+        rescan_interval: float = 60.0,
+        quarantine: str | os.PathLike[str] | None = None,
+    ):
+        self.root = os.path.abspath(root)
+        self.poll_events = poll
+        self.rescan_interval = rescan_interval
+        self.quarantine = os.path.abspath(quarantine) if quarantine is not None else None
+        self.quarantined = 0
+        self.watcher = FolderWatcher(self.root, poll=poll, poll_interval=poll_interval)
+        self.settler = Settler(settle)
+        self.ignored = IgnoredLog()
+        # Settled, not yet handed over; by path, so a file settling twice is queued once.
+        self.backlog: OrderedDict[str, FileIdentity] = OrderedDict()
+        self._stopped = False
+        self._root_present = True
+        self._next_health = 0.0
+        self._next_rescan = 0.0
+
+    # -- Source ------------------------------------------------------------------------
+
+    def open(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.exclusions = pipeline.exclusions or Outputs()
+        # Events first, then the scan: a file landing in between is seen by one or both.
+        self.watcher.start()
+        self.scan("startup scan")
+        now = time.monotonic()
+        self._next_health = now + _HEALTH_S
+        self._next_rescan = now + self._rescan_interval()
+
+    def poll(self, now: float, limit: int) -> list[Entry]:
+        if self._stopped:
+            return []
+        self._handle_events()
+        if now >= self._next_health:
+            self._next_health = now + _HEALTH_S
+            self._root_present = self._check_root(self._root_present)
+        if self.watcher.overflowed.is_set():
+            self.watcher.overflowed.clear()
+            log.warning("events were lost (queue overflow); rescanning %s", self.root)
+            self.scan("rescan after overflow")
+        if self._root_present and now >= self._next_rescan:
+            self.scan("periodic rescan")
+            self._next_rescan = time.monotonic() + self._rescan_interval()
+        ledger = self.pipeline.ledger
+        for ident in self.settler.settled(now, hold=self.pipeline.in_flight.__contains__):
+            if ledger is None or ledger.is_done(ident) is None:
+                self.backlog.pop(ident.path, None)
+                self.backlog[ident.path] = ident
+        out: list[Entry] = []
+        while self.backlog and len(out) < limit:
+            _, ident = self.backlog.popitem(last=False)
+            out.append(Entry(ident.path, "", ident.size, ident.mtime_ns))
+        return out
+
+    def wait(self, timeout: float) -> None:
+        self.watcher.wakeup.wait(timeout)
+        self.watcher.wakeup.clear()
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    @property
+    def finished(self) -> bool:
+        return self._stopped
+
+    def on_results(self, results) -> None:
+        errors = [r.path for r in results if r.status == "error"]
+        if errors and self.quarantine is not None:
+            self._quarantine(errors)
+
+    def close(self) -> None:
+        self.watcher.stop()
+
+    # -- candidates --------------------------------------------------------------------
+
+    def consider(self, path: str) -> None:
+        """A path seen by an event or a scan: settle it unless ignored or already screened."""
+        if is_temporary(os.path.basename(path)) or self._hidden_below_root(path, False) or path in self.exclusions:
+            return
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self.settler.discard(path)
+            return
+        why = classify(st)
+        if why is not None:
+            if why != "folder":
+                self.ignored.note(path, why)
+            return
+        ident = FileIdentity(path, st.st_size, st.st_mtime_ns)
+        ledger = self.pipeline.ledger
+        done = ledger.is_done(ident) if ledger is not None else None
+        if done is not None:
+            self.settler.discard(path)
+            if done.status == "error" and self.quarantine is not None:
+                self._quarantine([path])  # screened before its move: finish the job
+            return
+        self.settler.observe(path, st)
+
+    def _hidden_below_root(self, path: str, is_dir: bool) -> bool:
+        """True outside the root or inside a hidden folder (as :func:`scan_tree` skips them)."""
+        rel = os.path.relpath(path, self.root)
+        if rel == ".":
+            return False
+        folders = rel.split(os.sep) if is_dir else rel.split(os.sep)[:-1]
+        return rel.startswith("..") or any(part.startswith(".") for part in folders)
+
+    def scan(self, why: str) -> None:
+        start = time.monotonic()
+        before = len(self.settler)
+        n = 0
+        for path in scan_tree(self.root, skip_dir=lambda d: d in self.exclusions):
+            n += 1
+            self.consider(path)
+        log.debug("%s: %d files looked at, %d new candidates, %.2f s", why, n, len(self.settler) - before, time.monotonic() - start)
+
+    def _handle_events(self) -> None:
+        for kind, path in self.watcher.drain():
+            if kind == "file":
+                self.consider(path)
+            elif kind == "dir":
+                if not self._hidden_below_root(path, True) and path not in self.exclusions:
+                    for sub in scan_tree(path, skip_dir=lambda d: d in self.exclusions):
+                        self.consider(sub)
+            elif kind == "gone":
+                self.settler.discard(path)
+
+    def _quarantine(self, paths: list[str]) -> None:
+        assert self.quarantine is not None
+        for path in paths:
+            if not os.path.lexists(path):
+                continue
+            rel = os.path.relpath(path, self.root)
+            dest = os.path.join(self.quarantine, rel)
+            n = 1
+            while os.path.lexists(dest):
+                dest = os.path.join(self.quarantine, f"{rel}.{n}")
+                n += 1
+            try:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.move(path, dest)
+            except OSError as exc:
+                log.error("cannot move %s to quarantine: %s", path, exc.strerror or exc)
+                continue
+            self.quarantined += 1
+            log.warning("moved %s to %s", path, dest)
+
+    # -- health ------------------------------------------------------------------------
+
+    def _rescan_interval(self) -> float:
+        interval = self.rescan_interval if self.rescan_interval > 0 else float("inf")
+        return interval if self.watcher.events_ok else min(interval, _FALLBACK_RESCAN_S)
+
+    def _check_root(self, was_present: bool) -> bool:
+        if self.watcher.healthy():
+            return True
+        if not os.path.isdir(self.root):
+            if was_present:
+                log.warning("watched folder %s is gone; waiting for it to come back", self.root)
+                self.watcher.stop()
+            return False
+        if not was_present:
+            log.warning("watched folder %s is back", self.root)
+        elif self.watcher.events_ok:
+            log.warning("restarting the watch on %s (folder replaced or observer stopped)", self.root)
+        else:
+            return True  # running on rescans alone already
+        self.watcher.start()
+        self.scan("rescan after restart")
+        return True

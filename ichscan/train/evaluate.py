@@ -11,7 +11,7 @@ from pathlib import Path
 import pluggy
 import torch
 
-from ichscan.engine import cpu_count, resolve_device
+from ichscan.pipeline.sizing import cpu_count, resolve_device
 from ichscan.labels import LABELS
 from ichscan.models import load_model
 from ichscan.plugins import get_plugin_manager

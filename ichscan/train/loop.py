@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ichscan.engine import Progress, cpu_count, resolve_device
+from ichscan.pipeline.progress import Progress
+from ichscan.pipeline.sizing import cpu_count, resolve_device
 from ichscan.labels import LABELS
 from ichscan.models import DEFAULT_MODEL, create_model, save_checkpoint
 from ichscan.plugins import get_plugin_manager

@@ -1,0 +1,328 @@
+"""The three screening commands: each is a source and a stop condition on the same pipeline.
+
+:func:`open_pipeline` does what they share: resolve and check the outputs, open the state
+file (ledger and outbox), restore what a previous run left, load and size the model,
+collect the reporters. :func:`run_batch`, :func:`run_watch` and :func:`run_serve` add
+their source and run it under the same signal handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+import torch
+
+from ichscan.ledger import Ledger, LedgerError
+from ichscan.pipeline.options import (
+    BatchOptions,
+    RunError,
+    RunOutputs,
+    ScreeningOptions,
+    WatchOptions,
+    prepare_folder,
+)
+from ichscan.pipeline.progress import Progress
+from ichscan.pipeline.run import LiveSummary, Pipeline, stop_on_signals
+from ichscan.pipeline.sizing import prepare_screening
+from ichscan.plugins import get_plugin_manager
+from ichscan.records import SliceResult
+from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunMode, RunSummary, StudyTable
+from ichscan.sources.base import Source
+from ichscan.sources.folder import FolderSource, check_input_folder, count_folder
+from ichscan.sources.scp import ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
+from ichscan.sources.watch import WatchSource
+
+log = logging.getLogger(__name__)
+
+#: The former name of :class:`LiveSummary`.
+WatchSummary = LiveSummary
+
+
+def collect_reporters(pm: pluggy.PluginManager, config: RunConfig) -> list[Reporter]:
+    reporters: list[Reporter] = []
+    pm.hook.ichscan_register_reporters(register=reporters.append, config=config)
+    return reporters
+
+
+def open_pipeline(
+    opts: ScreeningOptions,
+    mode: RunMode,
+    source: Source,
+    pm: pluggy.PluginManager | None,
+    *,
+    input_root: Path,
+    outputs: RunOutputs,
+    stop: threading.Event | None = None,
+    resume: bool = False,
+    max_latency: float = 1.0,
+    study_timeout: float = 60.0,
+    series_timeout: float = 10.0,
+) -> tuple[Pipeline, Ledger]:
+    """Everything a run needs, ready to :meth:`~Pipeline.run`; the caller closes the ledger.
+
+    Raises
+    ------
+    RunError, ValueError, ichscan.models.ModelError, ichscan.plugins.PluginError
+        When the run cannot happen; each carries a one-line message.
+    """
+    pm = pm or get_plugin_manager(opts.plugins_dirs)
+    try:
+        ledger = Ledger(outputs.state)
+    except LedgerError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        append = mode.live or resume
+        if append:
+            _record_vanished(ledger)
+        setup = prepare_screening(
+            pm,
+            weights=opts.weights,
+            model_name=opts.model_name,
+            thresholds=opts.thresholds,
+            device=opts.device,
+            workers=opts.workers,
+            batch_size=opts.batch_size,
+            threads=opts.threads,
+        )
+        loaded = setup.loaded
+        if not append:
+            ledger.start_over()
+        outputs.create_folders()
+        studies = StudyTable(loaded.thresholds)
+        if append:
+            studies.studies.update(ledger.study_summaries(loaded.thresholds))
+            # Studies with results newer than their summary (a late instance, then a crash
+            # within --study-timeout) are not complete yet: their clock restarts.
+            studies.complete = (ledger.summarised_studies() - ledger.changed_since_summary()) & set(studies.studies)
+        config = RunConfig(
+            out=outputs.out,
+            studies_out=outputs.studies_out,
+            overlays_dir=outputs.overlays_dir,
+            overlays_for=opts.overlays_for,
+            thresholds=loaded.thresholds,
+            model_name=loaded.name,
+            weights=loaded.source,
+            trained=loaded.trained,
+            input_root=input_root,
+            state=outputs.state,
+            **{**opts.results.config_fields(), "html": outputs.html, "dicom_out": outputs.dicom_out},
+            mode=mode,
+            resume=resume,
+            ledger=ledger,
+            options=dict(opts.options),
+        )
+        try:
+            reporters = ReporterSet(collect_reporters(pm, config))
+        except (OSError, ValueError, sqlite3.Error, LedgerError) as exc:
+            raise RunError(f"cannot open output: {exc}") from None
+        log.debug("reporters: %s", ", ".join(r.name for r in reporters.reporters) or "none")
+        pipeline = Pipeline(
+            source,
+            setup.screener,
+            reporters,
+            studies,
+            batch_size=setup.batch_size,
+            workers=setup.workers,
+            ledger=ledger,
+            limits=opts.limits,
+            max_latency=max_latency,
+            study_timeout=study_timeout,
+            series_timeout=series_timeout,
+            overlays_dir=outputs.overlays_dir,
+            overlays_for=opts.overlays_for,
+            stop=stop,
+        )
+        pipeline.exclusions = outputs.exclusions()
+        if mode.live:
+            import time
+
+            pipeline.clock.touch(set(studies.studies) - studies.complete, time.monotonic())
+        if append:
+            # The studies file as the state says (a crash may have left it behind).
+            reporters.on_study_complete([], studies)
+    except BaseException:
+        ledger.close()
+        raise
+    log.info(
+        "%s with %s (%s) on %s: batch %d, %d decode workers, %d torch threads, slice context %d",
+        {RunMode.BATCH: f"screening {input_root}", RunMode.WATCH: f"watching {input_root}", RunMode.SERVE: f"screening what arrives in {input_root}"}[mode],
+        loaded.name,
+        loaded.source,
+        setup.device,
+        setup.batch_size,
+        setup.workers,
+        torch.get_num_threads(),
+        setup.screener.context,
+    )
+    return pipeline, ledger
+
+
+def _record_vanished(ledger: Ledger) -> None:
+    """Files queued when the last run stopped that are gone now still get their row.
+
+    Those still there are found again by the source (its scan) and screened; the ledger
+    reuses their rows.
+    """
+    vanished = [
+        (entry.id, SliceResult.failed(entry.path, "file disappeared before it was screened"))
+        for entry in ledger.queued()
+        if not os.path.lexists(entry.path)
+    ]
+    for entry in ledger.queued():
+        if os.path.lexists(entry.path):
+            log.info("screening again %s: it was in flight when the last run stopped", entry.path)
+    if vanished:
+        from ichscan.rows import result_row
+
+        ledger.record((row_id, result, result_row(result)) for row_id, result in vanished)
+
+
+def _run(pipeline: Pipeline, ledger: Ledger, stop: threading.Event) -> RunSummary:
+    try:
+        with stop_on_signals(stop):
+            return pipeline.run()
+    finally:
+        ledger.close()
+
+
+def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> RunSummary:
+    """Screen ``opts.input_dir``; write the CSVs (and overlays); return the counts.
+
+    SIGINT/SIGTERM stop taking new files; what is in flight is finished and reported
+    (``summary.interrupted``). Every file is recorded in the state file, so
+    ``resume`` skips what an earlier run screened.
+
+    Raises
+    ------
+    RunError, ValueError, ichscan.models.ModelError, ichscan.plugins.PluginError
+        When the run cannot happen; each carries a one-line message.
+    """
+    try:
+        root = check_input_folder(opts.input_dir)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    outputs = RunOutputs.resolve(opts)
+    stop = stop or threading.Event()
+    source = FolderSource(root, resume=opts.resume)
+    pipeline, ledger = open_pipeline(opts, RunMode.BATCH, source, pm, input_root=root, outputs=outputs, stop=stop, resume=opts.resume)
+    if opts.progress:
+        pipeline.progress = Progress(total=count_folder(root, pipeline.exclusions), enabled=True)
+    summary = _run(pipeline, ledger, stop)
+    if source.resumed:
+        log.info("%d files were screened by an earlier run (--resume): kept their rows", source.resumed)
+    return summary
+
+
+def run_watch(opts: WatchOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> LiveSummary:
+    """Watch ``opts.input_dir`` until SIGINT/SIGTERM (or ``stop`` is set); return the counts.
+
+    Raises
+    ------
+    RunError, ValueError, ichscan.models.ModelError, ichscan.plugins.PluginError
+        When the run cannot start; each carries a one-line message.
+    """
+    try:
+        check_input_folder(opts.input_dir)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    for name in ("settle", "max_latency", "study_timeout", "series_timeout", "poll_interval"):
+        if getattr(opts, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must not be negative")
+    root = Path(os.path.abspath(opts.input_dir))
+    if opts.quarantine_dir is not None and os.path.realpath(root) == os.path.realpath(opts.quarantine_dir):
+        raise RunError("--quarantine must not be the watched folder itself")
+    outputs = RunOutputs.resolve(opts, quarantine=opts.quarantine_dir)
+    source = WatchSource(
+        root,
+        settle=opts.settle,
+        poll=opts.poll,
+        poll_interval=opts.poll_interval,
+        rescan_interval=opts.rescan_interval,
+        quarantine=outputs.quarantine,
+    )
+    stop = stop or threading.Event()
+    pipeline, ledger = open_pipeline(opts, RunMode.WATCH, source, pm, input_root=root, outputs=outputs, stop=stop, **_live(opts))
+    summary = _run(pipeline, ledger, stop)
+    summary.quarantined = source.quarantined
+    return summary
+
+
+def _live(opts: WatchOptions) -> dict[str, float]:
+    return {"max_latency": opts.max_latency, "study_timeout": opts.study_timeout, "series_timeout": opts.series_timeout}
+
+
+@dataclass
+class ServeOptions:
+    scp: ScpOptions = field(default_factory=ScpOptions)
+    watch: WatchOptions | None = None  # the screening settings; input_dir is set to scp.store
+    drain_timeout: float = 30.0
+
+
+def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> LiveSummary:
+    """Serve until SIGINT/SIGTERM (or ``stop``); return the screening counts.
+
+    On a stop: no new associations, open ones get ``drain_timeout`` seconds to finish
+    (then they are aborted), what was received is screened, files are flushed.
+    """
+    import ssl
+
+    import pydicom.config
+    from pynetdicom import evt
+
+    store = Path(os.path.abspath(opts.scp.store))
+    prepare_folder(store, "--store")
+    watch_opts = opts.watch or WatchOptions(input_dir=store)
+    watch_opts.input_dir = store
+    outputs = RunOutputs.resolve(watch_opts)
+    stop = stop or threading.Event()
+    source = ScpSource(store, opts.drain_timeout)
+    # Received data sets are checked by ichscan itself (UIDs, SOP class, pixel data) and
+    # refused with one line; pydicom's own per-element warnings would repeat each problem
+    # several times over (a bad UID: ~8 lines and a raw UserWarning).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    handler = StoreHandler(store, on_stored=source.received)
+    try:
+        ssl_context = tls_context(opts.scp)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise RunError(f"TLS: {exc}") from None
+    ae = build_ae(opts.scp)
+    # Signals first: a SIGTERM while the model loads must still mean "stop cleanly".
+    with stop_on_signals(stop, "no new associations; finishing what was received, then stopping"):
+        try:
+            # Listen first: a port in use fails at once, before the model loads. What
+            # arrives before the pipeline is up is stored durably and handed over.
+            server = ae.start_server(
+                (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
+            )
+        except OSError as exc:
+            raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
+        source.server = server
+        try:
+            pipeline, ledger = open_pipeline(
+                watch_opts, RunMode.SERVE, source, pm, input_root=store, outputs=outputs, stop=stop, **_live(watch_opts)
+            )
+        except BaseException:
+            server.shutdown()
+            raise
+        log.info(
+            "serving C-STORE as %s on %s:%d%s -> %s (transfer syntaxes: %s)",
+            opts.scp.ae_title,
+            opts.scp.bind,
+            server.server_address[1],
+            " with TLS" if ssl_context else "",
+            store,
+            ", ".join(uid.name for uid in decodable_transfer_syntaxes()),
+        )
+        try:
+            summary = pipeline.run()
+        finally:
+            ledger.close()
+    stats = handler.stats
+    log.info("received %d instances (%d duplicates, %d refused, %d failed to store)", stats.stored, stats.duplicates, stats.refused, stats.failed)
+    return summary

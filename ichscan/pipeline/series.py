@@ -1,0 +1,196 @@
+"""Series context: each slice with its neighbours along the slice normal, in position order.
+
+A model with ``slice_context = k`` screens slice *s* together with the slices at
+*s - k ... s + k* of the same series (SeriesInstanceUID), lowest position first. A
+neighbour is the instance at the expected position ``s ± j·spacing`` (within half a
+spacing); the spacing is SpacingBetweenSlices, else SliceThickness, else the smallest gap
+between positions seen in the series. A neighbour that does not exist (the series' edge,
+a gap, an instance that never came) repeats the nearest slice towards *s* that is there,
+so an edge slice repeats itself.
+
+A slice is released once every neighbour it can have is there:
+
+* with a known index of the series (``batch`` reads the headers first, :meth:`expect`),
+  a neighbour that is not in the index is missing for good, and one that is waits until
+  it has been decoded (or failed);
+* live (``watch``, ``serve-scp``), a missing neighbour waits until the series has been
+  quiet for ``timeout`` seconds, then the slice goes with what is there;
+* at the end of a finite run (``flush``) everything goes.
+
+Arrival order never matters; each slice is released exactly once. Slices without a series
+UID or without any position (no geometry, no InstanceNumber), and ``skipped``/``error``
+ones, pass straight through and stand for all of their neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ichscan.records import DecodedSlice, Status
+
+
+@dataclass(frozen=True)
+class ContextSlice:
+    """A slice ready for the model, with its ``2k + 1`` neighbours (itself in the middle);
+    ``neighbours`` is empty for a slice that passes through alone."""
+
+    slice: DecodedSlice
+    neighbours: tuple[DecodedSlice, ...] = ()
+
+    @property
+    def status(self) -> Status:
+        return self.slice.status
+
+    @property
+    def path(self) -> str:
+        return self.slice.path
+
+
+@dataclass
+class _Member:
+    decoded: DecodedSlice
+    position: float
+    released: bool = False
+
+
+@dataclass
+class _Series:
+    members: list[_Member] = field(default_factory=list)  # in arrival order
+    #: From the headers (batch): path -> position of every instance still to arrive.
+    expected: dict[str, float] = field(default_factory=dict)
+    header_spacing: float | None = None
+    last_arrival: float = -math.inf
+    known: bool = False  # an index of the whole series was given (expect)
+
+    def spacing(self) -> float | None:
+        if self.header_spacing:
+            return self.header_spacing
+        positions = sorted({m.position for m in self.members} | set(self.expected.values()))
+        gaps = [b - a for a, b in zip(positions, positions[1:], strict=False) if b - a > 1e-3]
+        return min(gaps) if gaps else None
+
+
+class SeriesAssembler:
+    """Holds decoded slices until their neighbours are there (see the module docstring).
+
+    Parameters
+    ----------
+    context
+        Neighbours per side (the model's ``slice_context``); 0 passes every slice through.
+    timeout
+        Seconds a series must be quiet before slices with missing neighbours are released
+        (live sources); ``math.inf`` to wait for :meth:`take` with ``flush``.
+    """
+
+    def __init__(self, context: int, timeout: float = math.inf):
+        self.context = max(0, int(context))
+        self.timeout = timeout
+        self._series: dict[str, _Series] = {}
+        self._expected_in: dict[str, str] = {}  # path -> series key, for indexed instances
+        self._through: list[ContextSlice] = []
+
+    # -- input -----------------------------------------------------------------------
+
+    def expect(self, series_uid: str, path: str, position: float, spacing: float | None = None) -> None:
+        """Announce an instance of a series before it is decoded (from its header)."""
+        series = self._series.setdefault(series_uid, _Series())
+        series.known = True
+        series.expected[path] = position
+        if spacing and not series.header_spacing:
+            series.header_spacing = spacing
+        self._expected_in[path] = series_uid
+
+    def add(self, decoded: Iterable[DecodedSlice], now: float) -> None:
+        for item in decoded:
+            key = self._expected_in.pop(item.path, None)
+            if key is not None:
+                self._series[key].expected.pop(item.path, None)
+            instance = item.instance
+            if (
+                self.context == 0
+                or item.status != Status.OK
+                or not instance.series_instance_uid
+                or instance.position is None
+            ):
+                self._through.append(ContextSlice(item))
+                continue
+            series = self._series.setdefault(instance.series_instance_uid, _Series())
+            series.members.append(_Member(item, instance.position))
+            series.last_arrival = now
+            if instance.spacing and not series.header_spacing:
+                series.header_spacing = instance.spacing
+
+    # -- output ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Slices held, not yet released."""
+        return len(self._through) + sum(not m.released for s in self._series.values() for m in s.members)
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until a quiet series releases its waiting slices; ``None`` when none waits."""
+        waits = [
+            s.last_arrival + self.timeout - now for s in self._series.values() if any(not m.released for m in s.members)
+        ]
+        if self._through:
+            return 0.0
+        return max(0.0, min(waits)) if waits and math.isfinite(min(waits)) else None
+
+    def take(self, now: float, flush: bool = False) -> list[ContextSlice]:
+        """Every slice that is ready now (all with ``flush``), each exactly once."""
+        ready, self._through = self._through, []
+        for key in list(self._series):
+            series = self._series[key]
+            quiet = flush or now - series.last_arrival >= self.timeout
+            spacing = series.spacing()
+            for member in series.members:
+                if member.released:
+                    continue
+                around = self._neighbours(series, member, spacing, quiet)
+                if around is not None:
+                    member.released = True
+                    ready.append(ContextSlice(member.decoded, around))
+            self._forget(key, series, spacing, quiet)
+        return ready
+
+    def _neighbours(self, series: _Series, member: _Member, spacing: float | None, quiet: bool) -> tuple[DecodedSlice, ...] | None:
+        """The ``2k + 1`` slices around ``member``, or ``None`` while one may still come."""
+        k = self.context
+        slots: list[DecodedSlice | None] = [None] * (2 * k + 1)
+        slots[k] = member.decoded
+        for side in (-1, 1):
+            for j in range(1, k + 1):
+                found = self._at(series, member.position + side * j * spacing, spacing) if spacing else None
+                if found is None and not quiet:
+                    if not spacing or not series.known or self._expected_near(series, member.position + side * j * spacing, spacing):
+                        return None  # it may still come
+                # Missing for good: repeat the nearest slice towards the centre.
+                slots[k + side * j] = found.decoded if found is not None else slots[k + side * (j - 1)]
+        return tuple(slots)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _at(series: _Series, target: float, spacing: float) -> _Member | None:
+        best, best_gap = None, spacing / 2
+        for m in series.members:
+            gap = abs(m.position - target)
+            if gap <= best_gap and (best is None or gap < abs(best.position - target)):
+                best, best_gap = m, gap
+        return best
+
+    @staticmethod
+    def _expected_near(series: _Series, target: float, spacing: float) -> bool:
+        return any(abs(p - target) <= spacing / 2 for p in series.expected.values())
+
+    def _forget(self, key: str, series: _Series, spacing: float | None, quiet: bool) -> None:
+        """Drop the pixels no waiting slice can need any more (bounded memory)."""
+        if all(m.released for m in series.members) and not series.expected and (series.known or quiet):
+            del self._series[key]
+            return
+        if not series.known or not spacing:
+            return  # live: kept until the series is quiet and done
+        reach = self.context * spacing + spacing / 2
+        waiting = [m.position for m in series.members if not m.released] + list(series.expected.values())
+        series.members = [
+            m for m in series.members if not m.released or any(abs(m.position - p) <= reach for p in waiting)
+        ]

@@ -1,0 +1,75 @@
+"""What a source is: something that finds or receives instances and hands over complete files.
+
+A source never decodes or screens: it says which paths are ready (complete on disk), and
+the pipeline (:mod:`ichscan.pipeline.run`) does the rest, the same way for every source.
+Built-in sources: the folder walk (``batch``), the folder watch (``watch``) and the
+C-STORE receiver (``serve-scp``). A plugin adds one with ``ichscan_register_sources``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ichscan.pipeline.run import Runner
+    from ichscan.records import SliceResult
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file to screen, or one refused before reading (``refusal`` says why).
+
+    ``size`` and ``mtime_ns`` identify the version of the file that was handed over
+    (the ledger screens a path again when they change); ``-1`` when not known.
+    """
+
+    path: str
+    refusal: str = ""
+    size: int = -1
+    mtime_ns: int = -1
+
+
+#: The former name of :class:`Entry`.
+FolderEntry = Entry
+
+
+@runtime_checkable
+class Source(Protocol):
+    """The protocol every source follows; the runner calls these from one thread.
+
+    Attributes
+    ----------
+    live
+        ``True`` for a source that runs until it is stopped (outputs then grow across
+        runs, studies are completed when they go quiet); ``False`` for a finite one.
+    """
+
+    live: bool
+
+    def open(self, runner: Runner) -> None:
+        """Start: begin watching or listening. ``runner`` gives access to the ledger
+        (``runner.ledger``), the run's own outputs (``runner.exclusions``) and the
+        stop event."""
+
+    def poll(self, now: float, limit: int) -> list[Entry]:
+        """At most ``limit`` entries that are ready now; never blocks."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until something may be ready, at most ``timeout`` seconds."""
+
+    def stop(self) -> None:
+        """The run is stopping: accept nothing new (a receiver finishes the associations
+        in progress; what they store is still handed over)."""
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will come: a finite source has handed over everything, or a
+        stopped one has handed over what it accepted."""
+
+    def on_results(self, results: list[SliceResult]) -> None:
+        """Results of entries this source handed over, once they are recorded (e.g. to
+        move error files to a quarantine)."""
+
+    def close(self) -> None:
+        """Release what :meth:`open` started."""
