@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from ichscan.preprocess import PreprocessSettings
     from ichscan.reporting import Reporter, RunConfig
+    from ichscan.sources.base import Source
 
 hookspec = pluggy.HookspecMarker("ichscan")
 
@@ -83,4 +84,19 @@ def ichscan_register_reporters(register: Callable[[Reporter], None], config: Run
 
     :param register: callback taking a reporter instance.
     :param config: the run's settings: output paths, thresholds, model, options.
+    """
+
+
+@hookspec
+def ichscan_register_sources(register: Callable[[str, Callable[[str], Source]], None]) -> None:
+    """Register sources of instances by name.
+
+    Call ``register(name, factory)`` once per source; ``factory(location)`` returns an
+    object following :class:`ichscan.sources.base.Source` (a folder walk, a watched
+    folder, a queue, a DICOMweb endpoint...). ``ichscan screen NAME LOCATION`` and
+    :func:`ichscan.pipeline.run_source` run it through the same pipeline as the
+    built-in commands. The built-ins ``folder`` (finite) and ``watch`` (live) are
+    registered this way. Names must be unique across plugins.
+
+    :param register: callback taking the source name and its factory.
     """

@@ -5,11 +5,11 @@ path:
 
 - the image is a palette ("P") PNG: grey levels 0-252 are themselves, the last three
   entries are the colours. Pillow writes a palette image without PNG's per-row filter
-  search and zlib's run-length strategy suits it; measured on 512 x 512 phantoms that is
-  1.5 ms and ~56 KB per image against 12.6 ms and ~128 KB for the RGB PNG drawn before;
+  search and zlib's run-length strategy suits it: several times faster and half the
+  size of an RGB PNG (docs/benchmarks.md);
 - text is rasterised once per string and font size (a small cache) and pasted;
 - :class:`OverlayWriter` renders and writes them in a thread pool (Pillow releases the
-  GIL while it encodes: two threads wrote 1.9x as fast as one), with a bounded number in
+  GIL while it encodes, so threads scale), with a bounded number in
   flight, and hands each batch of results back once its overlays are on disk.
 """
 

@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ichscan.default_plugins.csv_report",
     "ichscan.default_plugins.html_report",
     "ichscan.default_plugins.dicom_report",
+    "ichscan.default_plugins.sources",
 )
 
 

@@ -54,12 +54,9 @@ SLAB_PREFIX = "ichscan-"
 def default_transfer(device_type: str) -> str:
     """``shm`` on every device, unless ``ICHSCAN_TRANSFER`` (``shm`` or ``pickle``) says otherwise.
 
-    Measured on the 2-core development machine, 2 decode workers, 512x512 phantoms: the
-    main process spends 0.10-0.14 ms per file receiving with ``shm``, against 0.19-0.42
-    ms with ``pickle`` when the workers resize to 224x224 (the CPU path) and 0.72-0.75 ms
-    for full-size pixels (the GPU path, where that alone would cap a run near 1,400
-    files/s). ``ichscan batch`` on the CPU was not slower with ``shm`` (median 144 vs 125
-    files/s, noisy machine). ``device_type`` is kept for a future per-device choice.
+    The main process receives a file faster from shared memory than through the pool's
+    pipe, most of all for the full-size pixels of the GPU path (figures in
+    docs/benchmarks.md). ``device_type`` is kept for a future per-device choice.
     """
     chosen = os.environ.get(TRANSFER_ENV, "").strip().lower()
     if chosen:

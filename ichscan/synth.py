@@ -221,7 +221,7 @@ def _encoder_plugin(uid: UID) -> str | None:
     if not encoder.is_available:
         return None
     plugins = encoder.available_plugins
-    # pylibjpeg-rle is compiled and ~100x faster than pydicom's pure-Python RLE encoder.
+    # pylibjpeg-rle is compiled, far faster than pydicom's pure-Python RLE encoder.
     return "pylibjpeg" if "pylibjpeg" in plugins else plugins[0]
 
 
@@ -1118,7 +1118,7 @@ def save_dataset(ds: Dataset, path: str | Path) -> None:
     """Write ``ds`` as a DICOM file (preamble, file meta, then the data set).
 
     Deflated Explicit VR Little Endian is written here with zlib level 1: pydicom deflates
-    at the default level, ~9x slower on noisy CT pixels for a file barely 3% smaller.
+    at the default level, far slower on noisy CT pixels for a file barely smaller.
     Everything else goes through :meth:`pydicom.dataset.Dataset.save_as`.
     """
     if ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:

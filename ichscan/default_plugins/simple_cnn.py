@@ -40,7 +40,7 @@ class SimpleCNN(nn.Module):
         )
 
     #: On the CPU, run the convolutions a few images at a time: their activations
-    #: (3 MB per image after conv1) then stay in cache, which halves the time, while
+    #: (3 MB per image after conv1) then stay in cache (docs/benchmarks.md), while
     #: the fully connected layer still sees the whole batch (its 51 MB of weights are
     #: read once per batch, not once per chunk).
     cpu_chunk = 4

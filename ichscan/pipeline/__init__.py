@@ -5,7 +5,16 @@ The entry points of the three screening commands, each a source plus a stop cond
 
 from __future__ import annotations
 
-from ichscan.pipeline.commands import ServeOptions, WatchSummary, collect_reporters, run_batch, run_serve, run_watch
+from ichscan.pipeline.commands import (
+    ServeOptions,
+    WatchSummary,
+    collect_reporters,
+    run_batch,
+    run_serve,
+    run_source,
+    run_watch,
+    source_factories,
+)
 from ichscan.pipeline.options import BatchOptions, RunError, ScreeningOptions, WatchOptions
 
 __all__ = [
@@ -18,5 +27,7 @@ __all__ = [
     "collect_reporters",
     "run_batch",
     "run_serve",
+    "run_source",
     "run_watch",
+    "source_factories",
 ]

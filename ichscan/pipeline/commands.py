@@ -12,6 +12,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,53 @@ def _run(pipeline: Pipeline, ledger: Ledger, stop: threading.Event) -> RunSummar
             return pipeline.run()
     finally:
         ledger.close()
+
+
+def source_factories(pm: pluggy.PluginManager) -> dict[str, Callable[[str], Source]]:
+    """Every source registered through ``ichscan_register_sources``, by name."""
+    factories: dict[str, Callable[[str], Source]] = {}
+
+    def register(name: str, factory: Callable[[str], Source]) -> None:
+        if name in factories:
+            raise RunError(f"two plugins register a source named {name!r}")
+        factories[name] = factory
+
+    pm.hook.ichscan_register_sources(register=register)
+    return factories
+
+
+def run_source(
+    name: str,
+    location: str,
+    opts: ScreeningOptions,
+    pm: pluggy.PluginManager | None = None,
+    stop: threading.Event | None = None,
+) -> RunSummary:
+    """Screen what the source registered as ``name`` finds at ``location``.
+
+    A finite source runs like ``batch``, a live one like ``watch`` (until SIGINT/SIGTERM
+    or ``stop``), with the live settings of ``opts`` when it has them
+    (:class:`WatchOptions`).
+
+    Raises
+    ------
+    RunError
+        For an unknown source name, or when the run cannot happen.
+    """
+    pm = pm or get_plugin_manager(opts.plugins_dirs)
+    factories = source_factories(pm)
+    if name not in factories:
+        raise RunError(f"unknown source {name!r}; registered: {', '.join(sorted(factories)) or 'none'}")
+    try:
+        source = factories[name](location)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"source {name} at {location}: {exc}") from None
+    mode = RunMode.WATCH if source.live else RunMode.BATCH
+    outputs = RunOutputs.resolve(opts)
+    stop = stop or threading.Event()
+    live = _live(opts) if isinstance(opts, WatchOptions) else {}
+    pipeline, ledger = open_pipeline(opts, mode, source, pm, input_root=Path(os.path.abspath(location)), outputs=outputs, stop=stop, **live)
+    return _run(pipeline, ledger, stop)
 
 
 def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> RunSummary:

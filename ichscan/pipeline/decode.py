@@ -61,9 +61,8 @@ def _decode_inline(paths: list[str], work_args: tuple) -> list[DecodedSlice]:
 def default_in_flight(workers: int, batch_size: int | None, chunk_size: int) -> int:
     """Chunks submitted to the decode workers at most: about four model batches.
 
-    Fewer starve the workers while the model runs (measured on 2 cores, 1,200 files,
-    alternating runs: 16 chunks of 8 ran 8-27 % faster than the former 6, and 32 no
-    faster than 16); the cap of 64 bounds the shared memory a large GPU batch would take.
+    Fewer starve the workers while the model runs, more gain nothing (docs/benchmarks.md);
+    the cap of 64 bounds the shared memory a large GPU batch would take.
     """
     per_batch = -(-(batch_size or 32) // max(1, chunk_size))
     return max(2, 3 * workers, min(64, 4 * per_batch))
