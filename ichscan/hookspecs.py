@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import click
     import numpy as np
     import torch
 
@@ -71,4 +72,18 @@ def ichscan_register_reporters(register: Callable[[Reporter], None], config: Run
 
     :param register: callback taking a reporter instance.
     :param config: the run's settings: output paths, thresholds, model, options.
+    """
+
+
+@hookspec
+def ichscan_register_commands(cli: click.Group) -> None:
+    """Add commands to the ``ichscan`` command line.
+
+    Called once per invocation, after all plugins (entry points, ``--plugins-dir``,
+    subject to ``ICHSCAN_LOAD_PLUGINS``) are loaded, with a Click group: add commands to
+    it with ``@cli.command()`` (or ``cli.add_command``, ``@cli.group()``); they become
+    ``ichscan`` commands. A name a built-in command already has is ignored with a
+    warning. Called for every hook implementation (not first-result).
+
+    :param cli: the Click group to add commands to.
     """
