@@ -79,11 +79,12 @@ def ichscan_register_reporters(register: Callable[[Reporter], None], config: Run
 def ichscan_register_commands(cli: click.Group) -> None:
     """Add commands to the ``ichscan`` command line.
 
-    Called once per invocation, after all plugins (entry points, ``--plugins-dir``,
-    subject to ``ICHSCAN_LOAD_PLUGINS``) are loaded, with a Click group: add commands to
-    it with ``@cli.command()`` (or ``cli.add_command``, ``@cli.group()``); they become
-    ``ichscan`` commands. A name a built-in command already has is ignored with a
-    warning. Called for every hook implementation (not first-result).
+    Called at most once per invocation, when ``ichscan`` lists its commands (``--help``)
+    or is asked for one that is not built in, after all plugins (entry points,
+    ``--plugins-dir``, subject to ``ICHSCAN_LOAD_PLUGINS``) are loaded. Add commands to
+    the Click group it gets with ``@cli.command()`` (or ``cli.add_command``,
+    ``@cli.group()``); they become ``ichscan`` commands. A name a built-in command already
+    has is ignored with a warning. Called for every hook implementation (not first-result).
 
     :param cli: the Click group to add commands to.
     """
