@@ -1,6 +1,6 @@
 """Latency and throughput of ``ichscan watch`` (a benchmark, not a test).
 
-Runs the watcher as a subprocess (``python -m ichscan.cli_watch``) on a temporary folder
+Runs the watcher as a subprocess (``python -m ichscan watch``) on a temporary folder
 and measures, from the outside, what a sender sees:
 
 - **trickle**: single files, one at a time, each written as ``NAME.part`` and renamed
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [
             sys.executable,
             "-m",
-            "ichscan.cli_watch",
+            "ichscan",
+            "watch",
             str(incoming),
             "--out",
             str(out),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import click
     import numpy as np
     import torch
 
@@ -99,4 +100,19 @@ def ichscan_register_sources(register: Callable[[str, Callable[[str], Source]], 
     registered this way. Names must be unique across plugins.
 
     :param register: callback taking the source name and its factory.
+    """
+
+
+@hookspec
+def ichscan_register_commands(cli: click.Group) -> None:
+    """Add commands to the ``ichscan`` command line.
+
+    Called at most once per invocation, when ``ichscan`` lists its commands (``--help``)
+    or is asked for one that is not built in, after all plugins (entry points,
+    ``--plugins-dir``, subject to ``ICHSCAN_LOAD_PLUGINS``) are loaded. Add commands to
+    the Click group it gets with ``@cli.command()`` (or ``cli.add_command``,
+    ``@cli.group()``); they become ``ichscan`` commands. A name a built-in command already
+    has is ignored with a warning. Called for every hook implementation (not first-result).
+
+    :param cli: the Click group to add commands to.
     """

@@ -244,6 +244,64 @@ def test_version_and_help_show_defaults():
         assert text in text_out
 
 
+SHARED_OPTIONS = (
+    "--out", "--studies-out", "--overlays", "--overlays-for", "--html", "--dicom-out", "--forward", "--forward-wait", "--state",
+    "--weights", "--model", "--threshold", "--device", "--batch-size", "--workers", "--threads",
+)
+LIVE_OPTIONS = ("--max-latency", "--study-timeout", "--series-timeout")
+
+
+def help_options(command: str) -> set[str]:
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    return {word.rstrip(",") for word in result.output.split() if word.startswith("--")}
+
+
+def test_screening_commands_share_their_options():
+    """batch, watch and serve-scp take the same output, result, state and model options;
+    the live two also the latency and timeout ones (serve-scp once lacked --model and --threads)."""
+    batch, watch, serve = help_options("batch"), help_options("watch"), help_options("serve-scp")
+    for options in (batch, watch, serve):
+        assert set(SHARED_OPTIONS) <= options
+    assert set(LIVE_OPTIONS) <= watch and set(LIVE_OPTIONS) <= serve
+    assert "--calling-ae" in batch and "--calling-ae" in watch and "--calling-ae" not in serve  # it sends as --ae-title
+    assert "--resume" in batch and "--series-timeout" not in batch
+    text_out = " ".join(CliRunner().invoke(cli, ["serve-scp", "--help"]).output.split())
+    assert "seconds a series must be quiet before slices whose neighbours never came are screened anyway. [default: 10.0;" in text_out
+
+
+def test_screening_options_reach_the_options_objects(tmp_path, monkeypatch):
+    """What the shared options parse arrives in BatchOptions/WatchOptions (not only in --help)."""
+    import ichscan.pipeline
+
+    seen = {}
+
+    def fake_serve(opts, pm):
+        seen["serve"] = opts
+        raise ichscan.pipeline.RunError("stop here")
+
+    def fake_batch(opts, pm):
+        seen["batch"] = opts
+        raise ichscan.pipeline.RunError("stop here")
+
+    monkeypatch.setattr(ichscan.pipeline, "run_serve", fake_serve)
+    monkeypatch.setattr(ichscan.pipeline, "run_batch", fake_batch)
+    model = ["--model", "simplecnn", "--threads", "3", "--workers", "0", "--threshold", "any=0.3"]
+    result = CliRunner().invoke(
+        cli, ["serve-scp", "--port", "0", "--ae-title", "ME", "--store", str(tmp_path / "s"), "--series-timeout", "2.5", *model]
+    )
+    assert result.exit_code == 1 and "stop here" in result.output, result.output
+    watch = seen["serve"].watch
+    assert (watch.model_name, watch.threads, watch.workers, watch.series_timeout) == ("simplecnn", 3, 0, 2.5)
+    assert watch.thresholds == {"any": 0.3} and watch.input_dir == tmp_path / "s" and watch.results.calling_ae == "ME"
+    result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--resume", "--calling-ae", "US", *model])
+    assert result.exit_code == 1, result.output
+    batch = seen["batch"]
+    assert batch.resume is True and (batch.model_name, batch.threads) == ("simplecnn", 3) and batch.results.calling_ae == "US"
+    CliRunner().invoke(cli, ["batch", str(tmp_path)])
+    assert seen["batch"].resume is False  # off unless asked for
+
+
 def test_synth_command_and_reproducibility(tmp_path):
     for name in ("a", "b"):
         result = CliRunner().invoke(cli, ["synth", str(tmp_path / name), "--studies", "1", "--slices", "2", "--seed", "4", "--size", "128", "--layout", "rsna"])

@@ -3,6 +3,8 @@
 import csv
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -219,6 +221,62 @@ def test_hook_ichscan_register_reporters_sees_config(tmp_path, ct_folder):
     assert seen["thresholds"]["any"] == 0.25
     assert seen["thresholds"]["subdural"] == load_model(pm).thresholds["subdural"]
     assert seen["out"] == tmp_path / "r.csv"
+
+
+COMMAND_PLUGIN = """
+import click
+import ichscan
+
+@ichscan.hookimpl
+def ichscan_register_commands(cli):
+    @cli.command()
+    @click.argument("name")
+    @click.option("--times", type=int, default=1, help="How often.")
+    def hello(name, times):
+        \"\"\"Greet NAME.\"\"\"
+        click.echo(" ".join([f"hello {name}"] * times))
+
+    @cli.command("batch")
+    def not_the_batch():
+        click.echo("a plugin's batch")
+"""
+
+
+def test_hook_ichscan_register_commands(tmp_path):
+    """A plugin file in --plugins-dir adds a command to the real console script; it shows in
+    --help, runs with its own options, and cannot take over a built-in command."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "greeter.py").write_text(COMMAND_PLUGIN)
+    ichscan = Path(sys.executable).with_name("ichscan")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ichscan), "--plugins-dir", str(plugins), *args], capture_output=True, text=True, timeout=120)
+
+    proc = run("hello", "world", "--times", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello world hello world\n"
+    proc = run("--help")
+    assert proc.returncode == 0 and "hello" in proc.stdout and "Greet NAME." in proc.stdout
+    proc = run("batch", "--help")
+    assert proc.returncode == 0 and "Screen every DICOM file" in proc.stdout and "a plugin's batch" not in proc.stdout
+    # In-process too; and without the folder there is no such command: nothing stayed behind.
+    result = CliRunner().invoke(cli, ["--plugins-dir", str(plugins), "hello", "again"])
+    assert result.exit_code == 0 and result.output == "hello again\n", result.output
+    result = CliRunner().invoke(cli, ["hello", "world"])
+    assert result.exit_code == 2 and "No such command 'hello'" in result.output
+
+
+def test_entry_point_plugin_adds_a_command_unless_the_allow_list_leaves_it_out(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_entry_point_dist(site, "ichscan_greeter", COMMAND_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    result = CliRunner().invoke(cli, ["hello", "entry point"])
+    assert result.exit_code == 0 and result.output == "hello entry point\n", result.output
+    monkeypatch.setenv("ICHSCAN_LOAD_PLUGINS", "something_else")
+    result = CliRunner().invoke(cli, ["hello", "entry point"])
+    assert result.exit_code == 2 and "No such command 'hello'" in result.output
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)

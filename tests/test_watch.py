@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ichscan.cli_watch import watch_command
+from ichscan.cli.screening import watch_command
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, STUDY_COLUMNS
 from ichscan.records import DecodedSlice, Instance, Status
 from ichscan.pipeline.batcher import MicroBatcher

@@ -1,0 +1,251 @@
+"""Options shared by the commands, each defined once, and the plugin manager they share.
+
+``batch``, ``watch`` and ``serve-scp`` take the same output, result, state and model
+options (the live two also the latency and timeout options) through
+:func:`screening_options`, which hands them to the command as one ``settings`` dict whose
+keys are the fields of :class:`ichscan.pipeline.BatchOptions` and
+:class:`ichscan.pipeline.WatchOptions`. A new shared option is added here once and
+reaches every screening command, its ``--help`` and its options object.
+
+This module imports nothing from the ``ichscan.cli`` package, so every command module
+can import it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ichscan.labels import parse_thresholds
+
+if TYPE_CHECKING:
+    import pluggy
+
+OVERLAYS_FOR = ("positive", "all", "none")
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD_DEFAULT = "  [default: the checkpoint's, else 0.5]"
+#: Every command's: -h as well as --help, and defaults in --help (also for a command run alone).
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+#: Keyword arguments for ``BatchOptions``/``WatchOptions``, from :func:`screening_options`.
+ScreeningSettings = dict[str, Any]
+
+
+def parse_threshold_option(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    try:
+        return parse_thresholds(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def threshold_option(help: str) -> click.Option:
+    """``--threshold``, parsed into a label -> threshold dict (screening, predict, evaluate)."""
+    return click.Option(
+        ["--threshold", "thresholds"], metavar="THRESHOLDS", callback=parse_threshold_option, default=None, help=help + THRESHOLD_DEFAULT
+    )
+
+
+def device_option(help: str = "Where the model runs; auto takes CUDA when present.") -> click.Option:
+    return click.Option(["--device"], type=click.Choice(DEVICES), default="auto", help=help)
+
+
+def with_options(*options: click.Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Attach ready-made options to a command function, listed in ``--help`` in this order
+    (what ``@click.option`` does, for options built once and used by several commands)."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            click.decorators._param_memo(f, option)  # the same call @click.option makes
+        return f
+
+    return decorate
+
+
+def plugin_manager(ctx: click.Context) -> pluggy.PluginManager:
+    """The run's plugin manager, built once per invocation from the group's --plugins-dir.
+
+    Cached on the root context: the group consults it for plugin commands before the
+    command runs, and loading a plugin file twice would give two copies of its module.
+    A command invoked on its own (tests) has no group, so no plugin folders.
+    """
+    from ichscan.plugins import PluginError, get_plugin_manager
+
+    root = ctx.find_root()
+    obj = root.ensure_object(dict)
+    if "plugin_manager" not in obj:
+        try:
+            obj["plugin_manager"] = get_plugin_manager(root.params.get("plugins_dirs") or ())
+        except PluginError as exc:
+            raise click.ClickException(str(exc)) from None
+    return obj["plugin_manager"]
+
+
+def _output_options(out_help: str) -> list[click.Option]:
+    return [
+        click.Option(["--out"], type=click.Path(dir_okay=False, path_type=Path), default=Path("results.csv"), help=out_help),
+        click.Option(
+            ["--studies-out"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Per-study summary CSV.  [default: <out stem>_studies.csv beside --out]",
+        ),
+        click.Option(
+            ["--overlays", "overlays_dir"],
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Folder for overlay PNGs.  [default: overlays/ beside --out]",
+        ),
+        click.Option(["--overlays-for"], type=click.Choice(OVERLAYS_FOR), default="positive", help="Which slices get an overlay PNG."),
+    ]
+
+
+def _destinations(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Any, ...]:
+    from ichscan.outbox import Destination
+
+    try:
+        return tuple(dict.fromkeys(Destination.parse(text) for text in value))  # a repeat is one destination
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _ae_title(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip() or len(value) > 16 or "\\" in value:
+        raise click.BadParameter("1-16 characters, no backslash", ctx, param)
+    return value.strip()
+
+
+def _results_options(calling_ae: bool) -> list[click.Option]:
+    options = [
+        click.Option(
+            ["--html"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Write a static HTML report (studies by 'any' probability, overlay thumbnails; opens from disk, no patient names).",
+        ),
+        click.Option(
+            ["--dicom-out"],
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Write a DICOM SR per study and a Secondary Capture key image per positive study here: DIR/<StudyInstanceUID>/<SOPInstanceUID>.dcm.",
+        ),
+        click.Option(
+            ["--forward"],
+            metavar="AE@HOST:PORT",
+            multiple=True,
+            callback=_destinations,
+            help="Send the SR and key images by C-STORE (repeatable). Retried with back-off; deliveries are kept in the "
+            "state file, so a restart neither loses nor duplicates one.",
+        ),
+        click.Option(
+            ["--forward-wait"],
+            type=click.FloatRange(0, 86400),
+            default=30.0,
+            help="At the end of a run, seconds to wait for pending deliveries (the rest go with the next run).",
+        ),
+    ]
+    if calling_ae:
+        options.append(click.Option(["--calling-ae"], default="ICHSCAN", callback=_ae_title, help="Our AE title when forwarding."))
+    return options
+
+
+def _state_option(state_help: str) -> click.Option:
+    return click.Option(
+        ["--state"],
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=state_help + "  [default: ichscan-state.sqlite beside --out]",
+    )
+
+
+def _model_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["--weights"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Checkpoint from 'ichscan train'.  [default: the bundled weights]",
+        ),
+        click.Option(
+            ["--model", "model_name"],
+            default=None,
+            help="Registered model name; with --weights it must be the checkpoint's model.  [default: simplecnn]",
+        ),
+        threshold_option("Decision threshold: '0.4' for all labels or 'any=0.3,subdural=0.4'. Overrides the checkpoint's."),
+        device_option(),
+        click.Option(
+            ["--batch-size"],
+            type=click.IntRange(1, 4096),
+            default=None,
+            help="Images per model batch.  [default: 32 on CPU; on a GPU 256, fewer if its free memory is short]",
+        ),
+        click.Option(
+            ["--workers"],
+            type=click.IntRange(0, 256),
+            default=None,
+            help="Decode worker processes; 0 decodes in the main process.  [default: one per core on CPU, all cores but one with a GPU]",
+        ),
+        click.Option(["--threads"], type=click.IntRange(1, 256), default=None, help="Model threads on the CPU.  [default: one per core]"),
+    ]
+
+
+def _live_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["--max-latency"],
+            type=click.FloatRange(0, 3600),
+            default=1.0,
+            help="Seconds a partial batch waits for more images before it goes to the model.",
+        ),
+        click.Option(
+            ["--study-timeout"],
+            type=click.FloatRange(0, 86400),
+            default=60.0,
+            help="Seconds without a new instance after which a study's summary row is written.",
+        ),
+        click.Option(
+            ["--series-timeout"],
+            type=click.FloatRange(0, 86400),
+            default=10.0,
+            help="With a model that looks at neighbouring slices: seconds a series must be quiet before slices whose "
+            "neighbours never came are screened anyway.",
+        ),
+    ]
+
+
+def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True, live: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options every screening command shares, passed to it as one ``settings`` argument.
+
+    Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
+    --dicom-out, --forward, --forward-wait and, unless ``calling_ae`` is False,
+    --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
+    (--weights, --model, --threshold, --device, --batch-size, --workers, --threads) and,
+    with ``live``, --max-latency, --study-timeout and --series-timeout.
+
+    ``settings`` maps the options object's field names to the values; the result options
+    arrive together as ``settings["results"]``, an :class:`ichscan.reporting.ResultsOutput`.
+    """
+    results = _results_options(calling_ae)
+    options = [*_output_options(out_help), *results, _state_option(state_help), *_model_options()]
+    if live:
+        options.extend(_live_options())
+    result_names = {option.name for option in results}
+    names = {option.name for option in options}
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from ichscan.reporting import ResultsOutput
+
+            settings: ScreeningSettings = {name: kwargs.pop(name) for name in names - result_names}
+            settings["results"] = ResultsOutput(**{name: kwargs.pop(name) for name in result_names})
+            return f(*args, settings=settings, **kwargs)
+
+        return with_options(*options)(wrapper)
+
+    return decorate

@@ -1,0 +1,241 @@
+"""The screening commands: ``batch``, ``watch`` and ``serve-scp``.
+
+Each parses its own options plus the shared ones (:func:`ichscan.cli.options.screening_options`),
+builds the options object, calls one run function from :mod:`ichscan.pipeline` and turns
+the errors a run can meet into one-line messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ichscan.cli.options import CONTEXT_SETTINGS, ScreeningSettings, plugin_manager, screening_options
+
+log = logging.getLogger("ichscan")
+
+RESULTS_CSV = "Per-slice results CSV."
+LIVE_RESULTS_CSV = "Per-slice results CSV (appended to across runs)."
+LEDGER = "SQLite ledger: what was screened, so nothing is screened twice or lost; also the deliveries of --forward."
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    """The errors a run reports as a one-line message (imported late: torch is behind them)."""
+    from ichscan.models import ModelError
+    from ichscan.pipeline import RunError
+
+    return (RunError, ModelError, ValueError)
+
+
+def _log_reporter_errors(reporter_errors: dict[str, int]) -> None:
+    for name, count in reporter_errors.items():
+        log.error("reporter %s failed %d times; its output may be incomplete", name, count)
+
+
+@click.command("batch", context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@screening_options(
+    out_help=RESULTS_CSV,
+    state_help="SQLite file recording what was screened (for --resume) and DICOM results and their deliveries (with --dicom-out/--forward).",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=False,
+    help="Skip files the state file (--state) records as screened with the same path, size and mtime; without it a "
+    "re-run screens everything again and rewrites the outputs.",
+)
+@click.option("--progress/--no-progress", default=True, help="Progress bar (on a terminal) or periodic log lines.")
+@click.pass_context
+def batch_command(ctx: click.Context, folder: Path, settings: ScreeningSettings, resume: bool, progress: bool) -> None:
+    """Screen every DICOM file under FOLDER (recursively) into a results CSV.
+
+    Every file gets exactly one row with status ok (screened), skipped (readable DICOM
+    that is not a single-frame greyscale CT image) or error (unreadable, refused,
+    failed), with a one-line reason. Hidden files are skipped; symbolic links that
+    leave FOLDER are not followed. Exit status 0 when the run completed, error rows
+    included.
+    """
+    from ichscan.pipeline import BatchOptions, run_batch
+
+    opts = BatchOptions(input_dir=folder, resume=resume, progress=progress, **settings)
+    try:
+        summary = run_batch(opts, plugin_manager(ctx))
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    rate = summary.files / summary.seconds if summary.seconds > 0 else 0.0
+    log.info(
+        "screened %d files in %.1f s (%.1f files/s): %d ok (%d positive), %d skipped, %d error -> %s",
+        summary.files,
+        summary.seconds,
+        rate,
+        summary.ok,
+        summary.positive,
+        summary.skipped,
+        summary.error,
+        opts.out,
+    )
+    _log_reporter_errors(summary.reporter_errors)
+    if summary.interrupted:
+        click.echo(f"ichscan: interrupted after {summary.files} files; their rows are in {opts.out}", err=True)
+        ctx.exit(130)
+    if "csv" in summary.reporter_errors:  # the results file itself is incomplete: a script must notice
+        raise click.ClickException(f"some rows could not be written to {opts.out} (see the errors above)")
+
+
+@click.command("watch", context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@screening_options(out_help=LIVE_RESULTS_CSV, state_help=LEDGER, live=True)
+@click.option(
+    "--quarantine",
+    "quarantine_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Move files that get an error row into this folder (keeping their subfolders).  [default: leave them]",
+)
+@click.option("--poll", is_flag=True, help="Poll the folder instead of inotify events (network filesystems: NFS, SMB).")
+@click.option("--poll-interval", type=click.FloatRange(0.1, 3600), default=1.0, help="Seconds between polls with --poll.")
+@click.option("--settle", type=click.FloatRange(0, 3600), default=2.0, help="Seconds a file's size and mtime must stay unchanged before it is screened.")
+@click.option("--rescan", "rescan_interval", type=click.FloatRange(0, 86400), default=60.0, help="Seconds between full rescans that catch missed events; 0: only at start.")
+@click.pass_context
+def watch_command(
+    ctx: click.Context,
+    folder: Path,
+    settings: ScreeningSettings,
+    quarantine_dir: Path | None,
+    poll: bool,
+    poll_interval: float,
+    settle: float,
+    rescan_interval: float,
+) -> None:
+    """Screen DICOM files as they land in FOLDER (recursively), each exactly once.
+
+    A file is screened once its size and mtime stay unchanged for --settle seconds;
+    names like *.part, *.tmp or .hidden wait until renamed. Files already in FOLDER
+    are found at start. Results are appended to --out; the --state ledger makes sure
+    that, across restarts and crashes, every file gets exactly one row. Stop with
+    Ctrl-C or SIGTERM: the files in flight are finished first (exit status 0).
+    """
+    from ichscan.pipeline import WatchOptions, run_watch
+
+    opts = WatchOptions(
+        input_dir=folder,
+        quarantine_dir=quarantine_dir,
+        poll=poll,
+        poll_interval=poll_interval,
+        settle=settle,
+        rescan_interval=rescan_interval,
+        **settings,
+    )
+    try:
+        summary = run_watch(opts, plugin_manager(ctx))
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        # A second Ctrl-C: stop now; the ledger re-screens what was in flight next time.
+        log.warning("interrupted; files in flight will be screened at the next start")
+        ctx.exit(130)
+    log.info(
+        "stopped after %.0f s: screened %d files: %d ok (%d positive), %d skipped, %d error; %d study rows written%s -> %s",
+        summary.seconds,
+        summary.files,
+        summary.ok,
+        summary.positive,
+        summary.skipped,
+        summary.error,
+        summary.studies_summarised,
+        f"; {summary.quarantined} quarantined" if summary.quarantined else "",
+        opts.out,
+    )
+    _log_reporter_errors(summary.reporter_errors)
+
+
+def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    titles = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not titles:
+        raise click.BadParameter(f"{value!r} names no AE title", ctx, param)
+    for title in titles:
+        if len(title) > 16 or "\\" in title:
+            raise click.BadParameter(f"{title!r} is not an AE title (at most 16 characters, no backslash)", ctx, param)
+    return titles
+
+
+@click.command("serve-scp", context_settings=CONTEXT_SETTINGS)
+@click.option("--port", type=click.IntRange(0, 65535), default=11112, help="TCP port to listen on.")
+@click.option("--ae-title", default="ICHSCAN", help="Our AE title; associations calling another one are rejected.")
+@click.option("--bind", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all interfaces).")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=Path("ichscan-store"), help="Where received instances are stored: STORE/<Study>/<Series>/<SOP>.dcm.")
+@screening_options(out_help=LIVE_RESULTS_CSV, state_help=LEDGER, calling_ae=False, live=True)
+@click.option("--allow-calling", callback=_ae_titles, default=None, help="Comma-separated calling AE titles allowed to connect.  [default: any]")
+@click.option("--accept-all-storage", is_flag=True, help="Accept every storage SOP class, not only CT Image Storage (others are stored and get a skipped row).")
+@click.option("--max-associations", type=click.IntRange(1, 1000), default=10, help="Simultaneous associations; more are rejected.")
+@click.option("--max-pdu", type=click.IntRange(4096, 2**24), default=65536, help="Largest PDU we receive, in bytes.")
+@click.option("--idle-timeout", type=click.FloatRange(1, 3600), default=60.0, help="Seconds of silence after which a peer's association is dropped.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Server certificate (PEM): accept TLS associations only.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CA certificate (PEM): require client certificates it signed.")
+@click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=30.0, help="On SIGINT/SIGTERM, seconds open associations get to finish.")
+@click.pass_context
+def serve_command(
+    ctx: click.Context,
+    port: int,
+    ae_title: str,
+    bind: str,
+    store: Path,
+    settings: ScreeningSettings,
+    allow_calling: tuple[str, ...],
+    accept_all_storage: bool,
+    max_associations: int,
+    max_pdu: int,
+    idle_timeout: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    drain_timeout: float,
+) -> None:
+    """Receive CT images by DICOM C-STORE and screen them.
+
+    Each instance is written to --store durably (temporary file, fsync, rename, fsync of
+    the folder) before Success is returned; a write failure answers 0xA700 and leaves
+    nothing behind. Screening runs apart from the network handler, in batches across
+    associations, with the same ledger as 'ichscan watch': after a crash and restart every
+    instance that got Success is screened exactly once. Answers C-ECHO. A duplicate
+    SOPInstanceUID keeps the first copy (answered Success, one result row). Stop with
+    Ctrl-C or SIGTERM: no new associations, open ones get --drain-timeout seconds, what
+    was received is screened, exit status 0.
+    """
+    from ichscan.pipeline import ServeOptions, WatchOptions, run_serve
+    from ichscan.sources.scp import ScpOptions
+
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-ca needs --tls-cert and --tls-key")
+    if not ae_title.strip() or len(ae_title) > 16:
+        raise click.BadParameter("1 to 16 characters, not only spaces", param_hint="--ae-title")
+    pm = plugin_manager(ctx)
+    scp = ScpOptions(
+        port=port,
+        ae_title=ae_title,
+        bind=bind,
+        store=store,
+        allow_calling=allow_calling,
+        accept_all_storage=accept_all_storage,
+        max_associations=max_associations,
+        max_pdu=max_pdu,
+        idle_timeout=idle_timeout,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+    )
+    # Results go out under our own AE title.
+    settings["results"].calling_ae = ae_title.strip()
+    watch = WatchOptions(input_dir=store, **settings)
+    try:
+        summary = run_serve(ServeOptions(scp=scp, watch=watch, drain_timeout=drain_timeout), pm)
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("screened %d instances: %d ok (%d positive), %d skipped, %d error", summary.files, summary.ok, summary.positive, summary.skipped, summary.error)

@@ -1,0 +1,102 @@
+"""Utility commands: ``synth``, ``predict`` and ``plugins``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ichscan.cli.options import CONTEXT_SETTINGS, device_option, plugin_manager, threshold_option, with_options
+from ichscan.labels import LABELS
+
+log = logging.getLogger("ichscan")
+
+SYNTH_SYNTAXES = {
+    "explicit": "ExplicitVRLittleEndian",
+    "implicit": "ImplicitVRLittleEndian",
+    "deflated": "DeflatedExplicitVRLittleEndian",
+    "rle": "RLELossless",
+    "jpeg2000": "JPEG2000Lossless",
+}
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--studies", type=click.IntRange(1, 100000), default=4, help="Number of studies (patients).")
+@click.option("--slices", type=click.IntRange(1, 1000), default=10, help="Slices per study.")
+@click.option("--seed", type=int, default=0, help="Random seed; the same seed gives the same files.")
+@click.option("--layout", type=click.Choice(["pacs", "rsna"]), default="pacs", help="pacs: Patient/Study/Series/*.dcm; rsna: stage_2_train/ID_*.dcm + stage_2_train.csv.")
+@click.option("--size", type=click.IntRange(64, 2048), default=None, help="Image size in pixels (square).  [default: varies per study, 400-640]")
+@click.option(
+    "--transfer-syntax",
+    "transfer_syntaxes",
+    multiple=True,
+    type=click.Choice(list(SYNTH_SYNTAXES)),
+    help="Restrict transfer syntaxes (repeatable).  [default: all, varied per study]",
+)
+def synth(out_dir: Path, studies: int, slices: int, seed: int, layout: str, size: int | None, transfer_syntaxes: tuple[str, ...]) -> None:
+    """Generate synthetic head-CT phantom slices with exact hemorrhage labels.
+
+    Demo and test data: skull, brain with texture, ventricles and sulci, noise, and the
+    five bleed types in their typical shapes and places; scanner conventions vary per
+    study. Not real patients.
+    """
+    from ichscan.synth import generate
+
+    ts = [SYNTH_SYNTAXES[name] for name in transfer_syntaxes] or None
+    try:
+        records = generate(out_dir, studies=studies, slices=slices, seed=seed, layout=layout, transfer_syntaxes=ts, size=size)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write phantoms to {out_dir}: {exc.strerror or exc}") from None
+    positives = sum(r.labels["any"] for r in records)
+    counts = ", ".join(f"{label} {sum(r.labels[label] for r in records)}" for label in LABELS[:-1])
+    click.echo(f"wrote {len(records)} slices ({positives} positive: {counts}) to {out_dir}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint.  [default: the bundled weights]")
+@click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save the image with the prediction drawn on it (PNG).")
+@with_options(threshold_option("Decision thresholds, as for 'batch': '0.4' or 'any=0.3,subdural=0.4'."))
+@with_options(device_option())
+@click.pass_context
+def predict(ctx: click.Context, file: Path, weights: Path | None, save: Path | None, thresholds: dict[str, float] | None, device: str) -> None:
+    """Screen one DICOM file and print what was found."""
+    from ichscan.api import screen_file
+    from ichscan.models import ModelError
+    from ichscan.overlay import render_overlay
+
+    try:
+        result, image, loaded = screen_file(file, weights=weights, thresholds=thresholds, pm=plugin_manager(ctx), device=device)
+    except (ModelError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if loaded.notice():
+        log.warning("%s", loaded.notice())
+    probs = result.probabilities
+    verdict = f"POSITIVE: {result.top_label} {result.top_probability:.3f}" if result.is_positive else "negative"
+    click.echo(f"{file}: {verdict} (any {probs['any']:.3f})")
+    for label in LABELS:
+        mark = "*" if result.positive[label] else " "
+        click.echo(f"  {mark} {label:17s} {probs[label]:.3f}")
+    if save is not None:
+        try:
+            render_overlay(image, result).save(save)
+        except (OSError, ValueError) as exc:  # a missing folder; an extension Pillow does not know
+            raise click.ClickException(f"cannot save {save}: {getattr(exc, 'strerror', None) or exc}") from None
+        click.echo(f"-> {save}")
+
+
+@click.command("plugins", context_settings=CONTEXT_SETTINGS)
+@click.pass_context
+def plugins_command(ctx: click.Context) -> None:
+    """List loaded plugins, where each comes from, and the hooks it implements."""
+    from ichscan.models import model_factories
+    from ichscan.plugins import describe_plugins
+
+    pm = plugin_manager(ctx)
+    for info in describe_plugins(pm):
+        click.echo(f"{info.name}  [{info.source}]")
+        for hook in info.hooks:
+            click.echo(f"    {hook}")
+    click.echo("models: " + ", ".join(sorted(model_factories(pm))))
