@@ -281,6 +281,76 @@ def test_entry_point_plugin_adds_a_command_unless_the_allow_list_leaves_it_out(t
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)
 def test_every_hook_is_documented_and_tested(hook):
-    readme = (ROOT / "README.md").read_text()
-    assert hook in readme, f"{hook} is not documented in README.md"
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    assert hook in docs, f"{hook} is not documented in docs/plugins.md"
     assert f"def test_hook_{hook}" in Path(__file__).read_text(), f"no test_hook_{hook}"
+
+
+LIST_SOURCE = '''
+import os
+import ichscan
+from ichscan.sources.base import Entry
+
+
+class ListSource:
+    """A finite source: the paths listed in a text file, one a line."""
+
+    live = False
+
+    def __init__(self, location):
+        with open(location) as fh:
+            self.paths = [line.strip() for line in fh if line.strip()]
+        self.done = False
+        self.seen = []
+
+    def open(self, pipeline):
+        pass
+
+    def poll(self, now, limit):
+        chunk, self.paths = self.paths[:limit], self.paths[limit:]
+        self.done = not self.paths
+        return [Entry(p) if os.path.exists(p) else Entry(p, "listed but missing") for p in chunk]
+
+    def wait(self, timeout):
+        pass
+
+    def stop(self):
+        self.done = True
+
+    @property
+    def finished(self):
+        return self.done
+
+    def on_results(self, results):
+        self.seen.extend(r.path for r in results)
+
+    def close(self):
+        pass
+
+
+@ichscan.hookimpl
+def ichscan_register_sources(register):
+    register("listfile", ListSource)
+'''
+
+
+def test_hook_ichscan_register_sources(tmp_path, ct_folder):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "list_source.py").write_text(LIST_SOURCE)
+    listing = tmp_path / "paths.txt"
+    listing.write_text(f"{ct_folder / 'a.dcm'}\n{tmp_path / 'gone.dcm'}\n")
+    out = tmp_path / "out" / "results.csv"
+    ichscan = Path(sys.executable).with_name("ichscan")
+    proc = subprocess.run(
+        [str(ichscan), "--plugins-dir", str(plugins), "screen", "listfile", str(listing), "--out", str(out),
+         "--overlays-for", "none", "--workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert set(rows) == {"a.dcm", "gone.dcm"}  # the listed files only: notes.txt is not listed
+    assert rows["a.dcm"]["status"] == "ok"
+    assert (rows["gone.dcm"]["status"], rows["gone.dcm"]["error"]) == ("error", "listed but missing")
+    unknown = subprocess.run([str(ichscan), "screen", "nosuch", str(listing)], capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 1 and "unknown source 'nosuch'; registered: folder, watch" in unknown.stderr

@@ -151,6 +151,41 @@ def watch_command(
     _log_reporter_errors(summary.reporter_errors)
 
 
+@click.command("screen", context_settings=CONTEXT_SETTINGS)
+@click.argument("source")
+@click.argument("location")
+@screening_options(out_help=RESULTS_CSV, state_help=LEDGER, live=True)
+@click.pass_context
+def screen_command(ctx: click.Context, source: str, location: str, settings: ScreeningSettings) -> None:
+    """Screen what the source named SOURCE finds at LOCATION.
+
+    Sources are registered by plugins (hook ichscan_register_sources); the built-ins are
+    'folder' (like batch) and 'watch' (like watch, with default settle and rescan
+    times). 'ichscan plugins' lists the plugins loaded. A finite source ends by itself;
+    a live one runs until Ctrl-C or SIGTERM. The pipeline, outputs and options are those
+    of batch and watch.
+    """
+    from ichscan.pipeline import WatchOptions, run_source
+
+    opts = WatchOptions(input_dir=Path(location), progress=False, **settings)
+    try:
+        summary = run_source(source, location, opts, plugin_manager(ctx))
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info(
+        "screened %d files: %d ok (%d positive), %d skipped, %d error -> %s",
+        summary.files,
+        summary.ok,
+        summary.positive,
+        summary.skipped,
+        summary.error,
+        opts.out,
+    )
+    _log_reporter_errors(summary.reporter_errors)
+    if summary.interrupted:
+        ctx.exit(130)
+
+
 def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
     if not value:
         return ()

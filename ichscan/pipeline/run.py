@@ -36,7 +36,7 @@ from ichscan.records import SliceResult, Status
 from ichscan.reporting import ReporterSet, RunSummary, StudySummary, StudyTable
 from ichscan.rows import result_row
 from ichscan.shm import default_transfer
-from ichscan.sources.base import Entry, Source
+from ichscan.sources.base import Entry, FiniteSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -347,41 +347,7 @@ class Pipeline:
         self.progress.close()
 
 
-# -- a finite source over given entries (library use) --------------------------------------
-
-
-class EntriesSource:
-    """A finite source over an iterable of entries or paths."""
-
-    live = False
-
-    def __init__(self, entries: Iterable[Entry | str]):
-        self._entries: Iterator[Entry | str] = iter(entries)
-        self._finished = False
-
-    def open(self, pipeline: Pipeline) -> None:
-        pass
-
-    def poll(self, now: float, limit: int) -> list[Entry]:
-        chunk = [Entry(e) if isinstance(e, str) else e for _, e in zip(range(limit), self._entries, strict=False)]
-        self._finished = len(chunk) < limit
-        return chunk
-
-    def wait(self, timeout: float) -> None:
-        pass
-
-    def stop(self) -> None:
-        self._finished = True
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    def on_results(self, results: list[SliceResult]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+# -- library use ------------------------------------------------------------------------------
 
 
 def run_stream(
@@ -398,7 +364,7 @@ def run_stream(
     Keyword arguments are those of :class:`Pipeline`.
     """
     studies = StudyTable(screener.thresholds)
-    pipeline = Pipeline(EntriesSource(entries), screener, reporters, studies, batch_size=batch_size, workers=workers, **kwargs)
+    pipeline = Pipeline(FiniteSource(entries), screener, reporters, studies, batch_size=batch_size, workers=workers, **kwargs)
     return pipeline.run(), studies
 
 

@@ -8,11 +8,12 @@ C-STORE receiver (``serve-scp``). A plugin adds one with ``ichscan_register_sour
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ichscan.pipeline.run import Runner
+    from ichscan.pipeline.run import Pipeline
     from ichscan.records import SliceResult
 
 
@@ -47,10 +48,10 @@ class Source(Protocol):
 
     live: bool
 
-    def open(self, runner: Runner) -> None:
-        """Start: begin watching or listening. ``runner`` gives access to the ledger
-        (``runner.ledger``), the run's own outputs (``runner.exclusions``) and the
-        stop event."""
+    def open(self, pipeline: Pipeline) -> None:
+        """Start: begin watching or listening. ``pipeline`` gives access to the ledger
+        (``pipeline.ledger``), the run's own outputs (``pipeline.exclusions``) and the
+        paths being screened (``pipeline.in_flight``)."""
 
     def poll(self, now: float, limit: int) -> list[Entry]:
         """At most ``limit`` entries that are ready now; never blocks."""
@@ -73,3 +74,51 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Release what :meth:`open` started."""
+
+
+class FiniteSource:
+    """A source that hands over the entries of an iterable, then is finished.
+
+    Subclasses set :attr:`entries` in :meth:`open` (or pass them in) and may override
+    :meth:`accept` to skip or change an entry on its way out.
+    """
+
+    live = False
+
+    def __init__(self, entries: Iterable[Entry | str] = ()):
+        self.entries: Iterator[Entry | str] = iter(entries)
+        self._finished = False
+
+    def open(self, pipeline: Pipeline) -> None:
+        pass
+
+    def accept(self, entry: Entry) -> Entry | None:
+        """The entry to hand over (``None``: skip it)."""
+        return entry
+
+    def poll(self, now: float, limit: int) -> list[Entry]:
+        chunk: list[Entry] = []
+        for item in self.entries:
+            entry = self.accept(Entry(item) if isinstance(item, str) else item)
+            if entry is not None:
+                chunk.append(entry)
+                if len(chunk) >= limit:
+                    return chunk
+        self._finished = True
+        return chunk
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._finished = True
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def on_results(self, results: list[SliceResult]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -8,11 +8,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ichscan.sources.base import Entry, FolderEntry
+from ichscan.sources.base import Entry, FiniteSource, FolderEntry
 
 if TYPE_CHECKING:
     from ichscan.pipeline.run import Pipeline
-    from ichscan.records import SliceResult
 
 __all__ = ["Entry", "FolderEntry", "FolderSource", "Outputs", "check_input_folder", "count_folder", "iter_folder"]
 
@@ -129,7 +128,7 @@ def check_input_folder(root: str | os.PathLike[str]) -> Path:
     return path
 
 
-class FolderSource:
+class FolderSource(FiniteSource):
     """The folder walk as a finite source (``ichscan batch``).
 
     Each file is stat'ed when handed over (its identity in the ledger). With
@@ -139,55 +138,29 @@ class FolderSource:
     are decoded close together and the pixels held stay few.
     """
 
-    live = False
-
     def __init__(self, root: str | os.PathLike[str], *, resume: bool = False):
+        super().__init__()
         self.root = root
         self.resume = resume
         self.resumed = 0
-        self._entries: Iterator[Entry] = iter(())
-        self._finished = False
-        self._pipeline: Pipeline | None = None
+        self._ledger = None
 
     def open(self, pipeline: Pipeline) -> None:
-        self._pipeline = pipeline
+        self._ledger = pipeline.ledger if self.resume else None
         entries: Iterable[Entry] = iter_folder(self.root, pipeline.exclusions)
         if pipeline.series.context > 0:
             entries = order_by_series(list(entries), pipeline.series)
-        self._entries = iter(entries)
+        self.entries = iter(entries)
 
-    def poll(self, now: float, limit: int) -> list[Entry]:
-        chunk: list[Entry] = []
-        ledger = self._pipeline.ledger if self._pipeline is not None else None
-        for entry in self._entries:
-            entry = _with_identity(entry)
-            if self.resume and ledger is not None and not entry.refusal:
-                from ichscan.ledger import FileIdentity
+    def accept(self, entry: Entry) -> Entry | None:
+        entry = _with_identity(entry)
+        if self._ledger is not None and not entry.refusal:
+            from ichscan.ledger import FileIdentity
 
-                if ledger.is_done(FileIdentity(entry.path, entry.size, entry.mtime_ns)) is not None:
-                    self.resumed += 1
-                    continue
-            chunk.append(entry)
-            if len(chunk) >= limit:
-                return chunk
-        self._finished = True
-        return chunk
-
-    def wait(self, timeout: float) -> None:
-        pass
-
-    def stop(self) -> None:
-        self._finished = True
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    def on_results(self, results: list[SliceResult]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+            if self._ledger.is_done(FileIdentity(entry.path, entry.size, entry.mtime_ns)) is not None:
+                self.resumed += 1
+                return None
+        return entry
 
 
 def _with_identity(entry: Entry) -> Entry:
