@@ -14,12 +14,13 @@ import torch
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
 from ichscan.engine import (
     Progress,
+    ScreeningSetup,
     prepare_screening,
     run_stream,
 )
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
-from ichscan.ledger import DEFAULT_STATE_NAME, state_files
+from ichscan.state.store import DEFAULT_STATE_NAME, StateError, StateStore, state_files
 from ichscan.reporting import Reporter, ReporterSet, ResultsOutput, RunConfig, RunSummary
 from ichscan.sources.folder import Outputs, check_input_folder, count_folder, iter_folder
 
@@ -138,12 +139,39 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         batch_size=opts.batch_size,
         threads=opts.threads,
     )
-    loaded, device, screener = setup.loaded, setup.device, setup.screener
-    workers, batch_size = setup.workers, setup.batch_size
     if overlays_dir is not None:  # created once the run can happen: a failed start leaves no folder
         prepare_folder(overlays_dir, "overlays folder")
     if results.dicom_out is not None:
         prepare_folder(Path(results.dicom_out), "--dicom-out folder")
+    store = None
+    if state is not None:
+        # Opened here, once, for the whole run: a second run on the same file stops now.
+        try:
+            store = StateStore(state)
+        except StateError as exc:
+            raise RunError(str(exc)) from None
+    try:
+        return _run(opts, pm, setup, root, out, studies_out, overlays_dir, state, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run(
+    opts: BatchOptions,
+    pm: pluggy.PluginManager,
+    setup: ScreeningSetup,
+    root: Path,
+    out: Path,
+    studies_out: Path,
+    overlays_dir: Path | None,
+    state: Path | None,
+    store: StateStore | None,
+) -> RunSummary:
+    """:func:`run_batch` once the run can happen and its state file (if any) is open."""
+    loaded, device, screener = setup.loaded, setup.device, setup.screener
+    workers, batch_size = setup.workers, setup.batch_size
+    results = opts.results  # what run_batch checked
     config = RunConfig(
         out=out,
         studies_out=studies_out,
@@ -155,6 +183,7 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None) -> Run
         trained=loaded.trained,
         input_root=root,
         state=state,
+        store=store,
         **results.config_fields(),
         options=dict(opts.options),
     )

@@ -88,7 +88,7 @@ model_options = _apply(
 
 
 def _destinations(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple:
-    from ichscan.outbox import Destination
+    from ichscan.state.forwarder import Destination
 
     try:
         return tuple(dict.fromkeys(Destination.parse(text) for text in value))  # a repeat is one destination

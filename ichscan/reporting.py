@@ -6,11 +6,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ichscan.labels import LABELS, SUBTYPES
+
+if TYPE_CHECKING:
+    from ichscan.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class ResultsOutput:
 
     html: Path | None = None
     dicom_out: Path | None = None
-    forward: tuple[Any, ...] = ()  # ichscan.outbox.Destination
+    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
     calling_ae: str = "ICHSCAN"
     forward_wait: float = 30.0
 
@@ -142,12 +145,15 @@ class RunConfig:
     html: Path | None = None
     #: DICOM results (SR, key images): written to ``dicom_out`` and/or sent to ``forward``.
     dicom_out: Path | None = None
-    forward: tuple[Any, ...] = ()  # ichscan.outbox.Destination
+    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
     calling_ae: str = "ICHSCAN"
     #: At the end of a run, seconds to wait for pending deliveries.
     forward_wait: float = 30.0
-    #: SQLite state file (the watch ledger; for batch, the outbox's own).
+    #: Path of the SQLite state file (the outbox folder's default place is beside it).
     state: Path | None = None
+    #: The open state file, when the run has one: the runner (batch with DICOM results,
+    #: watch, serve-scp) opens it, holds its lock and closes it; reporters only use it.
+    store: StateStore | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

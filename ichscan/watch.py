@@ -1,7 +1,7 @@
 """``ichscan watch``: screen files as they land in a folder, exactly once, across crashes.
 
 The run loop ties together the folder watcher (:mod:`ichscan.sources.watch`), the
-SQLite ledger (:mod:`ichscan.ledger`), streaming decode workers and micro-batches
+SQLite ledger (:mod:`ichscan.state.ledger`), streaming decode workers and micro-batches
 (:mod:`ichscan.engine`) and the reporters:
 
 1. events, the startup scan and periodic rescans make *candidates*; a candidate the
@@ -43,7 +43,7 @@ from ichscan.engine import (
     prepare_screening,
     screen_decoded,
 )
-from ichscan.ledger import DEFAULT_STATE_NAME, FileIdentity, Ledger, LedgerError, reconcile_csv, state_files
+from ichscan.state import DEFAULT_STATE_NAME, FileIdentity, Ledger, LedgerError, StateStore, reconcile_csv, state_files
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.plugins import get_plugin_manager
 from ichscan.reporting import ReporterSet, ResultsOutput, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
@@ -190,14 +190,17 @@ class Watcher:
 
     def open(self) -> None:
         try:
-            self.ledger = Ledger(self.state)
+            # The one connection to the state file, held for the whole run: the ledger
+            # here and the DICOM results reporter (config.store) share it.
+            self.store = StateStore(self.state)
         except LedgerError as exc:
             raise RunError(str(exc)) from None
+        self.ledger = Ledger(self.store)
         try:
             self._restore()
             self._load_model()
         except BaseException:
-            self.ledger.close()
+            self.store.close()
             raise
 
     def _restore(self) -> None:
@@ -265,6 +268,7 @@ class Watcher:
             trained=loaded.trained,
             input_root=Path(self.root),
             state=self.state,
+            store=self.store,
             **{**opts.results.config_fields(), "html": self.html, "dicom_out": self.dicom_out},
             options={**opts.options, "append": True, "watch": True},
         )
@@ -542,7 +546,7 @@ class Watcher:
         return True
 
     def close(self) -> None:
-        self.ledger.close()
+        self.store.close()
 
 
 def describe_study(study: StudySummary) -> str:

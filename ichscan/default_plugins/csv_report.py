@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ichscan import hookimpl
 from ichscan.labels import LABELS
-from ichscan.ledger import printable
+from ichscan.state.ledger import printable
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
 
 RESULT_COLUMNS: tuple[str, ...] = (

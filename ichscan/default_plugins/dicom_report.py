@@ -1,6 +1,6 @@
 """Built-in reporter: DICOM SR and key images per study, written and/or forwarded by C-STORE.
 
-Active with ``--dicom-out DIR`` or ``--forward AE@HOST:PORT``; see :mod:`ichscan.outbox`.
+Active with ``--dicom-out DIR`` or ``--forward AE@HOST:PORT``; see :mod:`ichscan.state.outbox`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ def outbox_folder(config: RunConfig) -> Path:
 
 
 class DicomResultsReporter(Reporter):
-    """Hands completed studies to the :class:`~ichscan.outbox.Outbox`; runs the forwarder."""
+    """Hands completed studies to the :class:`~ichscan.state.outbox.Outbox`; runs the forwarder."""
 
     name = "dicom"
 
     def __init__(self, config: RunConfig):
-        from ichscan.outbox import Forwarder, ModelInfo, Outbox, weights_version
+        from ichscan.state.forwarder import Forwarder
+        from ichscan.state.outbox import ModelInfo, Outbox, weights_version
 
-        if config.state is None:
-            raise ValueError("DICOM results need a state file (RunConfig.state)")
+        if config.store is None or config.state is None:
+            raise ValueError("DICOM results need the open state file (RunConfig.store and .state)")
         model = ModelInfo(
             name=config.model_name,
             version=weights_version(config.weights),
@@ -41,9 +42,7 @@ class DicomResultsReporter(Reporter):
             thresholds=dict(config.thresholds),
         )
         self.config = config
-        # ichscan watch holds the state file's lock through its ledger; batch takes it here.
-        lock = not config.options.get("watch")
-        self.outbox = Outbox(Path(config.state), outbox_folder(config), config.forward, model, lock=lock)
+        self.outbox = Outbox(config.store, outbox_folder(config), config.forward, model)
         self.forwarder = None
         unfinished = self.outbox.unfinished()
         if unfinished:
@@ -53,7 +52,7 @@ class DicomResultsReporter(Reporter):
             except RuntimeError as exc:
                 log.error("%s", exc)
         if config.forward:
-            self.forwarder = Forwarder(Path(config.state), config.forward, config.calling_ae)
+            self.forwarder = Forwarder(config.store, config.forward, config.calling_ae)
             self.forwarder.start()
             left = self.forwarder.drain(0)
             if left:

@@ -30,7 +30,7 @@ from PIL import Image
 from ichscan import __version__, hookimpl
 from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS, SUBTYPES
-from ichscan.ledger import printable
+from ichscan.state.ledger import printable
 from ichscan.overlay import render_overlay
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
 

@@ -30,7 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from ichscan.ledger import FileIdentity
+from ichscan.state.ledger import FileIdentity
 
 log = logging.getLogger(__name__)
 
