@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 
 from ichscan import hookimpl
+from ichscan.durable import replacing
 from ichscan.labels import LABELS
 from ichscan.state.ledger import printable
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
@@ -74,8 +74,7 @@ def result_row(result: SliceResult) -> list[object]:
 
 def write_studies_csv(path: Path, studies: StudyTable) -> None:
     """Rewrite the study summary atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(STUDY_COLUMNS)
         for study in studies.sorted():
@@ -89,7 +88,6 @@ def write_studies_csv(path: Path, studies: StudyTable) -> None:
                     _prob(study.top_probability),
                 ]
             )
-    os.replace(tmp, path)
 
 
 class CsvReporter(Reporter):
