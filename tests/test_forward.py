@@ -22,7 +22,7 @@ import pytest
 
 from ichscan.batch import BatchOptions, run_batch
 from ichscan.dicom import decode_instance
-from ichscan.dicom_objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
+from ichscan.dicom_results import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
 from ichscan.labels import LABELS
 from ichscan.state.forwarder import Destination
 from ichscan.reporting import ResultsOutput

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ichscan.dicom_objects import SR_SOP_CLASS_UID, read_sr_findings
+from ichscan.dicom_results import SR_SOP_CLASS_UID, read_sr_findings
 from ichscan.state.ledger import decode_path
 from ichscan.synth import generate
 

@@ -225,7 +225,7 @@ class Outbox:
     def _findings(self, study_uid: str, rows: list[InstanceResult], probabilities: dict[str, dict[str, float]]):
         from pydicom import Dataset
 
-        from ichscan.dicom_objects import InstanceFinding, StudyFindings
+        from ichscan.dicom_results import InstanceFinding, StudyFindings
 
         thresholds = self.model.thresholds
         instances: list[InstanceFinding] = []
@@ -280,7 +280,7 @@ class Outbox:
         from pydicom.errors import InvalidDicomError
         from pydicom.uid import generate_uid
 
-        from ichscan.dicom_objects import build_sr
+        from ichscan.dicom_results import build_sr
 
         previous = None
         if previous_row is not None:
@@ -307,7 +307,7 @@ class Outbox:
         import numpy as np
         from pydicom.uid import generate_uid
 
-        from ichscan.dicom_objects import build_key_image
+        from ichscan.dicom_results import build_key_image
         from ichscan.engine import to_result
         from ichscan.imaging import brain_window_image
         from ichscan.overlay import render_overlay
