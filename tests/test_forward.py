@@ -403,7 +403,7 @@ def test_outbox_recovers_interrupted_writes(phantoms, tmp_path):
     stray.write_bytes(b"partial")
     model = ModelInfo("simplecnn", "x", True, {label: 0.3 for label in LABELS})
     with StateStore(tmp_path / "state.sqlite") as store:
-        Outbox(store, out_dir, [], model).close()
+        Outbox(store, out_dir, [], model)
     assert renamed.exists() and not _tmp_name(renamed).exists()
     assert not stray.exists()
     assert dicom_files(out_dir) == written

@@ -18,10 +18,11 @@ OUTBOX_FOLDER_NAME = "ichscan-outbox"
 
 
 def outbox_folder(config: RunConfig) -> Path:
+    """--dicom-out, else the outbox folder beside the state file."""
     if config.dicom_out is not None:
         return Path(config.dicom_out)
-    assert config.state is not None
-    return Path(config.state).parent / OUTBOX_FOLDER_NAME
+    assert config.store is not None
+    return config.store.path.parent / OUTBOX_FOLDER_NAME
 
 
 class DicomResultsReporter(Reporter):
@@ -33,8 +34,8 @@ class DicomResultsReporter(Reporter):
         from ichscan.state.forwarder import Forwarder
         from ichscan.state.outbox import ModelInfo, Outbox, weights_version
 
-        if config.store is None or config.state is None:
-            raise ValueError("DICOM results need the open state file (RunConfig.store and .state)")
+        if config.store is None:
+            raise ValueError("DICOM results need the open state file (RunConfig.store)")
         model = ModelInfo(
             name=config.model_name,
             version=weights_version(config.weights),
@@ -77,20 +78,18 @@ class DicomResultsReporter(Reporter):
             raise RuntimeError(f"{len(errors)} studies without DICOM results (retried on the next start)")
 
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
-        try:
-            if self.forwarder is not None:
-                left = self.forwarder.drain(self.config.forward_wait)
-                self.forwarder.stop()
-                self.forwarder.join(timeout=self.forwarder.timeout + 5)
-                if left:
-                    log.warning(
-                        "%d DICOM results not yet delivered to %s; they are kept in %s and sent by the next run",
-                        left,
-                        ", ".join(str(d) for d in self.outbox.destinations),
-                        self.config.state,
-                    )
-        finally:
-            self.outbox.close()
+        # The store stays open: it is closed by whoever opened it (batch, watch).
+        if self.forwarder is not None:
+            left = self.forwarder.drain(self.config.forward_wait)
+            self.forwarder.stop()
+            self.forwarder.join(timeout=self.forwarder.timeout + 5)
+            if left:
+                log.warning(
+                    "%d DICOM results not yet delivered to %s; they are kept in %s and sent by the next run",
+                    left,
+                    ", ".join(str(d) for d in self.outbox.destinations),
+                    self.config.store.path,
+                )
 
 
 @hookimpl

@@ -107,9 +107,6 @@ class Outbox:
         self._recover_files()
         self._queue_new_destinations()
 
-    def close(self) -> None:
-        """Nothing of its own to release: the store is its opener's to close."""
-
     # -- start-up ----------------------------------------------------------------------
 
     def _recover_files(self) -> None:
