@@ -116,3 +116,28 @@ def test_record_screened_does_not_record_a_result_twice(tmp_path):
         ledger.record_screened([changed])
         assert ledger.instance_results("1.2.3")[0].probabilities["any"] == 0.3
         assert list(ledger.csv_rows()) == []
+
+
+def test_batch_with_dicom_results_on_a_state_file_in_use_stops_with_one_line(tmp_path):
+    """The runner takes the lock (not a reporter): a second run on the same file stops with
+    the store's one-line error and writes no DICOM results."""
+    from ichscan.batch import BatchOptions, RunError, run_batch
+    from ichscan.reporting import ResultsOutput
+    from ichscan.synth import generate
+
+    generate(tmp_path / "in", studies=1, slices=2, seed=5, size=64)
+    opts = BatchOptions(
+        input_dir=tmp_path / "in",
+        out=tmp_path / "results.csv",
+        overlays_for="none",
+        workers=0,
+        progress=False,
+        results=ResultsOutput(dicom_out=tmp_path / "dicom"),
+    )
+    with StateStore(tmp_path / "ichscan-state.sqlite"):
+        with pytest.raises(RunError, match="in use by another ichscan process") as err:
+            run_batch(opts)
+        assert "\n" not in str(err.value)
+    assert not any((tmp_path / "dicom").rglob("*.dcm"))
+    run_batch(opts)  # released: the same run now makes its results
+    assert any((tmp_path / "dicom").rglob("*.dcm"))
