@@ -153,8 +153,10 @@ class Ledger:
     """
 
     def __init__(self, store: StateStore | str | os.PathLike[str]):
-        self._owns_store = not isinstance(store, StateStore)
-        self.store = StateStore(store) if not isinstance(store, StateStore) else store
+        if isinstance(store, StateStore):
+            self.store, self._owns_store = store, False
+        else:
+            self.store, self._owns_store = StateStore(store), True
         self.path = self.store.path
 
     def close(self) -> None:
