@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ichscan.labels import LABELS, merge_thresholds
+from ichscan.durable import replacing
 from ichscan.preprocess import PreprocessSettings
 
 log = logging.getLogger(__name__)
@@ -98,20 +99,16 @@ def save_checkpoint(
         "state_dict": state,
         "extra": dict(extra or {}),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with replacing(Path(path)) as tmp:
+        torch.save(payload, tmp)
 
 
 def export_half(source: str | Path, target: str | Path) -> None:
     """Re-save a checkpoint with float16 weights (half the size; loads back as float32)."""
     payload = read_checkpoint(source)
     payload["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(target)
+    with replacing(Path(target)) as tmp:
+        torch.save(payload, tmp)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

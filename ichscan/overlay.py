@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ichscan.dicom import is_valid_uid
+from ichscan.durable import replacing
 from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS
 from ichscan.records import SliceResult, Status
@@ -152,16 +153,8 @@ def save_overlay(image: np.ndarray, result: SliceResult, target: Path) -> str:
 
     Safe to call from several threads at once, also for the same target.
     """
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    with replacing(target) as tmp:
         render_overlay_indexed(image, result).save(tmp, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return str(target)
 
 

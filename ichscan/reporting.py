@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import enum
+from typing import TYPE_CHECKING, Any
 
 from ichscan.labels import LABELS
 from ichscan.records import NO_FINDING, NO_STUDY_UID, SliceResult, Status, top_finding
@@ -27,7 +26,11 @@ __all__ = [
     "top_finding",
 ]
 
+if TYPE_CHECKING:
+    from ichscan.state.store import StateStore
+
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class StudySummary:
@@ -83,7 +86,7 @@ class ResultsOutput:
 
     html: Path | None = None
     dicom_out: Path | None = None
-    forward: tuple[Any, ...] = ()  # ichscan.outbox.Destination
+    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
     calling_ae: str = "ICHSCAN"
     forward_wait: float = 30.0
 
@@ -132,18 +135,19 @@ class RunConfig:
     html: Path | None = None
     #: DICOM results (SR, key images): written to ``dicom_out`` and/or sent to ``forward``.
     dicom_out: Path | None = None
-    forward: tuple[Any, ...] = ()  # ichscan.outbox.Destination
+    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
     calling_ae: str = "ICHSCAN"
     #: At the end of a run, seconds to wait for pending deliveries.
     forward_wait: float = 30.0
-    #: SQLite state file: the ledger of screened files and the DICOM results' outbox.
+    #: Path of the SQLite state file (the outbox folder's default place is beside it).
     state: Path | None = None
+    #: The open state file: the runner opens it, holds its lock and closes it; reporters
+    #: only use it (the ledger of screened files, the outbox of DICOM results).
+    store: StateStore | None = None
     #: Which command runs.
     mode: RunMode = RunMode.BATCH
     #: ``batch --resume``: files screened before keep their rows, the CSV is appended to.
     resume: bool = False
-    #: The run's ledger (:class:`ichscan.ledger.Ledger`), opened and locked by the runner.
-    ledger: Any = None
     #: Free-form settings for third-party plugins (ichscan itself sets none).
     options: dict[str, Any] = field(default_factory=dict)
 

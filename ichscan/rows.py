@@ -8,7 +8,7 @@ stores them so that a results file cut by a crash can be completed, and plugins
 from __future__ import annotations
 
 from ichscan.labels import LABELS
-from ichscan.ledger import printable
+from ichscan.state.ledger import printable
 from ichscan.records import SliceResult
 
 RESULT_COLUMNS: tuple[str, ...] = (

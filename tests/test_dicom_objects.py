@@ -16,7 +16,7 @@ from pydicom.sr import _concepts_dict
 
 import ichscan
 from ichscan.dicom import ICHSCAN_MANUFACTURER, SKIPPED, decode_instance
-from ichscan.dicom_objects import (
+from ichscan.dicom_results import (
     LABEL_CODES,
     NOT_FOR_DIAGNOSTIC_USE,
     PRIVATE_SCHEME,

@@ -22,9 +22,9 @@ import pytest
 
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.dicom import decode_instance
-from ichscan.dicom_objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
+from ichscan.dicom_results import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
 from ichscan.labels import LABELS
-from ichscan.outbox import Destination
+from ichscan.state.forwarder import Destination
 from ichscan.reporting import ResultsOutput
 from ichscan.synth import generate
 
@@ -389,7 +389,8 @@ def test_orthanc_sends_a_study_and_gets_sr_and_key_image_back_then_a_revision(tm
 
 
 def test_outbox_recovers_interrupted_writes(phantoms, tmp_path):
-    from ichscan.outbox import Outbox, ModelInfo, _tmp_name
+    from ichscan.state import StateStore
+    from ichscan.state.outbox import ModelInfo, Outbox, _tmp_name
 
     out_dir = tmp_path / "dicom"
     batch(phantoms, tmp_path, dicom_out=out_dir)
@@ -401,7 +402,8 @@ def test_outbox_recovers_interrupted_writes(phantoms, tmp_path):
     stray = _tmp_name(written[1].with_name("1.2.3.dcm"))
     stray.write_bytes(b"partial")
     model = ModelInfo("simplecnn", "x", True, {label: 0.3 for label in LABELS})
-    Outbox(tmp_path / "state.sqlite", out_dir, [], model).close()
+    with StateStore(tmp_path / "state.sqlite") as store:
+        Outbox(store, out_dir, [], model)
     assert renamed.exists() and not _tmp_name(renamed).exists()
     assert not stray.exists()
     assert dicom_files(out_dir) == written

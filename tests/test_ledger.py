@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, result_row
-from ichscan.ledger import (
+from ichscan.state.ledger import (
     DONE,
     QUEUED,
     FileIdentity,

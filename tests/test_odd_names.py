@@ -19,8 +19,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ichscan.dicom_objects import SR_SOP_CLASS_UID, read_sr_findings
-from ichscan.ledger import decode_path
+from ichscan.dicom_results import SR_SOP_CLASS_UID, read_sr_findings
+from ichscan.state.ledger import decode_path
 from ichscan.synth import generate
 
 ICHSCAN = Path(sys.executable).with_name("ichscan")
@@ -94,7 +94,7 @@ def test_batch_with_dicom_out_and_html_on_non_utf8_names(tmp_path):
     assert odd_row["sop_instance_uid"] in read_sr_findings(srs[0])["referenced_instances"]
     # The state file keeps the odd file's real name, so its header can be read back.
     state = sqlite3.connect(out / "ichscan-state.sqlite")
-    stored = dict(state.execute("SELECT sop_instance_uid, path FROM result_instances").fetchall())
+    stored = dict(state.execute("SELECT sop_instance_uid, path FROM files WHERE status = 'ok'").fetchall())
     state.close()
     assert os.path.exists(decode_path(stored[odd_row["sop_instance_uid"]]))
     assert decode_path(stored[odd_row["sop_instance_uid"]]) == odd

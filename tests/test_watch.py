@@ -397,7 +397,7 @@ def test_non_utf8_names_are_screened_once_across_restarts(tmp_path):
 
 
 def test_non_utf8_name_in_flight_at_a_crash_is_screened_again_from_the_ledger(tmp_path):
-    from ichscan.ledger import FileIdentity, Ledger
+    from ichscan.state.ledger import FileIdentity, Ledger
 
     root = tmp_path / "incoming"
     odd = _odd_names(root)

@@ -106,7 +106,7 @@ def _output_options(out_help: str) -> list[click.Option]:
 
 
 def _destinations(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Any, ...]:
-    from ichscan.outbox import Destination
+    from ichscan.state.forwarder import Destination
 
     try:
         return tuple(dict.fromkeys(Destination.parse(text) for text in value))  # a repeat is one destination

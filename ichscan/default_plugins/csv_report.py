@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from pathlib import Path
 
 from ichscan import hookimpl
+from ichscan.durable import replacing
 from ichscan.labels import LABELS
-from ichscan.ledger import Ledger, reconcile_csv
 from ichscan.rows import RESULT_COLUMNS, STUDY_COLUMNS, neutralise, probability_cell, result_row
+from ichscan.state.ledger import Ledger, reconcile_csv
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
 
 log = logging.getLogger(__name__)
 
+
 def write_studies_csv(path: Path, studies: StudyTable, only: set[str] | None = None) -> None:
     """Rewrite the study summary atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(STUDY_COLUMNS)
         for study in studies.sorted(only):
@@ -33,7 +33,6 @@ def write_studies_csv(path: Path, studies: StudyTable, only: set[str] | None = N
                     probability_cell(study.top_probability),
                 ]
             )
-    os.replace(tmp, path)
 
 
 class CsvReporter(Reporter):
@@ -108,5 +107,5 @@ class CsvReporter(Reporter):
 @hookimpl
 def ichscan_register_reporters(register, config: RunConfig):
     if config.out is not None:
-        ledger = config.ledger if config.append else None
+        ledger = Ledger(config.store) if config.append and config.store is not None else None
         register(CsvReporter(config.out, config.studies_out, ledger=ledger, live=config.mode.live))

@@ -1,6 +1,6 @@
 """Built-in reporter: DICOM SR and key images per study, written and/or forwarded by C-STORE.
 
-Active with ``--dicom-out DIR`` or ``--forward AE@HOST:PORT``; see :mod:`ichscan.outbox`.
+Active with ``--dicom-out DIR`` or ``--forward AE@HOST:PORT``; see :mod:`ichscan.state.outbox`.
 """
 
 from __future__ import annotations
@@ -18,22 +18,24 @@ log = logging.getLogger(__name__)
 
 
 def outbox_folder(config: RunConfig) -> Path:
+    """--dicom-out, else the outbox folder beside the state file."""
     if config.dicom_out is not None:
         return Path(config.dicom_out)
-    assert config.state is not None
-    return Path(config.state).parent / OUTBOX_FOLDER_NAME
+    assert config.store is not None
+    return config.store.path.parent / OUTBOX_FOLDER_NAME
 
 
 class DicomResultsReporter(Reporter):
-    """Hands completed studies to the :class:`~ichscan.outbox.Outbox`; runs the forwarder."""
+    """Hands completed studies to the :class:`~ichscan.state.outbox.Outbox`; runs the forwarder."""
 
     name = "dicom"
 
     def __init__(self, config: RunConfig):
-        from ichscan.outbox import Forwarder, ModelInfo, Outbox, weights_version
+        from ichscan.state.forwarder import Forwarder
+        from ichscan.state.outbox import ModelInfo, Outbox, weights_version
 
-        if config.state is None:
-            raise ValueError("DICOM results need a state file (RunConfig.state)")
+        if config.store is None:
+            raise ValueError("DICOM results need the open state file (RunConfig.store)")
         model = ModelInfo(
             name=config.model_name,
             version=weights_version(config.weights),
@@ -41,10 +43,7 @@ class DicomResultsReporter(Reporter):
             thresholds=dict(config.thresholds),
         )
         self.config = config
-        # The runner holds the state file's lock through its ledger; a reporter used
-        # without one (a library call) takes it here.
-        lock = config.ledger is None
-        self.outbox = Outbox(Path(config.state), outbox_folder(config), config.forward, model, lock=lock)
+        self.outbox = Outbox(config.store, outbox_folder(config), config.forward, model)
         self.forwarder = None
         unfinished = self.outbox.unfinished()
         if unfinished:
@@ -54,7 +53,7 @@ class DicomResultsReporter(Reporter):
             except RuntimeError as exc:
                 log.error("%s", exc)
         if config.forward:
-            self.forwarder = Forwarder(Path(config.state), config.forward, config.calling_ae)
+            self.forwarder = Forwarder(config.store, config.forward, config.calling_ae)
             self.forwarder.start()
             left = self.forwarder.drain(0)
             if left:
@@ -79,20 +78,18 @@ class DicomResultsReporter(Reporter):
             raise RuntimeError(f"{len(errors)} studies without DICOM results (retried on the next start)")
 
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
-        try:
-            if self.forwarder is not None:
-                left = self.forwarder.drain(self.config.forward_wait)
-                self.forwarder.stop()
-                self.forwarder.join(timeout=self.forwarder.timeout + 5)
-                if left:
-                    log.warning(
-                        "%d DICOM results not yet delivered to %s; they are kept in %s and sent by the next run",
-                        left,
-                        ", ".join(str(d) for d in self.outbox.destinations),
-                        self.config.state,
-                    )
-        finally:
-            self.outbox.close()
+        # The store stays open: it is closed by whoever opened it (batch, watch).
+        if self.forwarder is not None:
+            left = self.forwarder.drain(self.config.forward_wait)
+            self.forwarder.stop()
+            self.forwarder.join(timeout=self.forwarder.timeout + 5)
+            if left:
+                log.warning(
+                    "%d DICOM results not yet delivered to %s; they are kept in %s and sent by the next run",
+                    left,
+                    ", ".join(str(d) for d in self.outbox.destinations),
+                    self.config.store.path,
+                )
 
 
 @hookimpl

@@ -28,9 +28,10 @@ from pathlib import Path
 from PIL import Image
 
 from ichscan import __version__, hookimpl
+from ichscan.durable import replacing
 from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS, SUBTYPES
-from ichscan.ledger import printable
+from ichscan.state.ledger import printable
 from ichscan.overlay import render_overlay
 from ichscan.records import NO_STUDY_UID, Status
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudySummary, StudyTable
@@ -315,14 +316,8 @@ class HtmlReporter(Reporter):
         """Rewrite the report atomically; ``summary`` is the final one, ``None`` mid-run."""
         start = time.monotonic()
         text = self.render(studies, summary)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with replacing(self.path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         self._last_write, self._dirty = time.monotonic(), False
         self._write_seconds = self._last_write - start
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pluggy
 import torch
 
-from ichscan.ledger import Ledger, LedgerError
+from ichscan.state.ledger import Ledger, LedgerError
 from ichscan.pipeline.options import (
     BatchOptions,
     RunError,
@@ -115,7 +115,7 @@ def open_pipeline(
             **{**opts.results.config_fields(), "html": outputs.html, "dicom_out": outputs.dicom_out},
             mode=mode,
             resume=resume,
-            ledger=ledger,
+            store=ledger.store,
             options=dict(opts.options),
         )
         try:

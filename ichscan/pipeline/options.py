@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
-from ichscan.ledger import DEFAULT_STATE_NAME, state_files
+from ichscan.state.ledger import DEFAULT_STATE_NAME, state_files
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.reporting import ResultsOutput
 from ichscan.sources.folder import Outputs

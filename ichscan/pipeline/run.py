@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
-from ichscan.ledger import FileIdentity, Ledger
+from ichscan.state.ledger import FileIdentity, Ledger
 from ichscan.overlay import OverlayWriter
 from ichscan.pipeline.batcher import MicroBatcher
 from ichscan.pipeline.decode import DecodePool

@@ -155,7 +155,7 @@ class FolderSource(FiniteSource):
     def accept(self, entry: Entry) -> Entry | None:
         entry = _with_identity(entry)
         if self._ledger is not None and not entry.refusal:
-            from ichscan.ledger import FileIdentity
+            from ichscan.state.ledger import FileIdentity
 
             if self._ledger.is_done(FileIdentity(entry.path, entry.size, entry.mtime_ns)) is not None:
                 self.resumed += 1

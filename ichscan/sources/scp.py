@@ -29,6 +29,7 @@ from pydicom.uid import (
 
 from ichscan.dicom import is_valid_uid
 from ichscan.sources.base import Entry
+from ichscan.durable import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -60,42 +61,6 @@ def decodable_transfer_syntaxes() -> list[UID]:
         except (NotImplementedError, ValueError):
             continue
     return accepted
-
-
-def durable_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so that it is complete on disk when this returns.
-
-    Temporary hidden file in the target's folder, fsync, atomic rename, fsync of the
-    folder. On any error the temporary file is removed and the error is raised.
-    """
-    folder = target.parent
-    tmp = folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -173,7 +138,7 @@ class StoreHandler:
                 fsync_dir(folder.parent)
                 fsync_dir(folder.parent.parent)
                 self._dirs_made.add(folder)
-            durable_write(target, event.encoded_dataset(include_meta=True))
+            write_durably(target, event.encoded_dataset(include_meta=True))
         except OSError as exc:
             self.stats.add("failed")
             log.error("C-STORE from %s: cannot store %s: %s (answered 0xA700)", peer, sop, exc.strerror or exc)
@@ -343,6 +308,6 @@ def _stored_entry(path: str) -> Entry | None:
 
 
 def _identity(entry: Entry):
-    from ichscan.ledger import FileIdentity
+    from ichscan.state.ledger import FileIdentity
 
     return FileIdentity(entry.path, entry.size, entry.mtime_ns)

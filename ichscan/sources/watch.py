@@ -32,7 +32,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from ichscan.ledger import FileIdentity
+from ichscan.state.ledger import FileIdentity
 from ichscan.sources.base import Entry
 from ichscan.sources.folder import Outputs
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ichscan.durable import replacing
 from ichscan.pipeline.progress import Progress
 from ichscan.pipeline.sizing import cpu_count, resolve_device
 from ichscan.labels import LABELS
@@ -218,9 +219,8 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
             "torch_rng": torch.get_rng_state(),
             "options": {"model": opts.model_name, "epochs": opts.epochs, "seed": opts.seed},
         }
-        tmp = last_path.with_name(last_path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(last_path)
+        with replacing(last_path) as tmp:
+            torch.save(payload, tmp)
 
     unreadable: set[str] = set()
     with _StopFlag() as stop:
@@ -296,10 +296,8 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
         writer.writeheader()
         for row in history:
             writer.writerow({k: ("" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)) for k, v in row.items()})
-    tmp.replace(path)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from ichscan.durable import replacing
+
 SPLITS = ("train", "validation", "test")
 FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -58,14 +60,11 @@ def split_by_patient(
 
 
 def write_split(path: str | os.PathLike[str], assignment: dict[str, str], image_patients: dict[str, str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with replacing(Path(path)) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image_id", "patient", "split"])
         for image in sorted(assignment):
             writer.writerow([image, image_patients.get(image, ""), assignment[image]])
-    tmp.replace(path)
 
 
 def read_split(path: str | os.PathLike[str]) -> dict[str, str]:

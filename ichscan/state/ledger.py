@@ -1,4 +1,4 @@
-"""The watch ledger: a small SQLite database that is the source of truth for ``ichscan watch``.
+"""The watch ledger: the part of the state file that is the source of truth for ``ichscan watch``.
 
 Each file handed to the engine gets a row: its identity (path, size, mtime and, once
 decoded, its SOPInstanceUID), its state (``queued`` while in flight, ``done`` once
@@ -9,69 +9,61 @@ know; :func:`reconcile_csv` repairs both on start. A file whose identity is alre
 ``done`` is not screened again; a ``queued`` one (in flight when the process died)
 is.
 
-Durability: WAL journal with ``synchronous=FULL``, one transaction per batch, so a
-committed result survives a SIGKILL and a power cut. An exclusive lock file keeps
-two watchers from sharing one ledger (they would screen files twice).
+The ledger is the ``files`` and ``studies`` tables of the state file
+(:class:`ichscan.state.store.StateStore`: connection, lock, durability, schema); one
+transaction per batch. ``files`` is also where the outbox reads each instance's
+result for its study's SR, so a result is stored once.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import logging
 import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ichscan.durable import flush_to_disk
 from ichscan.labels import LABELS
-from ichscan.reporting import SliceResult, StudySummary, top_finding
+from ichscan.records import SliceResult, top_finding
+from ichscan.reporting import StudySummary
+from ichscan.state.schema import DONE, QUEUED
+from ichscan.state.store import DEFAULT_STATE_NAME, StateError, StateStore, state_files
+
+#: Rows of an earlier run whose outputs a later run rewrote (batch without --resume).
+SUPERSEDED = "superseded"
 
 log = logging.getLogger(__name__)
 
-#: The state file's name beside --out when --state is not given.
-DEFAULT_STATE_NAME = "ichscan-state.sqlite"
+__all__ = [
+    "DEFAULT_STATE_NAME",
+    "DONE",
+    "QUEUED",
+    "CsvRepair",
+    "InstanceResult",
+    "FileIdentity",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerError",
+    "decode_path",
+    "encode_path",
+    "printable",
+    "reconcile_csv",
+    "repair_torn_csv",
+    "state_files",
+]
 
+#: The ledger's errors are the state file's (watch and its tests know this name).
+LedgerError = StateError
 
-def state_files(state: Path) -> list[Path]:
-    """The state file and the files SQLite and the lock keep beside it."""
-    return [state.with_name(state.name + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
-QUEUED = "queued"
-DONE = "done"
-#: Rows of an earlier run whose outputs a later run rewrote (batch without --resume).
-SUPERSEDED = "superseded"
-SCHEMA_VERSION = 1
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS files (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    queued_at REAL NOT NULL,
-    done_seq INTEGER,
-    done_at REAL,
-    status TEXT,
-    error TEXT,
-    sop_instance_uid TEXT,
-    study_instance_uid TEXT,
-    positive INTEGER,
-    {", ".join(f"p_{label} REAL" for label in LABELS)},
-    csv_row TEXT
-);
-CREATE INDEX IF NOT EXISTS files_path ON files (path, id);
-CREATE INDEX IF NOT EXISTS files_done ON files (done_seq);
-CREATE INDEX IF NOT EXISTS files_study ON files (study_instance_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_instance_uid TEXT PRIMARY KEY,
-    summarised_at REAL NOT NULL
-);
-"""
+_P_COLUMNS = ", ".join(f"p_{label}" for label in LABELS)
+#: The done_seq of the next committed result: from the table, not a counter, because the
+#: outbox's :meth:`Ledger.record_screened` commits results through the same store.
+_NEXT_SEQ = "(SELECT COALESCE(MAX(done_seq), 0) + 1 FROM files)"
 
 
 # -- paths in SQLite and in text ----------------------------------------------------
@@ -125,10 +117,6 @@ def printable(text: str) -> str:
     return text
 
 
-class LedgerError(Exception):
-    """The ledger cannot be opened or used; the message is one line."""
-
-
 @dataclass(frozen=True)
 class FileIdentity:
     """What makes a file "the same file": a changed size or mtime makes it a new one."""
@@ -153,61 +141,32 @@ class LedgerEntry:
 
 
 class Ledger:
-    """The SQLite ledger behind ``ichscan watch``; use from one thread.
+    """The ledger tables of a state file; use from one thread.
 
     Parameters
     ----------
-    path
-        The database file (created with its folder when missing).
+    store
+        The open state file (shared with the outbox and the forwarder), or a path: the
+        ledger then opens the store itself and closes it in :meth:`close`.
 
     Raises
     ------
     LedgerError
-        When the file is not a ledger, is from a newer version, or another process
-        holds it.
+        When a path is given and the file is not a state file, is from a newer version,
+        or another process holds it.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fh = open(self.lock_path, "a+")  # noqa: SIM115 - held until close()
-        except OSError as exc:
-            raise LedgerError(f"cannot open state file {self.path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_fh.close()
-            raise LedgerError(f"state file {self.path} is in use by another ichscan process (watch or serve-scp)") from None
-        try:
-            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed result survives a power cut, not only a killed process.
-            self._db.execute("PRAGMA synchronous=FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LedgerError(f"state file {self.path} was written by a newer ichscan (schema {version})")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            row = self._db.execute("SELECT COALESCE(MAX(done_seq), 0) FROM files").fetchone()
-        except sqlite3.DatabaseError as exc:
-            self._lock_fh.close()
-            raise LedgerError(f"state file {self.path} is not an ichscan ledger: {exc}") from None
-        self._next_seq = int(row[0]) + 1
+    def __init__(self, store: StateStore | str | os.PathLike[str]):
+        if isinstance(store, StateStore):
+            self.store, self._owns_store = store, False
+        else:
+            self.store, self._owns_store = StateStore(store), True
+        self.path = self.store.path
 
     def close(self) -> None:
-        """Checkpoint and close the database, then release the lock."""
-        if getattr(self, "_db", None) is not None:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.DatabaseError as exc:
-                log.warning("ledger checkpoint failed: %s", exc)
-            self._db.close()
-            self._db = None
-        if not self._lock_fh.closed:
-            self._lock_fh.close()
+        """Close the store when this ledger opened it; a shared one is its opener's to close."""
+        if self._owns_store:
+            self.store.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -219,10 +178,10 @@ class Ledger:
 
     def latest(self, path: str) -> LedgerEntry | None:
         """The most recent row for ``path``, or ``None`` if it was never queued."""
-        row = self._db.execute(
+        row = self.store.query_one(
             "SELECT id, path, size, mtime_ns, state, status FROM files WHERE path = ? ORDER BY id DESC LIMIT 1",
             (encode_path(path),),
-        ).fetchone()
+        )
         return _entry(row) if row else None
 
     def is_done(self, identity: FileIdentity) -> LedgerEntry | None:
@@ -240,81 +199,125 @@ class Ledger:
         """
         ids: dict[str, int] = {}
         now = time.time()
-        with self._transaction():
+        with self.store.transaction():
             for ident in identities:
                 entry = self.latest(ident.path)
                 if entry is not None and entry.state == QUEUED:
-                    self._db.execute(
+                    self.store.execute(
                         "UPDATE files SET size = ?, mtime_ns = ?, queued_at = ? WHERE id = ?",
                         (ident.size, ident.mtime_ns, now, entry.id),
                     )
                     ids[ident.path] = entry.id
                 else:
-                    cur = self._db.execute(
-                        "INSERT INTO files (path, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?)",
-                        (encode_path(ident.path), ident.size, ident.mtime_ns, QUEUED, now),
+                    ids[ident.path] = int(
+                        self.store.execute(
+                            "INSERT INTO files (path, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?)",
+                            (encode_path(ident.path), ident.size, ident.mtime_ns, QUEUED, now),
+                        )
                     )
-                    ids[ident.path] = int(cur.lastrowid)
         return ids
 
     def record(self, results: Iterable[tuple[int, SliceResult, Sequence[object]]]) -> None:
         """Commit results (one transaction): ``(row id, result, its CSV row)`` each."""
         now = time.time()
-        with self._transaction():
+        with self.store.transaction():
             for row_id, result, csv_row in results:
-                probs = result.probabilities or {}
-                self._db.execute(
-                    f"""UPDATE files SET state = ?, done_seq = ?, done_at = ?, status = ?, error = ?,
-                        sop_instance_uid = ?, study_instance_uid = ?, positive = ?,
-                        {", ".join(f"p_{label} = ?" for label in LABELS)}, csv_row = ?
+                self.store.execute(
+                    f"""UPDATE files SET state = ?, done_seq = {_NEXT_SEQ}, done_at = ?, status = ?, error = ?,
+                        sop_instance_uid = ?, study_instance_uid = ?, series_instance_uid = ?, sop_class_uid = ?,
+                        positive = ?, {", ".join(f"p_{label} = ?" for label in LABELS)}, csv_row = ?
                         WHERE id = ?""",
-                    (
-                        DONE,
-                        self._next_seq,
-                        now,
-                        result.status,
-                        result.error,
-                        result.sop_instance_uid,
-                        result.study_instance_uid,
-                        int(result.is_positive) if result.probabilities is not None else None,
-                        *(probs.get(label) for label in LABELS),
-                        json.dumps([_cell(c) for c in csv_row]),
-                        row_id,
-                    ),
+                    (DONE, now, *_result_values(result), json.dumps([_cell(c) for c in csv_row]), row_id),
                 )
-                self._next_seq += 1
+
+    def record_screened(self, results: Iterable[SliceResult]) -> None:
+        """Commit results of files that were never queued (``batch``), one transaction.
+
+        A result the path's latest row already holds (``watch`` records each result
+        before the reporters see it) is not recorded again, so calling this for every
+        result is safe whoever runs the screening. The identity is the file's size and
+        mtime now (-1 when it is gone); the row has no CSV row (``csv_rows`` is the watch
+        CSV's). Paths are stored absolute: a later run may start from another folder.
+        """
+        now = time.time()
+        with self.store.transaction():
+            for result in results:
+                path = os.path.abspath(result.path)
+                if self._holds(path, result) or (path != result.path and self._holds(result.path, result)):
+                    continue
+                try:
+                    st = os.stat(path)
+                    size, mtime_ns = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime_ns = -1, -1
+                self.store.execute(
+                    f"""INSERT INTO files (path, size, mtime_ns, state, queued_at, done_seq, done_at, status, error,
+                        sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid, positive, {_P_COLUMNS})
+                        VALUES (?, ?, ?, ?, ?, {_NEXT_SEQ}, ?, {", ".join("?" * (7 + len(LABELS)))})""",
+                    (encode_path(path), size, mtime_ns, DONE, now, now, *_result_values(result)),
+                )
+
+    def _holds(self, path: str, result: SliceResult) -> bool:
+        """Whether ``path``'s latest row is this very result (same instance, same values)."""
+        row = self.store.query_one(
+            f"SELECT state, status, sop_instance_uid, {_P_COLUMNS} FROM files WHERE path = ? ORDER BY id DESC LIMIT 1",
+            (encode_path(path),),
+        )
+        if row is None or row[0] != DONE:
+            return False
+        probs = result.probabilities or {}
+        return tuple(row[1:]) == (result.status, result.sop_instance_uid, *(probs.get(label) for label in LABELS))
 
     def start_over(self) -> None:
         """A run that rewrites its outputs from scratch (``batch`` without ``--resume``):
         rows of earlier runs no longer stand for a row of the results CSV."""
-        with self._transaction():
-            self._db.execute("UPDATE files SET state = ? WHERE state IN (?, ?)", (SUPERSEDED, DONE, QUEUED))
+        with self.store.transaction():
+            self.store.execute("UPDATE files SET state = ? WHERE state IN (?, ?)", (SUPERSEDED, DONE, QUEUED))
 
     def queued(self) -> list[LedgerEntry]:
         """Rows still ``queued``: files in flight when a previous run stopped."""
-        rows = self._db.execute(
+        rows = self.store.query(
             "SELECT id, path, size, mtime_ns, state, status FROM files WHERE state = ? ORDER BY id", (QUEUED,)
-        ).fetchall()
+        )
         return [_entry(row) for row in rows]
 
     def counts(self) -> Counter[str]:
         """``done`` rows per status."""
-        rows = self._db.execute("SELECT status, COUNT(*) FROM files WHERE state = ? GROUP BY status", (DONE,))
+        rows = self.store.query("SELECT status, COUNT(*) FROM files WHERE state = ? GROUP BY status", (DONE,))
         return Counter({status: n for status, n in rows})
 
     def csv_rows(self) -> Iterator[list[str]]:
-        """Every ``done`` file's CSV row, in the order the results were committed."""
-        cur = self._db.execute("SELECT csv_row FROM files WHERE state = ? ORDER BY done_seq", (DONE,))
-        for (raw,) in cur:
+        """Every ``done`` file's CSV row, in the order the results were committed (files
+        recorded without one, by :meth:`record_screened`, were never in a watch CSV)."""
+        rows = self.store.query(
+            "SELECT csv_row FROM files WHERE state = ? AND csv_row IS NOT NULL ORDER BY done_seq", (DONE,)
+        )
+        for (raw,) in rows:
             # Rows are recorded printable; printable() again for any recorded otherwise.
             yield [printable(cell) for cell in json.loads(raw)]
+
+    def instance_results(self, study_uid: str) -> list[InstanceResult]:
+        """The latest ``ok`` result of each instance of a study, by SOP Instance UID."""
+        rows = self.store.query(
+            f"""SELECT sop_instance_uid, path, COALESCE(series_instance_uid, ''), COALESCE(sop_class_uid, ''), {_P_COLUMNS}
+                FROM files WHERE done_seq IN (
+                    SELECT MAX(done_seq) FROM files
+                    WHERE study_instance_uid = ? AND state = ? AND status = 'ok' AND p_any IS NOT NULL
+                    GROUP BY sop_instance_uid)
+                ORDER BY sop_instance_uid""",
+            (study_uid, DONE),
+        )
+        return [
+            InstanceResult(sop, decode_path(path), series, sop_class, dict(zip(LABELS, probs, strict=True)))
+            for sop, path, series, sop_class, *probs in rows
+        ]
 
     # -- studies -------------------------------------------------------------------
 
     def study_summaries(self, thresholds: dict[str, float]) -> dict[str, StudySummary]:
         """Per-study maxima over the ``ok`` results, as :class:`ichscan.reporting.StudyTable` keeps them."""
         cols = ", ".join(f"MAX(p_{label})" for label in LABELS)
-        rows = self._db.execute(
+        rows = self.store.query(
             f"""SELECT COALESCE(NULLIF(study_instance_uid, ''), '(no study uid)'), COUNT(*), SUM(positive), {cols}
                 FROM files WHERE state = ? AND status = 'ok' GROUP BY 1""",
             (DONE,),
@@ -330,11 +333,11 @@ class Ledger:
 
     def summarised_studies(self) -> set[str]:
         """Studies whose summary row was written at least once."""
-        return {uid for (uid,) in self._db.execute("SELECT study_instance_uid FROM studies")}
+        return {uid for (uid,) in self.store.query("SELECT study_instance_uid FROM studies")}
 
     def changed_since_summary(self) -> set[str]:
         """Summarised studies with a result committed after their summary."""
-        rows = self._db.execute(
+        rows = self.store.query(
             """SELECT f.study_instance_uid FROM files f JOIN studies s ON s.study_instance_uid = f.study_instance_uid
                WHERE f.state = ? AND f.status = 'ok' GROUP BY f.study_instance_uid
                HAVING MAX(f.done_at) > MAX(s.summarised_at)""",
@@ -344,29 +347,39 @@ class Ledger:
 
     def mark_summarised(self, uids: Iterable[str]) -> None:
         now = time.time()
-        with self._transaction():
-            self._db.executemany(
+        with self.store.transaction():
+            self.store.executemany(
                 "INSERT INTO studies (study_instance_uid, summarised_at) VALUES (?, ?) "
                 "ON CONFLICT (study_instance_uid) DO UPDATE SET summarised_at = excluded.summarised_at",
                 [(uid, now) for uid in uids],
             )
 
-    def _transaction(self) -> Transaction:
-        return Transaction(self._db)
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """One screened instance as the outbox needs it for its study's SR."""
+
+    sop_instance_uid: str
+    path: str
+    series_instance_uid: str
+    sop_class_uid: str
+    probabilities: dict[str, float]
 
 
-class Transaction:
-    """``with Transaction(db):`` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception
-    (for connections opened with ``isolation_level=None``)."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+def _result_values(result: SliceResult) -> tuple:
+    """status, error, UIDs, positive and probabilities, in the column order of
+    :meth:`Ledger.record` and :meth:`Ledger.record_screened`."""
+    probs = result.probabilities or {}
+    return (
+        result.status,
+        result.error,
+        result.sop_instance_uid,
+        result.study_instance_uid,
+        result.series_instance_uid,
+        result.sop_class_uid,
+        int(result.is_positive) if result.probabilities is not None else None,
+        *(probs.get(label) for label in LABELS),
+    )
 
 
 def _cell(value: object) -> str:
@@ -425,8 +438,7 @@ def repair_torn_csv(path: Path, columns: Sequence[str]) -> int:
     if removed:
         with open(path, "r+b") as fh:
             fh.truncate(keep)
-            fh.flush()
-            os.fsync(fh.fileno())
+            flush_to_disk(fh)
     return removed
 
 
@@ -484,7 +496,6 @@ def reconcile_csv(path: Path, ledger: Ledger, columns: Sequence[str]) -> CsvRepa
             if header is None:
                 writer.writerow(columns)
             writer.writerows(missing)
-            fh.flush()
-            os.fsync(fh.fileno())
+            flush_to_disk(fh)
     repair.appended = len(missing)
     return repair

@@ -1,9 +1,4 @@
-"""DICOM result objects written back into a screened study: a structured report and a key image.
-
-Both are built with highdicom and carry the patient and study modules of the screened study
-(as DICOM requires for objects placed in it), each in a series of its own, with new UIDs the
-caller supplies. ``Manufacturer`` is :data:`ichscan.dicom.ICHSCAN_MANUFACTURER`, so
-:func:`ichscan.dicom.decode_instance` skips them and ichscan never screens its own output.
+"""The structured report of a screened study, and reading it back.
 
 Why Comprehensive SR with an ichscan content tree (and not TID 1500)
 --------------------------------------------------------------------
@@ -41,13 +36,9 @@ higher Instance Number that names the earlier one in the Predecessor Documents S
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import highdicom
-import numpy as np
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
@@ -71,124 +62,27 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ichscan import __version__
 from ichscan.dicom import ICHSCAN_MANUFACTURER
+from ichscan.dicom_results.findings import (
+    DEMO_SUFFIX,
+    LABEL_CODES,
+    NOT_FOR_DIAGNOSTIC_USE,
+    PRIVATE_SCHEME,
+    SR_SERIES_NUMBER,
+    SR_SOP_CLASS_UID,
+    InstanceFinding,
+    StudyFindings,
+    check_identity,
+    instance_sort_key,
+    probability_value,
+    with_study_attributes,
+)
 from ichscan.labels import LABELS
 
-__all__ = [
-    "KEY_IMAGE_SERIES_NUMBER",
-    "LABEL_CODES",
-    "NOT_FOR_DIAGNOSTIC_USE",
-    "PRIVATE_SCHEME",
-    "SC_SOP_CLASS_UID",
-    "SR_SERIES_NUMBER",
-    "SR_SOP_CLASS_UID",
-    "InstanceFinding",
-    "StudyFindings",
-    "build_key_image",
-    "build_sr",
-    "read_sr_findings",
-    "select_key_instance",
-]
-
-#: Comprehensive SR Storage.
-SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.33"
-#: Secondary Capture Image Storage (single frame; highdicom's ``SCImage``).
-SC_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.7"
-#: Series numbers of our own series: high, so viewers list them after the acquired series.
-SR_SERIES_NUMBER = 9901
-KEY_IMAGE_SERIES_NUMBER = 9902
-
-#: The phrase every object made with demonstration weights carries.
-NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
-
-#: Coding scheme designator of ichscan's private codes ("99" prefix: private, per PS3.16 8.2).
-PRIVATE_SCHEME = "99ICHSCAN"
-
-#: Concept per label. ``any`` is SNOMED CT "Intracranial hemorrhage" (checked against
-#: pydicom's code dictionary); pydicom has no SNOMED concept for the five subtypes, so they
-#: use the private scheme rather than codes typed in from memory.
-LABEL_CODES: Mapping[str, Code] = {
-    "epidural": Code("EDH", PRIVATE_SCHEME, "Epidural hemorrhage"),
-    "intraparenchymal": Code("IPH", PRIVATE_SCHEME, "Intraparenchymal hemorrhage"),
-    "intraventricular": Code("IVH", PRIVATE_SCHEME, "Intraventricular hemorrhage"),
-    "subarachnoid": Code("SAH", PRIVATE_SCHEME, "Subarachnoid hemorrhage"),
-    "subdural": Code("SDH", PRIVATE_SCHEME, "Subdural hemorrhage"),
-    "any": codes.SCT.IntracranialHemorrhage,
-}
 _USAGE = Code("USAGE", PRIVATE_SCHEME, "Usage restriction")
 _POSITIVE_IMAGE = Code("POSIMG", PRIVATE_SCHEME, "Positive image")
 _TITLE = codes.LN.DiagnosticImagingReport
 _UNIT = codes.UCUM.NoUnits  # UCUM "1": a probability is a dimensionless number
-
 _SR_DESCRIPTION = "ichscan ICH screening"
-_SC_DESCRIPTION = "ichscan ICH key image"
-_DEMO_SUFFIX = f" ({NOT_FOR_DIAGNOSTIC_USE})"
-
-
-@dataclass
-class InstanceFinding:
-    """The screening result of one source instance.
-
-    Parameters
-    ----------
-    dataset
-        The instance's header (``dcmread(..., stop_before_pixels=True)`` is enough); it needs
-        the patient and study attributes, ``SOPClassUID``, ``SOPInstanceUID`` and
-        ``SeriesInstanceUID``.
-    probabilities
-        Probability per label (all six of :data:`ichscan.labels.LABELS`).
-    positive
-        Per label, whether the probability reached its threshold.
-    """
-
-    dataset: pydicom.Dataset
-    probabilities: dict[str, float]
-    positive: dict[str, bool]
-
-
-@dataclass
-class StudyFindings:
-    """The screening result of one study: what :func:`build_sr` writes.
-
-    Parameters
-    ----------
-    instances
-        The screened (status ``ok``) instances of one study, in any order.
-    probabilities
-        Study-level probability per label (the maximum over the instances).
-    positive
-        Study-level decision per label, with ``thresholds``.
-    thresholds
-        Decision threshold per label.
-    model_name
-        Name of the model that produced the probabilities.
-    model_version
-        Its version, e.g. the weights file name and a short sha256.
-    demo
-        True when demonstration weights were used: the report says "not for diagnostic use".
-    """
-
-    instances: list[InstanceFinding]
-    probabilities: dict[str, float]
-    positive: dict[str, bool]
-    thresholds: dict[str, float]
-    model_name: str
-    model_version: str
-    demo: bool
-
-
-def select_key_instance(findings: StudyFindings) -> InstanceFinding:
-    """Return the instance with the highest ``any`` probability (the key image's source).
-
-    Ties go to the lowest Instance Number, so the choice does not depend on input order.
-
-    Raises
-    ------
-    ValueError
-        If ``findings`` has no instances.
-    """
-    if not findings.instances:
-        raise ValueError("no screened instances in the study")
-    return min(findings.instances, key=lambda inst: (-_probability(inst.probabilities, "any"), _sort_key(inst)))
 
 
 def build_sr(
@@ -231,8 +125,8 @@ def build_sr(
         series or has an Instance Number not below ``instance_number``.
     """
     for inst in findings.instances:
-        _check_identity(inst.dataset)
-    instances = sorted(_unique_instances(findings.instances), key=_sort_key)
+        check_identity(inst.dataset)
+    instances = sorted(_unique_instances(findings.instances), key=instance_sort_key)
     study_uid = _study_uid(instances)
     _check_previous(previous, study_uid, series_instance_uid, instance_number)
 
@@ -283,9 +177,9 @@ def build_sr(
         )
         root.ContentSequence.append(group)
 
-    description = _SR_DESCRIPTION + (_DEMO_SUFFIX if findings.demo else "")
+    description = _SR_DESCRIPTION + (DEMO_SUFFIX if findings.demo else "")
     # highdicom takes the patient and study attributes from the first piece of evidence.
-    evidence = [_with_study_attributes(instances[0].dataset)] + [inst.dataset for inst in instances[1:]]
+    evidence = [with_study_attributes(instances[0].dataset)] + [inst.dataset for inst in instances[1:]]
     sr = ComprehensiveSR(
         evidence=evidence,
         content=root,
@@ -314,97 +208,6 @@ def build_sr(
         ],
     )
     return sr
-
-
-def build_key_image(
-    source: pydicom.Dataset,
-    overlay_rgb: np.ndarray,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    instance_number: int,
-    demo: bool,
-    series_number: int = KEY_IMAGE_SERIES_NUMBER,
-) -> pydicom.Dataset:
-    """Build the Secondary Capture key image: the rendered overlay of one source slice.
-
-    Parameters
-    ----------
-    source
-        Header of the slice the overlay shows (pixel data not needed).
-    overlay_rgb
-        The rendered overlay, ``H x W x 3`` uint8 RGB (a Pillow RGB image is accepted too).
-    series_instance_uid
-        The key-image series.
-    sop_instance_uid
-        A new UID for this image.
-    instance_number
-        Its Instance Number.
-    demo
-        True when demonstration weights were used ("not for diagnostic use" in the series
-        description and image comments).
-    series_number
-        Series Number of the key-image series.
-
-    Returns
-    -------
-    pydicom.Dataset
-        A highdicom ``SCImage`` with file meta, ready for ``save_as(path, enforce_file_format=True)``.
-
-    Raises
-    ------
-    ValueError
-        If ``overlay_rgb`` is not an ``H x W x 3`` uint8 array.
-    """
-    rgb = np.ascontiguousarray(np.asarray(overlay_rgb))
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
-        raise ValueError(f"overlay must be an H x W x 3 uint8 array, not {rgb.dtype} {rgb.shape}")
-    source = _with_study_attributes(source)
-    orientation = _patient_orientation(source)
-    description = _SC_DESCRIPTION + (_DEMO_SUFFIX if demo else "")
-    sc = highdicom.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=rgb,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=ICHSCAN_MANUFACTURER,
-        pixel_spacing=_scaled_pixel_spacing(source, rgb.shape[0], rgb.shape[1]),
-        # highdicom insists on an orientation; an unknown one is written empty below.
-        patient_orientation=orientation or ("L", "P"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=description,
-        software_versions=__version__,
-        manufacturer_model_name=ICHSCAN_MANUFACTURER,
-    )
-    if orientation is None:
-        sc.PatientOrientation = None  # Type 2: empty means unknown, rather than a guess
-    # from_ref_dataset copies only a few study attributes; take the whole Patient and Study
-    # modules (Study Description, Patient Age...) as the SR does, so both sit alike in the study.
-    sc.copy_patient_and_study_information(source)
-    if source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
-    if source.get("Laterality"):
-        sc.Laterality = source.Laterality
-    elif "BodyPartExamined" not in sc:
-        # Type 2C, required for paired body parts: with the body part unknown, say "unknown".
-        sc.Laterality = None
-    # Rendered on a workstation, not captured from a video interface (highdicom's default).
-    sc.ConversionType = "WSD"
-    # The probabilities and the disclaimer are drawn into the pixels.
-    sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = "ichscan screening overlay of the slice with the highest 'any' probability"
-    reference = pydicom.Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    sc.SourceImageSequence = [reference]
-    if demo:
-        sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}: produced with demonstration weights"
-    return sc
 
 
 def read_sr_findings(ds: pydicom.Dataset) -> dict[str, Any]:
@@ -496,9 +299,9 @@ def _label_item(
         value=codes.DCM.Present if present else codes.DCM.Absent,
         relationship_type=RelationshipTypeValues.CONTAINS,
     )
-    properties = [(codes.DCM.Probability, _probability(probabilities, label))]
+    properties = [(codes.DCM.Probability, probability_value(probabilities, label))]
     if thresholds is not None:
-        properties.append((codes.DCM.ThresholdValue, _probability(thresholds, label)))
+        properties.append((codes.DCM.ThresholdValue, probability_value(thresholds, label)))
     item.ContentSequence = ContentSequence(
         [
             NumContentItem(name=name, value=value, unit=_UNIT, relationship_type=RelationshipTypeValues.HAS_PROPERTIES)
@@ -525,20 +328,6 @@ def _observation_context(findings: StudyFindings) -> ObservationContext:
     )
 
 
-def _probability(values: Mapping[str, float], label: str) -> float:
-    if label not in values:
-        raise ValueError(f"no value for label {label!r}")
-    value = float(values[label])
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"value {value} for label {label!r} is outside [0, 1]")
-    return value
-
-
-def _sort_key(inst: InstanceFinding) -> tuple[int, str]:
-    number = inst.dataset.get("InstanceNumber")
-    return (int(number) if number not in (None, "") else 2**31, str(inst.dataset.SOPInstanceUID))
-
-
 def _unique_instances(instances: Sequence[InstanceFinding]) -> list[InstanceFinding]:
     """One finding per SOP Instance UID (a file sent twice keeps its higher ``any``)."""
     if not instances:
@@ -547,7 +336,7 @@ def _unique_instances(instances: Sequence[InstanceFinding]) -> list[InstanceFind
     for inst in instances:
         uid = str(inst.dataset.SOPInstanceUID)
         kept = best.get(uid)
-        if kept is None or _probability(inst.probabilities, "any") > _probability(kept.probabilities, "any"):
+        if kept is None or probability_value(inst.probabilities, "any") > probability_value(kept.probabilities, "any"):
             best[uid] = inst
     return list(best.values())
 
@@ -557,41 +346,6 @@ def _study_uid(instances: Sequence[InstanceFinding]) -> str:
     if len(uids) != 1:
         raise ValueError(f"instances belong to {len(uids)} studies; a report covers one")
     return uids.pop()
-
-
-#: Type 2 attributes of the Patient and General Study modules. highdicom reads them from the
-#: source without a default, and anonymised or sloppy CT headers often lack some of them.
-_TYPE2_STUDY_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
-def _check_identity(header: pydicom.Dataset) -> None:
-    """Refuse a source header that lacks a UID the objects must reference."""
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        if not header.get(keyword):
-            raise ValueError(f"source instance has no {keyword}")
-
-
-def _with_study_attributes(header: pydicom.Dataset) -> pydicom.Dataset:
-    """``header`` with absent Type 2 patient/study attributes present and empty (a copy if any were absent)."""
-    _check_identity(header)
-    missing = [keyword for keyword in _TYPE2_STUDY_KEYWORDS if keyword not in header]
-    if not missing:
-        return header
-    patched = pydicom.Dataset()
-    patched.update(header)  # new container, shared elements: the caller's header is not changed
-    for keyword in missing:
-        setattr(patched, keyword, None)
-    return patched
 
 
 def _check_previous(previous: pydicom.Dataset | None, study_uid: str, series_uid: str, instance_number: int) -> None:
@@ -605,47 +359,6 @@ def _check_previous(previous: pydicom.Dataset | None, study_uid: str, series_uid
         raise ValueError(
             f"instance number {instance_number} must exceed the previous report's {previous.InstanceNumber}"
         )
-
-
-_AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z (LPS)
-
-
-def _patient_orientation(source: pydicom.Dataset) -> tuple[str, str] | None:
-    """Row and column directions as Patient Orientation letters, from Image Orientation.
-
-    The overlay keeps the slice's orientation (it is only scaled), so the source's
-    direction cosines describe it. Each direction gets its main axis letter first, then
-    any other axis it leans along by more than ~3 degrees, as PS3.3 C.7.6.1.1.1 describes.
-    """
-    try:
-        cosines = [float(v) for v in source.ImageOrientationPatient]
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if len(cosines) != 6 or not all(math.isfinite(v) for v in cosines):
-        return None
-
-    def letters(vector: Sequence[float]) -> str:
-        order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
-        picked = [_AXIS_LETTERS[axis][0 if vector[axis] > 0 else 1] for axis in order if abs(vector[axis]) > 0.05]
-        return "".join(picked)
-
-    row, column = letters(cosines[:3]), letters(cosines[3:])
-    if not row or not column:
-        return None
-    return (row, column)
-
-
-def _scaled_pixel_spacing(source: pydicom.Dataset, rows: int, columns: int) -> tuple[float, float] | None:
-    """The source's Pixel Spacing scaled to the overlay's size (it may be enlarged)."""
-    try:
-        row_spacing, column_spacing = (float(v) for v in source.PixelSpacing)
-        source_rows, source_columns = int(source.Rows), int(source.Columns)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if min(row_spacing, column_spacing, source_rows, source_columns) <= 0:
-        return None
-    # Rounded: DS holds 16 characters, and sub-nanometre digits carry no information.
-    return (round(row_spacing * source_rows / rows, 6), round(column_spacing * source_columns / columns, 6))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""DICOM result objects written back into a screened study: a structured report and a key image.
+
+Both are built with highdicom and carry the patient and study modules of the screened study
+(as DICOM requires for objects placed in it), each in a series of its own, with new UIDs the
+caller supplies. ``Manufacturer`` is :data:`ichscan.dicom.ICHSCAN_MANUFACTURER`, so
+:func:`ichscan.dicom.decode_instance` skips them and ichscan never screens its own output.
+
+Modules: :mod:`~ichscan.dicom_results.findings` (what both objects report, shared codes
+and UIDs), :mod:`~ichscan.dicom_results.sr` (the structured report, and reading it back),
+:mod:`~ichscan.dicom_results.key_image` (the Secondary Capture key image).
+"""
+
+from ichscan.dicom_results.findings import (
+    KEY_IMAGE_SERIES_NUMBER,
+    LABEL_CODES,
+    NOT_FOR_DIAGNOSTIC_USE,
+    PRIVATE_SCHEME,
+    SC_SOP_CLASS_UID,
+    SR_SERIES_NUMBER,
+    SR_SOP_CLASS_UID,
+    InstanceFinding,
+    StudyFindings,
+    select_key_instance,
+)
+from ichscan.dicom_results.key_image import build_key_image
+from ichscan.dicom_results.sr import build_sr, read_sr_findings
+
+__all__ = [
+    "KEY_IMAGE_SERIES_NUMBER",
+    "LABEL_CODES",
+    "NOT_FOR_DIAGNOSTIC_USE",
+    "PRIVATE_SCHEME",
+    "SC_SOP_CLASS_UID",
+    "SR_SERIES_NUMBER",
+    "SR_SOP_CLASS_UID",
+    "InstanceFinding",
+    "StudyFindings",
+    "build_key_image",
+    "build_sr",
+    "read_sr_findings",
+    "select_key_instance",
+]

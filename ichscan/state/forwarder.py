@@ -1,0 +1,262 @@
+"""Delivery of DICOM result objects by C-STORE: destinations and the forwarder thread.
+
+The outbox (:mod:`ichscan.state.outbox`) records each object with a pending delivery per
+destination in the state file; :class:`Forwarder` sends them, with back-off, and marks a
+delivery sent only once the destination answered Success.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ichscan.state.ledger import decode_path, printable
+from ichscan.state.store import StateStore
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+SENT = "sent"
+FAILED = "failed"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE target, written ``AE@HOST:PORT`` (``AE@[::1]:PORT`` for IPv6)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@HOST:PORT``; raises ValueError with a one-line reason."""
+        ae, sep, rest = text.rpartition("@")
+        if not sep or not ae:
+            raise ValueError(f"{text!r} is not AE@HOST:PORT (e.g. ORTHANC@pacs.example.org:4242)")
+        if not _AE_RE.match(ae) or not ae.strip():
+            raise ValueError(f"AE title {ae!r} must be 1-16 printable characters without a backslash")
+        host, sep, port_text = rest.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} has no :PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"port {port_text!r} in {text!r} is not a number") from None
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} in {text!r} is not in 1-65535")
+        return cls(ae.strip(), host, port)
+
+
+
+#: Refusals (a failure status, SOP class not accepted, file unreadable) before a delivery
+#: is given up; an unreachable destination is retried without limit.
+_MAX_REFUSALS = 8
+#: C-STORE statuses that mean the object is stored (Success and the storage Warnings).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
+
+
+class Forwarder(threading.Thread):
+    """Sends pending deliveries by C-STORE until stopped; one association per round.
+
+    Each round proposes only the SOP classes of the objects it sends. A failure (no
+    connection, association rejected or aborted, a failure status) is retried with
+    exponential back-off from ``min_backoff`` to ``max_backoff`` seconds, for as long as
+    the process runs; what is still pending at exit is sent by the next run.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        destinations: Sequence[Destination],
+        calling_ae: str = "ICHSCAN",
+        *,
+        min_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        timeout: float = 30.0,
+    ):
+        super().__init__(name="ichscan-forwarder", daemon=True)
+        self.store = store
+        # Only this run's destinations: one dropped from the command line gets nothing more.
+        self.destinations = list(dict.fromkeys(str(d) for d in destinations))
+        marks = ", ".join("?" * len(self.destinations))
+        self._where = f"d.state = ? AND d.destination IN ({marks})"
+        self.calling_ae = calling_ae
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+        self.wake = threading.Event()
+        self._stop_event = threading.Event()
+        self._idle = threading.Event()
+        self._failures: dict[str, int] = {}
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.wake.set()
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for every pending delivery to go out; return how many are left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.wake.set()
+            left = self._pending_count()
+            if left == 0 or time.monotonic() >= deadline or not self.is_alive():
+                return left
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _pending_count(self) -> int:
+        row = self.store.query_one(f"SELECT COUNT(*) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations))
+        return int(row[0]) if row else 0
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                delay = self._round()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one bad round
+                log.error("forwarding round failed: %s: %s; trying again in %.0f s", type(exc).__name__, exc, self.max_backoff)
+                delay = self.max_backoff
+            self.wake.wait(delay)
+            self.wake.clear()
+
+    def _round(self) -> float:
+        """Send what is due; return how long to sleep before the next round."""
+        now = time.time()
+        rows = self.store.query(
+            "SELECT d.destination, d.sop_instance_uid, o.sop_class_uid, o.file, d.attempts, d.next_try "
+            "FROM deliveries d JOIN result_objects o USING (sop_instance_uid) "
+            f"WHERE {self._where} ORDER BY o.created_at",
+            (PENDING, *self.destinations),
+        )
+        if not rows:
+            return 3600.0
+        rows = [(*row[:3], decode_path(row[3]), *row[4:]) for row in rows]
+        due: dict[str, list[tuple]] = {}
+        for row in rows:
+            if row[5] <= now:
+                due.setdefault(row[0], []).append(row)
+        for destination, items in due.items():
+            if self._stop_event.is_set():
+                break
+            self._send(Destination.parse(destination), items)
+        (next_due,) = self.store.query_one(
+            f"SELECT MIN(next_try) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations)
+        ) or (None,)
+        return 3600.0 if next_due is None else max(0.05, next_due - time.time())
+
+    def _send(self, destination: Destination, items: list[tuple]) -> None:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.uid import UID
+        from pynetdicom import AE
+
+        key = str(destination)
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        # Only the SOP classes being sent, each in Explicit and Implicit VR Little Endian.
+        for sop_class in sorted({item[2] for item in items}):
+            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        try:
+            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._unreachable(key, items, f"cannot connect: {exc}")
+            return
+        if not assoc.is_established:
+            if assoc.is_aborted:
+                # pynetdicom aborts when the peer accepted none of the proposed SOP classes:
+                # a refusal of these objects, counted towards giving up, not "unreachable".
+                names = ", ".join(sorted({UID(item[2]).name for item in items}))
+                for item in items:
+                    self._refused(key, item, f"association aborted: {key} does not accept {names}?")
+                return
+            if assoc.is_rejected:
+                reason = "association rejected (check our --calling-ae and its AE title)"
+            else:
+                reason = "no association (connection refused or timed out)"
+            self._unreachable(key, items, reason)
+            return
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        try:
+            for n, (_, sop_uid, sop_class, file, attempts, _) in enumerate(items):
+                if self._stop_event.is_set():
+                    break
+                if sop_class not in accepted:
+                    self._refused(key, items[n], f"{key} does not accept {UID(sop_class).name}")
+                    continue
+                try:
+                    ds = pydicom.dcmread(file)
+                except (OSError, InvalidDicomError) as exc:
+                    # Recorded a moment before its rename, or damaged: a few more tries.
+                    self._refused(key, items[n], f"cannot read {file}: {exc}", retry_in=self.min_backoff)
+                    continue
+                try:
+                    status = assoc.send_c_store(ds)
+                except (ValueError, RuntimeError, AttributeError) as exc:
+                    status, error = None, f"{type(exc).__name__}: {exc}"
+                else:
+                    error = "no answer to C-STORE"
+                code = getattr(status, "Status", None) if status else None
+                if code in _STORED:
+                    self._mark(key, sop_uid, SENT, "")
+                    self._failures.pop(key, None)
+                    log.info("forwarded %s to %s", file, key)
+                elif code is None:
+                    if not assoc.is_established:
+                        # The association is gone: this object and the rest wait for the next round.
+                        self._unreachable(key, items[n:], f"association lost during C-STORE ({error})")
+                        return
+                    self._refused(key, items[n], error)
+                else:
+                    self._refused(key, items[n], f"C-STORE failed with status 0x{code:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _backoff(self, key: str) -> float:
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        return min(self.max_backoff, self.min_backoff * 2 ** (n - 1))
+
+    def _unreachable(self, key: str, items: list[tuple], reason: str) -> None:
+        """The destination cannot be reached: retried for as long as we run, never given up."""
+        wait = self._backoff(key)
+        with self.store.transaction():
+            self.store.executemany(
+                "UPDATE deliveries SET next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
+                [(time.time() + wait, printable(reason), item[1], key) for item in items],
+            )
+        log.warning("forwarding %d objects to %s failed (%s); retrying in %.0f s", len(items), key, reason, wait)
+
+    def _refused(self, key: str, item: tuple, reason: str, retry_in: float | None = None) -> None:
+        """This object was refused (or cannot be read): retried, then given up after
+        :data:`_MAX_REFUSALS` tries; a later run tries a given-up delivery once more."""
+        sop_uid, attempts = item[1], item[4] + 1
+        if attempts >= _MAX_REFUSALS:
+            self._mark(key, sop_uid, FAILED, reason)
+            log.error("giving up forwarding %s to %s after %d tries: %s", sop_uid, key, attempts, reason)
+            return
+        wait = retry_in if retry_in is not None else min(self.max_backoff, self.min_backoff * 2 ** (attempts - 1))
+        with self.store.transaction():
+            self.store.execute(
+                "UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
+                (attempts, time.time() + wait, printable(reason), sop_uid, key),
+            )
+        log.warning("forwarding %s to %s failed (%s); try %d of %d in %.0f s", sop_uid, key, reason, attempts, _MAX_REFUSALS, wait)
+
+    def _mark(self, key: str, sop_uid: str, state: str, error: str) -> None:
+        with self.store.transaction():
+            self.store.execute(
+                "UPDATE deliveries SET state = ?, last_error = ?, sent_at = ? WHERE sop_instance_uid = ? AND destination = ?",
+                (state, printable(error), time.time() if state == SENT else None, sop_uid, key),
+            )
