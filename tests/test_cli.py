@@ -330,7 +330,7 @@ def test_examples_run(script, tmp_path):
 def test_readme_quick_start_commands_exist():
     """The README's first commands must name options that exist."""
     readme = (ROOT / "README.md").read_text()
-    first = readme[: readme.index("## Commands")]
+    first = readme[: readme.index("## What it does")]
     assert "pip install -e ." in first and "ichscan synth" in first and "ichscan batch" in first
     assert "pytest" in first
     ci = (ROOT / ".ci" / "run").read_text()

@@ -148,7 +148,7 @@ def test_dataset_equals_inference_path(rsna):
         item = dataset.items[index]
         [decoded] = decode_many([str(item.path)], resize_to=settings.size)
         batch_input = pm.hook.ichscan_preprocess(
-            pixels=[decoded.pixels], slopes=[decoded.slope], intercepts=[decoded.intercept], settings=settings, device=torch.device("cpu"), channels_last=True
+            pixels=[decoded.pixels], slopes=[decoded.slope], intercepts=[decoded.intercept], settings=settings, device=torch.device("cpu"), channels_last=True, context=0
         )[0]
         x, target, image_id = dataset[index]
         assert image_id == item.image_id
