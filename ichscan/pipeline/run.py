@@ -204,9 +204,9 @@ class Pipeline:
                     self.summary.interrupted = not self.live
                     source.stop()
                 if not source.finished:
-                    free = self.pool.free_slots()
-                    if free > 0:
-                        self.hand_over(source.poll(now, free))
+                    # Polled even when the workers are busy (limit 0): a live source keeps
+                    # up with its events and health checks meanwhile.
+                    self.hand_over(source.poll(now, self.pool.free_slots()))
                 held = self.pool.pending or len(self.series) or len(self.batcher)
                 if source.finished and not held:
                     break

@@ -24,6 +24,7 @@ ones, pass straight through and stand for all of their neighbours.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,9 +56,13 @@ class _Member:
     released: bool = False
 
 
+def _position(member: _Member) -> float:
+    return member.position
+
+
 @dataclass
 class _Series:
-    members: list[_Member] = field(default_factory=list)  # in arrival order
+    members: list[_Member] = field(default_factory=list)  # in position order
     #: From the headers (batch): path -> position of every instance still to arrive.
     expected: dict[str, float] = field(default_factory=dict)
     header_spacing: float | None = None
@@ -117,7 +122,7 @@ class SeriesAssembler:
                 self._through.append(ContextSlice(item))
                 continue
             series = self._series.setdefault(instance.series_instance_uid, _Series())
-            series.members.append(_Member(item, instance.position))
+            bisect.insort(series.members, _Member(item, instance.position), key=_position)
             series.last_arrival = now
             if instance.spacing and not series.header_spacing:
                 series.header_spacing = instance.spacing
@@ -171,11 +176,13 @@ class SeriesAssembler:
 
     @staticmethod
     def _at(series: _Series, target: float, spacing: float) -> _Member | None:
-        best, best_gap = None, spacing / 2
-        for m in series.members:
-            gap = abs(m.position - target)
-            if gap <= best_gap and (best is None or gap < abs(best.position - target)):
-                best, best_gap = m, gap
+        """The member closest to ``target``, if within half a spacing (the first of equals)."""
+        members, best = series.members, None
+        i = bisect.bisect_left(members, target - spacing / 2, key=_position)
+        while i < len(members) and members[i].position <= target + spacing / 2:
+            if best is None or abs(members[i].position - target) < abs(best.position - target):
+                best = members[i]
+            i += 1
         return best
 
     @staticmethod

@@ -54,7 +54,8 @@ class Source(Protocol):
         paths being screened (``pipeline.in_flight``)."""
 
     def poll(self, now: float, limit: int) -> list[Entry]:
-        """At most ``limit`` entries that are ready now; never blocks."""
+        """At most ``limit`` entries that are ready now (``limit`` may be 0: the decoders
+        are busy, but a live source may look after its events); never blocks."""
 
     def wait(self, timeout: float) -> None:
         """Block until something may be ready, at most ``timeout`` seconds."""
@@ -98,6 +99,8 @@ class FiniteSource:
 
     def poll(self, now: float, limit: int) -> list[Entry]:
         chunk: list[Entry] = []
+        if limit <= 0:
+            return chunk
         for item in self.entries:
             entry = self.accept(Entry(item) if isinstance(item, str) else item)
             if entry is not None:
