@@ -121,7 +121,7 @@ def test_record_screened_does_not_record_a_result_twice(tmp_path):
 def test_batch_with_dicom_results_on_a_state_file_in_use_stops_with_one_line(tmp_path):
     """The runner takes the lock (not a reporter): a second run on the same file stops with
     the store's one-line error and writes no DICOM results."""
-    from ichscan.batch import BatchOptions, RunError, run_batch
+    from ichscan.pipeline import BatchOptions, RunError, run_batch
     from ichscan.reporting import ResultsOutput
     from ichscan.synth import generate
 
