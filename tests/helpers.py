@@ -129,3 +129,9 @@ def start_ichscan(log: Path, *args: str, **kwargs) -> subprocess.Popen:
     decode workers may hold a pipe open for a moment), stdout discarded."""
     with open(log, "w") as fh:
         return subprocess.Popen([str(ICHSCAN), *args], stdout=subprocess.DEVNULL, stderr=fh, **kwargs)
+
+
+def save(ds: pydicom.Dataset, path: Path) -> Path:
+    """Write ``ds`` as a proper DICOM file (preamble and file meta) at ``path``; returns ``path``."""
+    ds.save_as(path, enforce_file_format=True)
+    return path
