@@ -56,3 +56,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "bundled_dicom_file" in metafunc.fixturenames:
         files = list_bundled_dicom_files()
         metafunc.parametrize("bundled_dicom_file", files, ids=[bundled_id(p) for p in files])
+
+
+@pytest.fixture(scope="session")
+def make_phantoms(tmp_path_factory: pytest.TempPathFactory):
+    """A factory: ``make_phantoms(name, **generate_args)`` writes synthetic phantoms
+    (``ichscan.synth.generate``) to a new temporary folder and returns ``(folder, records)``.
+    Session-scoped so module-scoped fixtures can build their phantom folders with it."""
+    from ichscan.synth import generate
+
+    def make(name: str = "phantoms", **generate_args) -> tuple[Path, list]:
+        folder = tmp_path_factory.mktemp(name)
+        return folder, generate(folder, **generate_args)
+
+    return make

@@ -1,6 +1,5 @@
 """`ichscan` end to end on generated phantoms, through the real console script."""
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -8,29 +7,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from helpers import ROOT, read_csv_header, run_ichscan
 from ichscan import __version__
 from ichscan.cli import cli
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, STUDY_COLUMNS
 from ichscan.labels import LABELS, SUBTYPES
-from ichscan.synth import generate
 
-ROOT = Path(__file__).resolve().parents[1]
-ICHSCAN = Path(sys.executable).with_name("ichscan")
-
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        return reader.fieldnames, list(reader)
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("phantoms")
-    records = generate(folder / "dicom", studies=3, slices=5, seed=11)
-    (folder / "dicom" / "README.txt").write_text("a stray text file in the archive")
-    (folder / "dicom" / ".DS_Store").write_bytes(b"\0hidden")
-    return folder / "dicom", records
+def phantoms(make_phantoms):
+    folder, records = make_phantoms("phantoms", studies=3, slices=5, seed=11)
+    (folder / "README.txt").write_text("a stray text file in the archive")
+    (folder / ".DS_Store").write_bytes(b"\0hidden")
+    return folder, records
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +28,7 @@ def batch_run(phantoms, tmp_path_factory):
     """One real `ichscan batch` run as a subprocess, with worker processes."""
     folder, records = phantoms
     out_dir = tmp_path_factory.mktemp("out")
-    proc = subprocess.run(
-        [str(ICHSCAN), "batch", str(folder), "--out", str(out_dir / "results.csv"), "--overlays-for", "all", "--workers", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_ichscan("batch", str(folder), "--out", str(out_dir / "results.csv"), "--overlays-for", "all", "--workers", "2")
     return proc, out_dir, records
 
 
@@ -53,7 +38,7 @@ def test_batch_end_to_end(batch_run, phantoms):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "bundled demo weights" in proc.stderr and "NOT for clinical use" in proc.stderr  # the user is told
-    header, rows = read_csv(out_dir / "results.csv")
+    header, rows = read_csv_header(out_dir / "results.csv")
     assert tuple(header) == RESULT_COLUMNS
     assert len(rows) == len(records) + 1  # every phantom + README.txt; the hidden file is skipped
     by_sop = {r["sop_instance_uid"]: r for r in rows if r["status"] == "ok"}
@@ -76,7 +61,7 @@ def test_batch_end_to_end(batch_run, phantoms):
             assert row["top_label"] == "none"
         assert Path(row["overlay"]).is_file()  # --overlays-for all
         assert Path(row["overlay"]).parent == out_dir / "overlays"
-    study_header, studies = read_csv(out_dir / "results_studies.csv")
+    study_header, studies = read_csv_header(out_dir / "results_studies.csv")
     assert tuple(study_header) == STUDY_COLUMNS
     assert {s["study_instance_uid"] for s in studies} == {rec.study_instance_uid for rec in records}
     for study in studies:
@@ -92,7 +77,7 @@ def test_predict_image_agrees_with_batch(batch_run):
     from ichscan import predict_image
 
     _, out_dir, records = batch_run
-    _, rows = read_csv(out_dir / "results.csv")
+    _, rows = read_csv_header(out_dir / "results.csv")
     row = next(r for r in rows if r["status"] == "ok")
     predictions, probabilities, image = predict_image(row["path"])
     for label in LABELS:
@@ -109,7 +94,7 @@ def test_threshold_option_sets_positive_flags(phantoms, tmp_path):
         ["batch", str(folder), "--out", str(tmp_path / "r.csv"), "--threshold", "any=0.0,subdural=1.0", "--workers", "0", "--overlays-for", "none", "--no-progress"],
     )
     assert result.exit_code == 0, result.output
-    _, rows = read_csv(tmp_path / "r.csv")
+    _, rows = read_csv_header(tmp_path / "r.csv")
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(r["any"] == "1" and r["subdural"] == "0" for r in ok)
     assert not (tmp_path / "overlays").exists()  # --overlays-for none
@@ -126,10 +111,10 @@ def test_checkpoint_thresholds_apply_and_cli_overrides(phantoms, tmp_path):
     result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a.csv")])
     assert result.exit_code == 0, result.output
     assert "UNTRAINED" not in result.output
-    _, rows = read_csv(tmp_path / "a.csv")
+    _, rows = read_csv_header(tmp_path / "a.csv")
     assert all(r["any"] == "0" and r["top_label"] == "none" for r in rows if r["status"] == "ok")
     result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b.csv"), "--threshold", "0"])
-    _, rows = read_csv(tmp_path / "b.csv")
+    _, rows = read_csv_header(tmp_path / "b.csv")
     assert all(r["any"] == "1" for r in rows if r["status"] == "ok")
 
 
@@ -162,11 +147,8 @@ def test_verbosity_levels(phantoms, tmp_path):
     folder, _ = phantoms
 
     def stderr(*flags: str) -> str:
-        proc = subprocess.run(
-            [str(ICHSCAN), *flags, "batch", str(folder), "--out", str(tmp_path / f"r{''.join(flags)}.csv"),
-             "--overlays-for", "none", "--workers", "1", "--no-progress"],
-            capture_output=True, text=True, timeout=300,
-        )
+        proc = run_ichscan(*flags, "batch", str(folder), "--out", str(tmp_path / f"r{''.join(flags)}.csv"),
+                           "--overlays-for", "none", "--workers", "1", "--no-progress")
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
 
@@ -187,7 +169,7 @@ def test_unwritable_save_and_synth_targets_are_one_line_errors(phantoms, tmp_pat
         ["predict", str(dcm), "--save", str(tmp_path / "x.jpgg")],
         ["synth", str(tmp_path / "afile" / "sub"), "--studies", "1", "--slices", "1"],
     ):
-        proc = subprocess.run([str(ICHSCAN), "-q", *args], capture_output=True, text=True, timeout=300)
+        proc = run_ichscan("-q", *args)
         assert proc.returncode == 1, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
@@ -323,7 +305,7 @@ def test_examples_run(script, tmp_path):
         assert "probabilities: epidural" in proc.stdout and "true labels:" in proc.stdout
     else:
         assert "screened 8 files" in proc.stdout
-        _, rows = read_csv(tmp_path / "results.csv")
+        _, rows = read_csv_header(tmp_path / "results.csv")
         assert len(rows) == 8
 
 

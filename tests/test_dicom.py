@@ -47,11 +47,10 @@ from pydicom.uid import (
 )
 
 from conftest import bundled_id, list_bundled_dicom_files
+from helpers import CT_SMALL, TEST_FILES, save
 from ichscan import dicom
 from ichscan.dicom import ERROR, OK, SKIPPED, DecodedSlice, DecodeLimits, decode_instance, rsna_12bit_fix
 
-PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-CT_SMALL = PYDICOM_FILES / "CT_small.dcm"
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -239,11 +238,6 @@ def ct_dataset(
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)
     return ds
-
-
-def save(ds: Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def meta_bytes(sop_class: str, ts: str, sop_instance: str | None = None) -> bytes:
@@ -807,7 +801,7 @@ def test_garbage_after_header_does_not_crash_for_many_seeds(tmp_path):
 
 def test_no_pixel_data_limits_in_compressed_files(tmp_path):
     """Rows x Columns over the limit is refused before decoding, compressed or not."""
-    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small_RLE.dcm")
+    ds = pydicom.dcmread(TEST_FILES / "MR_small_RLE.dcm")
     ds.Rows = ds.Columns = 65535
     path = save(ds, tmp_path / "huge_rle.dcm")
     r = decode_instance(path, any_modality=True)
@@ -907,7 +901,7 @@ def bad_rle_file(path: Path) -> Path:
     The panic reaches Python as ``pyo3_runtime.PanicException``, a BaseException that a
     worker cannot pickle back. Built from pydicom's bundled MR_small_RLE.dcm (64x64).
     """
-    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small_RLE.dcm")
+    ds = pydicom.dcmread(TEST_FILES / "MR_small_RLE.dcm")
     ds.Modality = "CT"
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
     ds.save_as(path)

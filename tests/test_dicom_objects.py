@@ -14,6 +14,7 @@ import pytest
 from highdicom import UID
 from pydicom.sr import _concepts_dict
 
+from helpers import DCIODVFY, needs_dciodvfy, save
 import ichscan
 from ichscan.dicom import ICHSCAN_MANUFACTURER, SKIPPED, decode_instance
 from ichscan.dicom_results import (
@@ -33,12 +34,7 @@ from ichscan.imaging import brain_window_image
 from ichscan.labels import LABELS
 from ichscan.overlay import render_overlay
 from ichscan.records import Instance, Prediction, SliceResult, Status, top_finding
-from ichscan.synth import generate
 
-DCIODVFY = "/usr/bin/dciodvfy"
-needs_dciodvfy = pytest.mark.skipif(
-    not os.access(DCIODVFY, os.X_OK), reason="dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)"
-)
 
 #: Patient and study attributes the source has and our objects must repeat unchanged.
 STUDY_KEYWORDS = (
@@ -89,10 +85,9 @@ def make_findings(headers: list[pydicom.Dataset], labels: list[dict[str, int]], 
 
 
 @pytest.fixture(scope="module")
-def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[dict[str, int]]]:
-    out = tmp_path_factory.mktemp("phantom")
-    records = generate(
-        out, studies=1, slices=8, seed=11, size=64, positive_fraction=0.5, transfer_syntaxes="ExplicitVRLittleEndian"
+def phantom_files(make_phantoms) -> tuple[list[Path], list[dict[str, int]]]:
+    _, records = make_phantoms(
+        "phantom", studies=1, slices=8, seed=11, size=64, positive_fraction=0.5, transfer_syntaxes="ExplicitVRLittleEndian"
     )
     return [record.path for record in records], [record.labels for record in records]
 
@@ -115,11 +110,6 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if "Error" in line], [line for line in lines if "Warning" in line]
-
-
-def save(ds: pydicom.Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def new_sr(findings: StudyFindings, **kwargs: object) -> pydicom.Dataset:

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 
+from helpers import CT_SMALL, copy_ct_small
 from ichscan.dicom import decode_instance
 from ichscan.pipeline.decode import DecodePool
 from ichscan.pipeline.screener import Screener
@@ -18,17 +18,11 @@ from ichscan.models import ModelError, load_model, read_checkpoint, save_checkpo
 from ichscan.plugins import get_plugin_manager
 from ichscan.sources.folder import FolderEntry, iter_folder
 
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-CT_SMALL = TEST_FILES / "CT_small.dcm"
 
 
 @pytest.fixture
 def many_ct(tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(60):
-        shutil.copy(CT_SMALL, folder / f"{i:03d}.dcm")
-    return sorted(str(p) for p in folder.iterdir())
+    return copy_ct_small(tmp_path / "many", 60)
 
 
 def test_pool_yields_each_entry_once_including_refusals(many_ct):

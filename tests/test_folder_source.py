@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_ichscan
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.sources.folder import Outputs, iter_folder
 from ichscan.synth import generate
 
-ICHSCAN = Path(sys.executable).with_name("ichscan")
 
 
 def rel(root: Path, entries) -> dict[str, str]:
@@ -101,10 +99,7 @@ def test_output_that_must_not_be_written_over_is_a_one_line_error(tmp_path, targ
         victim = tmp_path / "pipe"
         os.mkfifo(victim)
         args = ["--out", str(tmp_path / "r.csv"), "--studies-out", str(victim)]
-    proc = subprocess.run(
-        [str(ICHSCAN), "batch", str(root), *args, "--workers", "0", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = run_ichscan("batch", str(root), *args, "--workers", "0", "--no-progress")
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr

@@ -6,12 +6,9 @@ a real Orthanc as forwarding targets, dciodvfy-clean objects built by highdicom.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,6 +17,19 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from helpers import (
+    DCIODVFY,
+    ORTHANC,
+    STORESCP,
+    dicom_files,
+    free_port,
+    needs_orthanc,
+    needs_storescp,
+    port_open,
+    read_csv,
+    start_ichscan,
+    wait_for,
+)
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.dicom import decode_instance
 from ichscan.dicom_results import SC_SOP_CLASS_UID, SR_SOP_CLASS_UID, read_sr_findings
@@ -27,39 +37,6 @@ from ichscan.labels import LABELS
 from ichscan.state.forwarder import Destination
 from ichscan.reporting import ResultsOutput
 from ichscan.synth import generate
-
-STORESCP = Path("/usr/bin/storescp")
-ORTHANC = Path("/usr/sbin/Orthanc")
-DCIODVFY = Path("/usr/bin/dciodvfy")
-ICHSCAN = Path(sys.executable).with_name("ichscan")
-needs_storescp = pytest.mark.skipif(not STORESCP.exists(), reason="dcmtk is not installed (.ci/run installs it)")
-needs_orthanc = pytest.mark.skipif(not ORTHANC.exists(), reason="Orthanc is not installed (.ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout=120.0, what="condition", proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}: {log.read_text() if log else ''}")
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def batch(data: Path, work: Path, **results) -> None:
@@ -78,10 +55,8 @@ def batch(data: Path, work: Path, **results) -> None:
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("phantoms")
-    generate(data, studies=3, slices=5, seed=31, size=128, positive_fraction=0.67)
-    return data
+def phantoms(make_phantoms) -> Path:
+    return make_phantoms("phantoms", studies=3, slices=5, seed=31, size=128, positive_fraction=0.67)[0]
 
 
 def test_destination_parse():
@@ -324,22 +299,13 @@ def test_orthanc_sends_a_study_and_gets_sr_and_key_image_back_then_a_revision(tm
     work = tmp_path / "ichscan"
     work.mkdir()
     log = work / "serve.log"
-    with open(log, "w") as fh:
-        server = subprocess.Popen(
-            [
-                str(ICHSCAN), "serve-scp", "--port", str(scp_port), "--store", str(work / "store"), "--out", str(work / "results.csv"),
-                "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", "--threshold", "0.3",
-                "--forward", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--html", str(work / "report.html"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=fh,
-        )
+    server = start_ichscan(
+        log, "serve-scp", "--port", str(scp_port), "--store", str(work / "store"), "--out", str(work / "results.csv"),
+        "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", "--threshold", "0.3",
+        "--forward", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--html", str(work / "report.html"),
+    )
     try:
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", scp_port)) == 0
-
-        wait_for(listening, 120, "serve-scp to listen", server, log)
+        wait_for(lambda: port_open(scp_port), 120, "serve-scp to listen", server, log)
         for record in first_part:
             orthanc.upload(record.path)
         study_id = orthanc.get("/studies")[0]
@@ -424,22 +390,12 @@ def test_serve_scp_sigkill_before_delivery_then_restart_sends_once(tmp_path):
     work.mkdir()
 
     def start(log: Path) -> subprocess.Popen:
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(
-                [
-                    str(ICHSCAN), "serve-scp", "--port", str(scp_port), "--store", str(work / "store"), "--out", str(work / "results.csv"),
-                    "--overlays-for", "none", "--study-timeout", "0.5", "--max-latency", "0.2", "--threshold", "0.3",
-                    "--forward", f"TARGET@127.0.0.1:{target_port}",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=fh,
-            )
-
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", scp_port)) == 0
-
-        wait_for(listening, 120, "serve-scp to listen", proc, log)
+        proc = start_ichscan(
+            log, "serve-scp", "--port", str(scp_port), "--store", str(work / "store"), "--out", str(work / "results.csv"),
+            "--overlays-for", "none", "--study-timeout", "0.5", "--max-latency", "0.2", "--threshold", "0.3",
+            "--forward", f"TARGET@127.0.0.1:{target_port}",
+        )
+        wait_for(lambda: port_open(scp_port), 120, "serve-scp to listen", proc, log)
         return proc
 
     first = start(work / "first.log")
@@ -548,23 +504,18 @@ def test_watch_completes_studies_once_they_go_quiet_across_stops_and_crashes(tmp
     out_dir = tmp_path / "dicom"
 
     def start(timeout: float, log: Path) -> subprocess.Popen:
-        with open(log, "w") as fh:
-            return subprocess.Popen(
-                [
-                    str(ICHSCAN), "watch", str(data), "--out", str(tmp_path / "r.csv"), "--dicom-out", str(out_dir),
-                    "--overlays-for", "none", "--settle", "0.3", "--max-latency", "0.2", "--study-timeout", str(timeout),
-                    "--workers", "0", "--poll", "--poll-interval", "0.3",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=fh,
-            )
+        return start_ichscan(
+            log, "watch", str(data), "--out", str(tmp_path / "r.csv"), "--dicom-out", str(out_dir),
+            "--overlays-for", "none", "--settle", "0.3", "--max-latency", "0.2", "--study-timeout", str(timeout),
+            "--workers", "0", "--poll", "--poll-interval", "0.3",
+        )
 
     def srs() -> list[pydicom.Dataset]:
         found = [pydicom.dcmread(p) for p in dicom_files(out_dir)] if out_dir.exists() else []
         return sorted((ds for ds in found if ds.SOPClassUID == SR_SOP_CLASS_UID), key=lambda ds: int(ds.InstanceNumber))
 
     def rows() -> int:
-        return len(read_csv(tmp_path / "r.csv")) if (tmp_path / "r.csv").exists() else 0
+        return len(read_csv(tmp_path / "r.csv", missing_ok=True))
 
     for record in records[:3]:
         shutil.copy(record.path, data / Path(record.path).name)

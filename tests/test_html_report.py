@@ -3,7 +3,6 @@ in headless Chromium."""
 
 from __future__ import annotations
 
-import csv
 import html
 import os
 import re
@@ -16,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from helpers import read_csv
 from ichscan import synth
 from ichscan.pipeline import collect_reporters
 from ichscan.default_plugins.html_report import HtmlReporter, relative_href
@@ -154,8 +154,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> ScreenedRun:
     html_path = out_dir / "report" / "report.html"  # a sub-folder: links must climb out of it
     html_path.parent.mkdir(parents=True)
     screen(input_dir, out_dir, thresholds={"any": threshold}, html_path=html_path)
-    with open(out_dir / "results_studies.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(out_dir / "results_studies.csv")
     return ScreenedRun(input_dir, out_dir, html_path, html_path.read_text(encoding="utf-8"), rows, threshold)
 
 

@@ -8,50 +8,23 @@ other: the CSV and the HTML report show the bad bytes as backslash escapes
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
-import pytest
 
+from helpers import ODD_JUNK, escaped, read_csv, rename_to_odd, run_ichscan
 from ichscan.dicom_results import SR_SOP_CLASS_UID, read_sr_findings
 from ichscan.state.ledger import decode_path
 from ichscan.synth import generate
-
-ICHSCAN = Path(sys.executable).with_name("ichscan")
-ODD = b"bad\xff.dcm"
-ODD_JUNK = b"junk\xfe.dcm"
 
 
 def odd_folder(folder: Path, slices: int = 3, seed: int = 1) -> tuple[Path, str]:
     """Phantoms in ``folder``, one of them renamed to a name that is not UTF-8; returns
     the folder and that file's path as Python sees it (with a surrogate)."""
     records = generate(folder, studies=1, slices=slices, seed=seed, size=64)
-    first = Path(records[0].path)
-    target = os.path.join(os.fsencode(first.parent), ODD)
-    try:
-        os.rename(os.fsencode(first), target)
-    except OSError as exc:  # a file system that only takes UTF-8 names
-        pytest.skip(f"cannot create a file named {ODD!r} here: {exc}")
-    return folder, os.fsdecode(target)
-
-
-def escaped(path: str) -> str:
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ICHSCAN), *args], capture_output=True, text=True, timeout=300)
-
-
-def read_utf8_csv(path: Path) -> list[dict]:
-    text = path.read_bytes().decode("utf-8")  # strict: the file must be valid UTF-8
-    return list(csv.DictReader(io.StringIO(text, newline="")))
+    return folder, rename_to_odd(records[0].path)
 
 
 def test_batch_screens_a_non_utf8_name_and_every_file_gets_its_row(tmp_path):
@@ -59,16 +32,16 @@ def test_batch_screens_a_non_utf8_name_and_every_file_gets_its_row(tmp_path):
     files = sorted(p for p in data.rglob("*") if p.is_file())
     assert len(files) == 3
     out = tmp_path / "out" / "results.csv"
-    proc = run("batch", str(data), "--out", str(out), "--no-progress", "--workers", "1", "--overlays-for", "none")
+    proc = run_ichscan("batch", str(data), "--out", str(out), "--no-progress", "--workers", "1", "--overlays-for", "none")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
-    rows = read_utf8_csv(out)
+    rows = read_csv(out)
     assert len(rows) == 3
     assert [r["status"] for r in rows] == ["ok"] * 3
     paths = {r["path"] for r in rows}
     assert escaped(odd) in paths and escaped(odd).endswith("bad\\xff.dcm")
     assert paths == {escaped(str(p)) for p in files}
-    read_utf8_csv(out.with_name("results_studies.csv"))
+    read_csv(out.with_name("results_studies.csv"))
 
 
 def test_batch_with_dicom_out_and_html_on_non_utf8_names(tmp_path):
@@ -78,13 +51,13 @@ def test_batch_with_dicom_out_and_html_on_non_utf8_names(tmp_path):
     with open(junk, "wb") as fh:
         fh.write(b"not a DICOM file at all")
     out = tmp_path / "out"
-    proc = run(
+    proc = run_ichscan(
         "batch", str(data), "--out", str(out / "results.csv"), "--no-progress", "--workers", "0",
         "--dicom-out", str(out / "dicom"), "--html", str(out / "report.html"), "--threshold", "0.01",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "failed" not in proc.stderr, proc.stderr
-    rows = read_utf8_csv(out / "results.csv")
+    rows = read_csv(out / "results.csv")
     assert sorted(r["status"] for r in rows) == ["error", "ok", "ok", "ok"]
     odd_row = next(r for r in rows if r["path"] == escaped(odd))
     assert odd_row["status"] == "ok"

@@ -6,10 +6,10 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 
+from helpers import CT_SMALL
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.dicom import decode_instance
 from ichscan.records import Prediction, SliceResult
@@ -17,7 +17,6 @@ from ichscan.labels import LABELS
 from ichscan.overlay import MIN_OVERLAY_SIDE, OverlayWriter, overlay_name, render_overlay, render_overlay_indexed
 from ichscan.synth import generate
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 RED = (255, 64, 64)
 
 

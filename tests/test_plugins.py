@@ -1,6 +1,5 @@
 """The plugin surface: loading from entry points and --plugins-dir, isolation, docs."""
 
-import csv
 import json
 import shutil
 import subprocess
@@ -8,17 +7,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pydicom
 import pytest
 from click.testing import CliRunner
 
+from helpers import CT_SMALL, ROOT, read_csv
 from ichscan import hookspecs
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.cli import cli
 from ichscan.plugins import PluginError, describe_plugins, get_plugin_manager
 
-ROOT = Path(__file__).resolve().parents[1]
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 HOOK_NAMES = sorted(name for name in dir(hookspecs) if name.startswith("ichscan_"))
 
 
@@ -29,11 +26,6 @@ def ct_folder(tmp_path):
     shutil.copy(CT_SMALL, folder / "a.dcm")
     (folder / "notes.txt").write_text("not dicom")
     return folder
-
-
-def read_rows(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 CONSTANT_MODEL = """
@@ -76,7 +68,7 @@ def test_entry_point_plugin_model_is_used(tmp_path, monkeypatch, ct_folder):
     assert names["ichscan_constant_model"].source.startswith("entry point")
     out = tmp_path / "r.csv"
     run_batch(BatchOptions(input_dir=ct_folder, out=out, model_name="constant", workers=0, progress=False, overlays_for="none"), pm)
-    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
     ok = rows["a.dcm"]
     assert ok["status"] == "ok"
     # sigmoid(-3)=0.047426, sigmoid(2)=0.880797: the plugin's model produced these.
@@ -103,7 +95,7 @@ def test_example_plugin_through_plugins_dir_cli(tmp_path, ct_folder, monkeypatch
         cli, ["--plugins-dir", str(ROOT / "plugins"), "batch", str(ct_folder), "--out", "out/r.csv", "--workers", "0", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    rows = read_rows(tmp_path / "out" / "r.csv")
+    rows = read_csv(tmp_path / "out" / "r.csv")
     lines = [json.loads(line) for line in (tmp_path / "out" / "r.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in rows) == sorted(x["path"] for x in lines)
     by_path = {x["path"]: x for x in lines}
@@ -158,8 +150,8 @@ def test_failing_reporter_does_not_lose_csv(tmp_path, ct_folder, caplog):
     pm = get_plugin_manager([plugins])
     out = tmp_path / "r.csv"
     summary = run_batch(BatchOptions(input_dir=ct_folder, out=out, workers=0, progress=False, overlays_for="none"), pm)
-    assert len(read_rows(out)) == 2
-    assert len(read_rows(tmp_path / "r_studies.csv")) == 1
+    assert len(read_csv(out)) == 2
+    assert len(read_csv(tmp_path / "r_studies.csv")) == 1
     assert summary.reporter_errors["exploding"] == 2
     assert "reporter exploding failed" in caplog.text
 
@@ -348,7 +340,7 @@ def test_hook_ichscan_register_sources(tmp_path, ct_folder):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
     assert set(rows) == {"a.dcm", "gone.dcm"}  # the listed files only: notes.txt is not listed
     assert rows["a.dcm"]["status"] == "ok"
     assert (rows["gone.dcm"]["status"], rows["gone.dcm"]["error"]) == ("error", "listed but missing")

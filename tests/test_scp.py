@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 
+from helpers import CT_SMALL, DCMTK, needs_dcmtk
 from ichscan.sources.scp import (
     CT_IMAGE_STORAGE,
     DATASET_MISMATCH,
@@ -25,10 +26,6 @@ from ichscan.sources.scp import (
     tls_context,
 )
 from ichscan.synth import generate
-
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
-DCMTK = Path("/usr/bin")
-needs_dcmtk = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk is not installed (.ci/run installs it)")
 
 
 class Server:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from helpers import free_port, read_csv, wait_for
 from ichscan.dicom import decode_instance, slice_position
 from ichscan.pipeline import BatchOptions, ServeOptions, WatchOptions, run_batch, run_serve, run_watch
 from ichscan.pipeline.series import SeriesAssembler
@@ -98,8 +97,7 @@ def expected_neighbours(where: dict) -> dict[tuple[str, int], tuple[int, int, in
 
 
 def seen_by_model(csv_path: Path, where: dict) -> dict[tuple[str, int], tuple[int, int, int]]:
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(csv_path)
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     by_name = {Path(p).name: key for p, key in where.items()}
     out = {}
@@ -249,18 +247,10 @@ def test_watch_gives_the_model_neighbours_in_position_order(tmp_path, series_fil
         moved[str(dest)] = where[path]
         time.sleep(0.05)
     out = tmp_path / "watch" / "results.csv"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(where) + 1):
-        time.sleep(0.1)
+    wait_for(lambda: len(read_csv(out, missing_ok=True)) >= len(where), 60, "a row for every slice")
     stop.set()
     thread.join(60)
     assert seen_by_model(out, moved) == expected_neighbours(where)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_scp_gives_the_model_neighbours_in_position_order(tmp_path, series_files):
@@ -268,7 +258,7 @@ def test_serve_scp_gives_the_model_neighbours_in_position_order(tmp_path, series
 
     root, where = series_files
     pm = get_plugin_manager([PLUGIN_DIR])
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "store"
     watch = WatchOptions(input_dir=store, max_latency=0.2, series_timeout=2.0, **common(tmp_path, "serve"))
     stop = threading.Event()
@@ -292,9 +282,7 @@ def test_serve_scp_gives_the_model_neighbours_in_position_order(tmp_path, series
             assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
         assoc.release()
     out = tmp_path / "serve" / "results.csv"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(where) + 1):
-        time.sleep(0.1)
+    wait_for(lambda: len(read_csv(out, missing_ok=True)) >= len(where), 60, "a row for every slice")
     stop.set()
     thread.join(60)
     by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: key for p, key in where.items()}

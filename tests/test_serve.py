@@ -1,10 +1,8 @@
 """`ichscan serve-scp` as a real process: receive, screen exactly once, survive a SIGKILL."""
 
-import csv
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,35 +11,9 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
+from helpers import DCMTK, MR_SMALL, free_port, needs_dcmtk, port_open, read_csv, run_ichscan, start_ichscan, wait_for
 from ichscan.sources.scp import CT_IMAGE_STORAGE, decodable_transfer_syntaxes
 from ichscan.synth import generate
-
-ICHSCAN = Path(sys.executable).with_name("ichscan")
-DCMTK = Path("/usr/bin")
-MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
-needs_dcmtk = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk is not installed (.ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def wait_for(condition, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class ServerProcess:
@@ -51,18 +23,10 @@ class ServerProcess:
         self.store = work / "store"
         work.mkdir(parents=True, exist_ok=True)
         self.log = work / f"serve-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen(
-                [str(ICHSCAN), "serve-scp", "--port", str(port), "--store", str(self.store), "--out", str(self.out), "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", *extra],
-                stdout=subprocess.DEVNULL,
-                stderr=fh,
-            )
-        wait_for(self.listening, 120, "the server to listen")
-
-    def listening(self) -> bool:
-        assert self.proc.poll() is None, self.log.read_text()
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        self.proc = start_ichscan(
+            self.log, "serve-scp", "--port", str(port), "--store", str(self.store), "--out", str(self.out), "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", *extra
+        )
+        wait_for(lambda: port_open(port), 120, "the server to listen", self.proc, self.log)
 
     def stop(self, sig=signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
@@ -125,11 +89,11 @@ def test_concurrent_senders_several_syntaxes_screened_once(server, tmp_path):
     sender.join(timeout=120)
     assert set(statuses.values()) == {0}
     expected = {r.sop_instance_uid for r in records}
-    wait_for(lambda: expected <= {row["sop_instance_uid"] for row in rows(server.out)}, 120, "all instances screened")
-    mine = [row for row in rows(server.out) if row["sop_instance_uid"] in expected]
+    wait_for(lambda: expected <= {row["sop_instance_uid"] for row in read_csv(server.out, missing_ok=True)}, 120, "all instances screened")
+    mine = [row for row in read_csv(server.out, missing_ok=True) if row["sop_instance_uid"] in expected]
     assert len(mine) == len(expected)  # exactly once
     assert all(row["status"] == "ok" for row in mine)
-    wait_for(lambda: set(by_study) <= {row["study_instance_uid"] for row in rows(server.work / "results_studies.csv")}, 60, "study rows")
+    wait_for(lambda: set(by_study) <= {row["study_instance_uid"] for row in read_csv(server.work / "results_studies.csv", missing_ok=True)}, 60, "study rows")
 
 
 @pytest.mark.slow
@@ -138,9 +102,9 @@ def test_duplicate_and_other_storage_class(server):
     second = send_files(server.port, [MR_SMALL])  # a re-send: kept first, answered Success
     assert first == second == {MR_SMALL: 0}
     uid = pydicom.dcmread(MR_SMALL).SOPInstanceUID
-    wait_for(lambda: any(row["sop_instance_uid"] == uid for row in rows(server.out)), 60, "the MR row")
+    wait_for(lambda: any(row["sop_instance_uid"] == uid for row in read_csv(server.out, missing_ok=True)), 60, "the MR row")
     time.sleep(1.0)
-    mr_rows = [row for row in rows(server.out) if row["sop_instance_uid"] == uid]
+    mr_rows = [row for row in read_csv(server.out, missing_ok=True) if row["sop_instance_uid"] == uid]
     assert len(mr_rows) == 1
     assert mr_rows[0]["status"] == "skipped" and "not CT" in mr_rows[0]["error"]
 
@@ -173,9 +137,9 @@ def test_sigkill_mid_transfer_restart_and_resend(tmp_path):
         again = send_files(port, paths)  # the sender re-sends everything
         assert set(again.values()) == {0}
         expected = {r.sop_instance_uid for r in records}
-        wait_for(lambda: expected <= {row["sop_instance_uid"] for row in rows(srv.out)}, 180, "all rows after restart")
+        wait_for(lambda: expected <= {row["sop_instance_uid"] for row in read_csv(srv.out, missing_ok=True)}, 180, "all rows after restart")
         time.sleep(1.0)
-        uids = [row["sop_instance_uid"] for row in rows(srv.out)]
+        uids = [row["sop_instance_uid"] for row in read_csv(srv.out, missing_ok=True)]
         assert len(uids) == len(set(uids)) == len(expected)  # exactly once, across the crash
     finally:
         assert srv.stop() == 0
@@ -192,10 +156,5 @@ def test_sigterm_exits_zero_and_bad_options_are_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = subprocess.run(
-            [str(ICHSCAN), "serve-scp", "--port", str(port), "--store", str(tmp_path / "s2"), "--out", str(tmp_path / "r2.csv")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        busy = run_ichscan("serve-scp", "--port", str(port), "--store", str(tmp_path / "s2"), "--out", str(tmp_path / "r2.csv"), timeout=120)
     assert busy.returncode == 1 and "cannot listen" in busy.stderr and "Traceback" not in busy.stderr

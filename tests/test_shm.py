@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 
+from helpers import CT_SMALL, copy_ct_small
 import ichscan.shm as shm_module
 from ichscan.dicom import OK, decode_instance
 from ichscan.pipeline.decode import DecodePool
@@ -29,9 +29,7 @@ from ichscan.plugins import get_plugin_manager
 from ichscan.preprocess import PreprocessSettings, _stack, _stack_stored, _widen, preprocess
 from ichscan.reporting import Reporter, ReporterSet
 from ichscan.shm import PICKLE, SHM, SLAB_PREFIX, TRANSFER_ENV, SlabPool, default_transfer
-from ichscan.synth import generate
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 SHM_DIR = Path("/dev/shm")
 needs_dev_shm = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm to inspect")
 
@@ -74,10 +72,9 @@ class Collect(Reporter):
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> list[str]:
+def phantoms(make_phantoms) -> list[str]:
     """512x512 uncompressed phantoms (int16 and uint16 storage) plus small CT copies."""
-    folder = tmp_path_factory.mktemp("phantoms")
-    generate(folder, studies=3, slices=3, seed=7, size=512, transfer_syntaxes=["ExplicitVRLittleEndian"])
+    folder, _ = make_phantoms("phantoms", studies=3, slices=3, seed=7, size=512, transfer_syntaxes=["ExplicitVRLittleEndian"])
     for i in range(6):
         shutil.copy(CT_SMALL, folder / f"small{i}.dcm")
     return sorted(str(p) for p in folder.rglob("*.dcm"))
@@ -85,10 +82,7 @@ def phantoms(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def many_ct(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("many")
-    for i in range(48):
-        shutil.copy(CT_SMALL, folder / f"{i:03d}.dcm")
-    return sorted(str(p) for p in folder.iterdir())
+    return copy_ct_small(tmp_path_factory.mktemp("many"), 48)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import ICHSCAN, ROOT
 from ichscan.cli import cli
 from ichscan.dicom import decode_many
 from ichscan.labels import LABELS
@@ -26,7 +27,6 @@ from ichscan.train.metrics import weighted_log_loss
 from ichscan.train.sampler import BalancedSampler
 from ichscan.train.split import split_by_patient
 
-ICHSCAN = Path(sys.executable).with_name("ichscan")
 
 
 def write(path, text):
@@ -133,10 +133,8 @@ def test_weighted_log_loss_matches_hand_computation():
 
 
 @pytest.fixture(scope="module")
-def rsna(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rsna")
-    generate(root, studies=10, slices=6, seed=21, layout="rsna", size=128)
-    return root
+def rsna(make_phantoms):
+    return make_phantoms("rsna", studies=10, slices=6, seed=21, layout="rsna", size=128)[0]
 
 
 def test_dataset_equals_inference_path(rsna):
@@ -318,7 +316,7 @@ def test_demo_weights_script_runs_small(tmp_path):
     """examples/train_demo_weights.sh, shrunk: the documented steps produce a loadable half-precision checkpoint."""
     from ichscan.models import load_model
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     env = {
         **__import__("os").environ,
         "STUDIES": "6",

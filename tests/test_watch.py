@@ -8,13 +8,10 @@ conditions, and latency figures live in ``benchmarks/bench_watch.py``.
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from helpers import ROOT, escaped, read_csv, read_csv_header, rename_to_odd, start_ichscan, wait_for
 from ichscan.cli.screening import watch_command
 from ichscan.default_plugins.csv_report import RESULT_COLUMNS, STUDY_COLUMNS
 from ichscan.records import DecodedSlice, Instance, Status
@@ -32,7 +30,6 @@ from ichscan.sources.watch import Settler, is_temporary
 from ichscan.synth import generate
 from ichscan.pipeline import WatchOptions, run_watch
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPLICIT = ["ExplicitVRLittleEndian"]
 
 
@@ -42,25 +39,6 @@ EXPLICIT = ["ExplicitVRLittleEndian"]
 def phantoms(folder, studies=1, slices=4, seed=1):
     """Small phantoms (128 x 128) written to ``folder``; returns their records."""
     return generate(folder, studies=studies, slices=slices, seed=seed, size=128, transfer_syntaxes=EXPLICIT)
-
-
-def read_rows(path):
-    """``(header, rows)`` of a CSV; ``(None, [])`` while it does not exist."""
-    if not Path(path).exists():
-        return None, []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        return reader.fieldnames, list(reader)
-
-
-def wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def move_in(src: Path, dest_dir: Path) -> list[Path]:
@@ -112,7 +90,7 @@ class Watching:
         self.finish()
 
     def rows(self) -> list[dict]:
-        return read_rows(self.out)[1]
+        return read_csv(self.out, missing_ok=True)
 
     def wait_rows(self, n: int, timeout: float = 60.0) -> list[dict]:
         def enough():
@@ -228,7 +206,7 @@ def test_startup_scan_events_and_moved_in_folders(tmp_path):
     assert {r["status"] for r in rows} == {"ok"}
     assert summary.files == 10 and summary.ok == 10
     # A clean stop writes every study's summary row.
-    header, studies = read_rows(w.out.with_name("results_studies.csv"))
+    header, studies = read_csv_header(w.out.with_name("results_studies.csv"), missing_ok=True)
     assert tuple(header) == STUDY_COLUMNS
     assert {s["study_instance_uid"]: int(s["slices"]) for s in studies} == {
         before[0].study_instance_uid: 4,
@@ -355,17 +333,7 @@ def _odd_names(root: Path, slices: int = 2) -> str:
     """Phantoms in ``root``, the first renamed to b"bad\\xff.dcm" (not UTF-8); returns its
     path as Python sees it (with a surrogate)."""
     records = phantoms(root, slices=slices)
-    first = Path(records[0].path)
-    odd = os.path.join(os.fsencode(first.parent), b"bad\xff.dcm")
-    try:
-        os.rename(os.fsencode(first), odd)
-    except OSError as exc:
-        pytest.skip(f"this file system takes UTF-8 names only: {exc}")
-    return os.fsdecode(odd)
-
-
-def _escaped(path: str) -> str:
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return rename_to_odd(records[0].path)
 
 
 def test_non_utf8_names_are_screened_once_across_restarts(tmp_path):
@@ -375,14 +343,14 @@ def test_non_utf8_names_are_screened_once_across_restarts(tmp_path):
     Path(os.fsdecode(junk)).write_bytes(b"not a DICOM file at all")
     quarantine = tmp_path / "quarantine"
     with Watching(tmp_path, root, quarantine_dir=quarantine, rescan_interval=0.2) as w:
-        w.wait_rows(3)  # read_rows decodes strictly: the CSV is valid UTF-8
+        w.wait_rows(3)  # read_csv decodes strictly: the CSV is valid UTF-8
         time.sleep(0.8)  # rescans: none of them comes back
         rows = w.rows()
         w.finish()
     assert len(rows) == 3
     by_path = {r["path"]: r for r in rows}
-    assert by_path[_escaped(odd)]["status"] == "ok"
-    assert by_path[_escaped(os.fsdecode(junk))]["status"] == "error"
+    assert by_path[escaped(odd)]["status"] == "ok"
+    assert by_path[escaped(os.fsdecode(junk))]["status"] == "error"
     assert os.path.exists(os.path.join(os.fsencode(quarantine), b"junk\xfe.dcm"))
     extra = phantoms(tmp_path / "staging", slices=1, seed=9)
     move_in(tmp_path / "staging", root)
@@ -392,7 +360,7 @@ def test_non_utf8_names_are_screened_once_across_restarts(tmp_path):
         rows = w2.rows()
         summary = w2.finish()
     assert summary.files == 1  # only the new file: the odd one is known to the ledger
-    assert len(rows) == 4 and [r["path"] for r in rows].count(_escaped(odd)) == 1
+    assert len(rows) == 4 and [r["path"] for r in rows].count(escaped(odd)) == 1
     assert rows[-1]["sop_instance_uid"] == extra[0].sop_instance_uid
 
 
@@ -426,7 +394,7 @@ def test_study_row_after_timeout_and_updated_by_a_late_image(tmp_path):
     studies_out = tmp_path / "out" / "results_studies.csv"
 
     def study_slices():
-        rows = read_rows(studies_out)[1]
+        rows = read_csv(studies_out, missing_ok=True)
         return {r["study_instance_uid"]: int(r["slices"]) for r in rows}
 
     with Watching(tmp_path, root, study_timeout=0.5) as w:
@@ -483,13 +451,7 @@ class WatchProcess:
     def __init__(self, root, out, *extra):
         self.log = Path(out).parent / f"watch-{time.monotonic_ns()}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("ichscan")), "watch", str(root), "--out", str(out), "--overlays-for", "none", *extra],
-                stdout=subprocess.DEVNULL,
-                stderr=fh,
-                cwd=ROOT,
-            )
+        self.proc = start_ichscan(self.log, "watch", str(root), "--out", str(out), "--overlays-for", "none", *extra, cwd=ROOT)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -523,7 +485,7 @@ def test_sigint_finishes_and_exits_0(tmp_path):
     out = tmp_path / "out" / "results.csv"
     watcher = WatchProcess(root, out, "--settle", "0.2", "--workers", "1", "--study-timeout", "3600")
     try:
-        wait_for(lambda: len(read_rows(out)[1]) == 6 or not watcher.alive(), 120, "6 rows")
+        wait_for(lambda: len(read_csv(out, missing_ok=True)) == 6 or not watcher.alive(), 120, "6 rows")
     finally:
         returncode, stderr = watcher.stop(signal.SIGINT)
     assert returncode == 0, stderr
@@ -532,7 +494,7 @@ def test_sigint_finishes_and_exits_0(tmp_path):
     # Log lines name each study with its top label.
     for record in records[::3]:
         assert f"study {record.study_instance_uid}: 3 slices" in stderr
-    assert len(read_rows(out.with_name("results_studies.csv"))[1]) == 2
+    assert len(read_csv(out.with_name("results_studies.csv"), missing_ok=True)) == 2
     state = sqlite3.connect(out.with_name("ichscan-state.sqlite"))
     assert state.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall() == [("done", 6)]
 
@@ -550,10 +512,10 @@ def test_sigkill_during_a_burst_then_restart_loses_and_duplicates_nothing(tmp_pa
     try:
         wait_for(lambda: out.exists() or not watcher.alive(), 120, "the watcher to start")
         move_in(tmp_path / "staging", root)  # a burst of 501 files
-        wait_for(lambda: len(read_rows(out)[1]) >= total // 10 or not watcher.alive(), 120, "a tenth of the rows")
+        wait_for(lambda: len(read_csv(out, missing_ok=True)) >= total // 10 or not watcher.alive(), 120, "a tenth of the rows")
     finally:
         watcher.stop(signal.SIGKILL)
-    killed_at = len(read_rows(out)[1])
+    killed_at = len(read_csv(out, missing_ok=True))
     assert total // 10 <= killed_at < total, "the kill must land inside the burst"
     state = sqlite3.connect(out.with_name("ichscan-state.sqlite"))
     in_flight = state.execute("SELECT COUNT(*) FROM files WHERE state = 'queued'").fetchone()[0]
@@ -561,12 +523,12 @@ def test_sigkill_during_a_burst_then_restart_loses_and_duplicates_nothing(tmp_pa
 
     watcher = WatchProcess(root, out, *args)
     try:
-        wait_for(lambda: len(read_rows(out)[1]) >= total or not watcher.alive(), 180, "every row")
+        wait_for(lambda: len(read_csv(out, missing_ok=True)) >= total or not watcher.alive(), 180, "every row")
         time.sleep(1.0)  # anything extra would show now
     finally:
         returncode, stderr = watcher.stop(signal.SIGTERM)
     assert returncode == 0, stderr
-    header, rows = read_rows(out)  # parses as CSV
+    header, rows = read_csv_header(out, missing_ok=True)  # parses as CSV
     assert tuple(header) == RESULT_COLUMNS
     assert len(rows) == total
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,137 @@
+"""Plain helpers and constants the test files share (one copy here, not one per file).
+
+Import them as ``from helpers import ...``: pytest puts ``tests/`` on ``sys.path`` (rootdir-based
+import, no ``__init__.py``), as it does for ``from conftest import ...``. Fixtures, which have
+set-up and tear-down, live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The console script of the environment running the tests (this worktree's venv).
+ICHSCAN = Path(sys.executable).with_name("ichscan")
+
+#: pydicom's bundled test files (listed from disk, never downloaded).
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+CT_SMALL = TEST_FILES / "CT_small.dcm"
+MR_SMALL = TEST_FILES / "MR_small.dcm"
+
+#: External DICOM tools, as .ci/run installs them.
+DCMTK = Path("/usr/bin")
+STORESCP = DCMTK / "storescp"
+DCIODVFY = Path("/usr/bin/dciodvfy")
+ORTHANC = Path("/usr/sbin/Orthanc")
+needs_dcmtk = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk is not installed (.ci/run installs it)")
+needs_storescp = pytest.mark.skipif(not STORESCP.exists(), reason="dcmtk is not installed (.ci/run installs it)")
+needs_dciodvfy = pytest.mark.skipif(
+    not os.access(DCIODVFY, os.X_OK), reason="dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)"
+)
+needs_orthanc = pytest.mark.skipif(not ORTHANC.exists(), reason="Orthanc is not installed (.ci/run installs it)")
+
+#: A file name that is not valid UTF-8, and one for a file that is not DICOM either.
+ODD = b"bad\xff.dcm"
+ODD_JUNK = b"junk\xfe.dcm"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on ``127.0.0.1:port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(condition, timeout=60.0, what="condition", proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll ``condition`` until it returns something true, and return that.
+
+    Fails the test after ``timeout`` seconds, or at once when ``proc`` (if given) has exited;
+    either failure quotes ``log`` (the process's stderr file) when given.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}: {log.read_text() if log else ''}")
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
+
+
+def read_csv_header(path, missing_ok: bool = False) -> tuple[list[str] | None, list[dict]]:
+    """``(header, rows)`` of a UTF-8 CSV (decoded strictly); ``(None, [])`` for a missing file when ``missing_ok``."""
+    if missing_ok and not Path(path).exists():
+        return None, []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def read_csv(path, missing_ok: bool = False) -> list[dict]:
+    """The rows of a UTF-8 CSV as dicts; ``[]`` for a missing file when ``missing_ok``."""
+    return read_csv_header(path, missing_ok)[1]
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` but hidden ones, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def copy_ct_small(folder: Path, n: int) -> list[str]:
+    """``n`` copies of pydicom's CT_small.dcm in ``folder`` (made if missing), named 000.dcm...; their sorted paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        shutil.copy(CT_SMALL, folder / f"{i:03d}.dcm")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def rename_to_odd(path, name: bytes = ODD) -> str:
+    """Rename ``path`` to ``name`` (not UTF-8) in its folder; returns the new path as Python sees it
+    (with a surrogate). Skips the test on a file system that only takes UTF-8 names."""
+    target = os.path.join(os.fsencode(Path(path).parent), name)
+    try:
+        os.rename(os.fsencode(path), target)
+    except OSError as exc:
+        pytest.skip(f"cannot create a file named {name!r} here: {exc}")
+    return os.fsdecode(target)
+
+
+def escaped(path: str) -> str:
+    """``path`` as ichscan writes it to UTF-8 outputs: undecodable bytes backslash-escaped."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def run_ichscan(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``ichscan *args`` to completion, output captured as text."""
+    return subprocess.run([str(ICHSCAN), *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start_ichscan(log: Path, *args: str, **kwargs) -> subprocess.Popen:
+    """``ichscan *args`` in the background, stderr to the file ``log`` (not a pipe: after a SIGKILL,
+    decode workers may hold a pipe open for a moment), stdout discarded."""
+    with open(log, "w") as fh:
+        return subprocess.Popen([str(ICHSCAN), *args], stdout=subprocess.DEVNULL, stderr=fh, **kwargs)
+
+
+def save(ds: pydicom.Dataset, path: Path) -> Path:
+    """Write ``ds`` as a proper DICOM file (preamble and file meta) at ``path``; returns ``path``."""
+    ds.save_as(path, enforce_file_format=True)
+    return path
