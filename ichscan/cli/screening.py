@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ichscan.cli.options import CONTEXT_SETTINGS, ScreeningSettings, plugin_manager, screening_options
+
+if TYPE_CHECKING:
+    from ichscan.reporting import RunSummary
 
 log = logging.getLogger("ichscan")
 
@@ -27,6 +31,11 @@ def _run_errors() -> tuple[type[Exception], ...]:
     from ichscan.pipeline import RunError
 
     return (RunError, ModelError, ValueError)
+
+
+def _status_counts(summary: RunSummary) -> str:
+    """The rows by status, as every screening command's closing log line gives them."""
+    return f"{summary.ok} ok ({summary.positive} positive), {summary.skipped} skipped, {summary.error} error"
 
 
 def _log_reporter_errors(reporter_errors: dict[str, int]) -> None:
@@ -65,17 +74,7 @@ def batch_command(ctx: click.Context, folder: Path, settings: ScreeningSettings,
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
     rate = summary.files / summary.seconds if summary.seconds > 0 else 0.0
-    log.info(
-        "screened %d files in %.1f s (%.1f files/s): %d ok (%d positive), %d skipped, %d error -> %s",
-        summary.files,
-        summary.seconds,
-        rate,
-        summary.ok,
-        summary.positive,
-        summary.skipped,
-        summary.error,
-        opts.out,
-    )
+    log.info("screened %d files in %.1f s (%.1f files/s): %s -> %s", summary.files, summary.seconds, rate, _status_counts(summary), opts.out)
     _log_reporter_errors(summary.reporter_errors)
     if summary.interrupted:
         click.echo(f"ichscan: interrupted after {summary.files} files; their rows are in {opts.out}", err=True)
@@ -99,16 +98,7 @@ def batch_command(ctx: click.Context, folder: Path, settings: ScreeningSettings,
 @click.option("--settle", type=click.FloatRange(0, 3600), default=2.0, help="Seconds a file's size and mtime must stay unchanged before it is screened.")
 @click.option("--rescan", "rescan_interval", type=click.FloatRange(0, 86400), default=60.0, help="Seconds between full rescans that catch missed events; 0: only at start.")
 @click.pass_context
-def watch_command(
-    ctx: click.Context,
-    folder: Path,
-    settings: ScreeningSettings,
-    quarantine_dir: Path | None,
-    poll: bool,
-    poll_interval: float,
-    settle: float,
-    rescan_interval: float,
-) -> None:
+def watch_command(ctx: click.Context, folder: Path, settings: ScreeningSettings, **watching: Any) -> None:
     """Screen DICOM files as they land in FOLDER (recursively), each exactly once.
 
     A file is screened once its size and mtime stay unchanged for --settle seconds;
@@ -119,15 +109,8 @@ def watch_command(
     """
     from ichscan.pipeline import WatchOptions, run_watch
 
-    opts = WatchOptions(
-        input_dir=folder,
-        quarantine_dir=quarantine_dir,
-        poll=poll,
-        poll_interval=poll_interval,
-        settle=settle,
-        rescan_interval=rescan_interval,
-        **settings,
-    )
+    # The options above are named after the WatchOptions fields they set.
+    opts = WatchOptions(input_dir=folder, **watching, **settings)
     try:
         summary = run_watch(opts, plugin_manager(ctx))
     except _run_errors() as exc:
@@ -137,13 +120,10 @@ def watch_command(
         log.warning("interrupted; files in flight will be screened at the next start")
         ctx.exit(130)
     log.info(
-        "stopped after %.0f s: screened %d files: %d ok (%d positive), %d skipped, %d error; %d study rows written%s -> %s",
+        "stopped after %.0f s: screened %d files: %s; %d study rows written%s -> %s",
         summary.seconds,
         summary.files,
-        summary.ok,
-        summary.positive,
-        summary.skipped,
-        summary.error,
+        _status_counts(summary),
         summary.studies_summarised,
         f"; {summary.quarantined} quarantined" if summary.quarantined else "",
         opts.out,
@@ -172,15 +152,7 @@ def screen_command(ctx: click.Context, source: str, location: str, settings: Scr
         summary = run_source(source, location, opts, plugin_manager(ctx))
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    log.info(
-        "screened %d files: %d ok (%d positive), %d skipped, %d error -> %s",
-        summary.files,
-        summary.ok,
-        summary.positive,
-        summary.skipped,
-        summary.error,
-        opts.out,
-    )
+    log.info("screened %d files: %s -> %s", summary.files, _status_counts(summary), opts.out)
     _log_reporter_errors(summary.reporter_errors)
     if summary.interrupted:
         ctx.exit(130)
@@ -214,23 +186,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CA certificate (PEM): require client certificates it signed.")
 @click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=30.0, help="On SIGINT/SIGTERM, seconds open associations get to finish.")
 @click.pass_context
-def serve_command(
-    ctx: click.Context,
-    port: int,
-    ae_title: str,
-    bind: str,
-    store: Path,
-    settings: ScreeningSettings,
-    allow_calling: tuple[str, ...],
-    accept_all_storage: bool,
-    max_associations: int,
-    max_pdu: int,
-    idle_timeout: float,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    tls_ca: Path | None,
-    drain_timeout: float,
-) -> None:
+def serve_command(ctx: click.Context, settings: ScreeningSettings, drain_timeout: float, **listening: Any) -> None:
     """Receive CT images by DICOM C-STORE and screen them.
 
     Each instance is written to --store durably (temporary file, fsync, rename, fsync of
@@ -245,32 +201,20 @@ def serve_command(
     from ichscan.pipeline import ServeOptions, WatchOptions, run_serve
     from ichscan.sources.scp import ScpOptions
 
-    if (tls_cert is None) != (tls_key is None):
+    # The options above, but for the shared ones and --drain-timeout, are named after ScpOptions' fields.
+    scp = ScpOptions(**listening)
+    if (scp.tls_cert is None) != (scp.tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
-    if tls_ca is not None and tls_cert is None:
+    if scp.tls_ca is not None and scp.tls_cert is None:
         raise click.UsageError("--tls-ca needs --tls-cert and --tls-key")
-    if not ae_title.strip() or len(ae_title) > 16:
+    if not scp.ae_title.strip() or len(scp.ae_title) > 16:
         raise click.BadParameter("1 to 16 characters, not only spaces", param_hint="--ae-title")
     pm = plugin_manager(ctx)
-    scp = ScpOptions(
-        port=port,
-        ae_title=ae_title,
-        bind=bind,
-        store=store,
-        allow_calling=allow_calling,
-        accept_all_storage=accept_all_storage,
-        max_associations=max_associations,
-        max_pdu=max_pdu,
-        idle_timeout=idle_timeout,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_ca=tls_ca,
-    )
     # Results go out under our own AE title.
-    settings["results"].calling_ae = ae_title.strip()
-    watch = WatchOptions(input_dir=store, **settings)
+    settings["results"].calling_ae = scp.ae_title.strip()
+    watch = WatchOptions(input_dir=scp.store, **settings)
     try:
         summary = run_serve(ServeOptions(scp=scp, watch=watch, drain_timeout=drain_timeout), pm)
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    log.info("screened %d instances: %d ok (%d positive), %d skipped, %d error", summary.files, summary.ok, summary.positive, summary.skipped, summary.error)
+    log.info("screened %d instances: %s", summary.files, _status_counts(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,24 +30,7 @@ log = logging.getLogger("ichscan")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt (saved every epoch and on Ctrl-C).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar per epoch.")
 @click.pass_context
-def train(
-    ctx: click.Context,
-    data_dir: Path,
-    labels_csv: Path,
-    out_dir: Path,
-    epochs: int,
-    model_name: str,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
-    workers: int | None,
-    cache_dir: Path | None,
-    no_cache: bool,
-    no_augment: bool,
-    resume: bool,
-    progress: bool,
-) -> None:
+def train(ctx: click.Context, labels_csv: Path, no_cache: bool, no_augment: bool, **training: Any) -> None:
     """Train a model on RSNA-layout data (ID_<image>.dcm files under DATA_DIR).
 
     Splits 80/10/10 by patient (PatientID, else StudyInstanceUID) into RUN_DIR/split.csv,
@@ -59,23 +43,8 @@ def train(
     from ichscan.train.loop import Interrupted, TrainingError, TrainOptions, run_training
     from ichscan.models import ModelError
 
-    opts = TrainOptions(
-        data_dir=data_dir,
-        labels=labels_csv,
-        out_dir=out_dir,
-        epochs=epochs,
-        model_name=model_name,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        cache_dir=cache_dir,
-        cache=not no_cache,
-        resume=resume,
-        augment=not no_augment,
-        workers=workers,
-        progress=progress,
-    )
+    # The other options are named after the TrainOptions fields they set.
+    opts = TrainOptions(labels=labels_csv, cache=not no_cache, augment=not no_augment, **training)
     try:
         summary = run_training(opts, plugin_manager(ctx))
     except Interrupted as exc:
