@@ -63,6 +63,10 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     bundled: bool = False  # the demo weights shipped in the package
 
+    def config_fields(self) -> dict[str, Any]:
+        """The :class:`ichscan.reporting.RunConfig` fields these set."""
+        return {"thresholds": self.thresholds, "model_name": self.name, "weights": self.source, "trained": self.trained}
+
     def notice(self) -> str | None:
         """What a user must be told about these weights, if anything."""
         if not self.trained:

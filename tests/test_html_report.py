@@ -123,10 +123,7 @@ def screen(
         out=out_dir / "results.csv",
         studies_out=out_dir / "results_studies.csv",
         overlays_dir=overlays,
-        thresholds=loaded.thresholds,
-        model_name=loaded.name,
-        weights=loaded.source,
-        trained=loaded.trained,
+        **loaded.config_fields(),
         input_root=input_dir,
         html=html_path,
     )

@@ -81,16 +81,7 @@ def open_pipeline(
         append = mode.live or resume
         if append:
             _record_vanished(ledger)
-        setup = prepare_screening(
-            pm,
-            weights=opts.weights,
-            model_name=opts.model_name,
-            thresholds=opts.thresholds,
-            device=opts.device,
-            workers=opts.workers,
-            batch_size=opts.batch_size,
-            threads=opts.threads,
-        )
+        setup = prepare_screening(pm, **opts.model_settings())
         loaded = setup.loaded
         if not append:
             ledger.start_over()
@@ -101,18 +92,12 @@ def open_pipeline(
             # Studies with results newer than their summary (a late instance, then a crash
             # within --study-timeout) are not complete yet: their clock restarts.
             studies.complete = (ledger.summarised_studies() - ledger.changed_since_summary()) & set(studies.studies)
+        # The resolved (absolute) paths of the outputs override the options' own.
         config = RunConfig(
-            out=outputs.out,
-            studies_out=outputs.studies_out,
-            overlays_dir=outputs.overlays_dir,
+            **{**opts.results.config_fields(), **outputs.config_fields()},
+            **loaded.config_fields(),
             overlays_for=opts.overlays_for,
-            thresholds=loaded.thresholds,
-            model_name=loaded.name,
-            weights=loaded.source,
-            trained=loaded.trained,
             input_root=input_root,
-            state=outputs.state,
-            **{**opts.results.config_fields(), "html": outputs.html, "dicom_out": outputs.dicom_out},
             mode=mode,
             resume=resume,
             store=ledger.store,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
 from ichscan.state.ledger import DEFAULT_STATE_NAME, state_files
@@ -19,6 +20,10 @@ from ichscan.sources.folder import Outputs
 
 #: The outbox folder beside the state file, for DICOM results forwarded without --dicom-out.
 OUTBOX_FOLDER_NAME = "ichscan-outbox"
+
+
+#: The fields of :class:`ScreeningOptions` that choose the model and size the run.
+MODEL_SETTINGS = ("weights", "model_name", "thresholds", "device", "workers", "batch_size", "threads")
 
 
 class RunError(Exception):
@@ -47,6 +52,10 @@ class ScreeningOptions:
     results: ResultsOutput = field(default_factory=ResultsOutput)
     #: Free-form settings handed to third-party reporters (RunConfig.options).
     options: dict = field(default_factory=dict)
+
+    def model_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`ichscan.pipeline.sizing.prepare_screening` these set."""
+        return {name: getattr(self, name) for name in MODEL_SETTINGS}
 
 
 @dataclass(kw_only=True)
@@ -127,6 +136,10 @@ class RunOutputs:
     html: Path | None
     dicom_out: Path | None
     quarantine: Path | None = None
+
+    def config_fields(self) -> dict[str, Path | None]:
+        """The :class:`~ichscan.reporting.RunConfig` fields these set."""
+        return {name: getattr(self, name) for name in ("out", "studies_out", "overlays_dir", "html", "dicom_out", "state")}
 
     @classmethod
     def resolve(cls, opts: ScreeningOptions, quarantine: Path | None = None) -> RunOutputs:
