@@ -74,37 +74,27 @@ KNOWN_BROKEN = {
 #: Transfer syntaxes whose decoded values may legitimately differ between decoders.
 LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
 
-#: Every image transfer syntax we look for; those in REQUIRED must be covered by real files.
-ALL_IMAGE_SYNTAXES = [
-    ImplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    HTJ2K,
-]
-REQUIRED_SYNTAXES = {
-    ImplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEG2000Lossless,
-    JPEG2000,
+#: Every image transfer syntax we look for, and whether real files must cover it.
+IMAGE_SYNTAXES = {
+    ImplicitVRLittleEndian: True,
+    ExplicitVRLittleEndian: True,
+    ExplicitVRBigEndian: True,
+    DeflatedExplicitVRLittleEndian: True,
+    RLELossless: True,
+    JPEGBaseline8Bit: True,
+    JPEGExtended12Bit: False,
+    JPEGLossless: False,
+    JPEGLosslessSV1: True,
+    JPEGLSLossless: True,
+    JPEGLSNearLossless: False,
+    JPEG2000Lossless: True,
+    JPEG2000: True,
+    HTJ2KLossless: False,
+    HTJ2KLosslessRPCL: False,
+    HTJ2K: False,
 }
+ALL_IMAGE_SYNTAXES = list(IMAGE_SYNTAXES)
+REQUIRED_SYNTAXES = {ts for ts, required in IMAGE_SYNTAXES.items() if required}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -207,11 +197,7 @@ def ct_dataset(
 ) -> Dataset:
     """A minimal single-frame greyscale image data set (CT by default) with file meta."""
     stored = np.ascontiguousarray(stored)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = attrs.get("SOPInstanceUID", new_uid())
-    ds.file_meta.TransferSyntaxUID = ts
+    ds = with_file_meta(sop_class, ts, attrs.get("SOPInstanceUID", new_uid()))
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = new_uid()
@@ -240,14 +226,20 @@ def ct_dataset(
     return ds
 
 
+def with_file_meta(sop_class: str, ts: str = ExplicitVRLittleEndian, sop_instance: str | None = None) -> Dataset:
+    """An empty data set with the file meta of one instance (a new SOPInstanceUID unless given)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance or new_uid()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
 def meta_bytes(sop_class: str, ts: str, sop_instance: str | None = None) -> bytes:
     """Preamble, 'DICM' and a valid file meta group, written by pydicom."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance or new_uid()
-    meta.TransferSyntaxUID = ts
     buf = io.BytesIO()
-    write_file_meta_info(buf, meta, enforce_standard=True)
+    write_file_meta_info(buf, with_file_meta(sop_class, ts, sop_instance).file_meta, enforce_standard=True)
     return b"\x00" * 128 + b"DICM" + buf.getvalue()
 
 
@@ -576,11 +568,7 @@ def _build_bad_files(folder: Path) -> dict[str, Expect]:
     (folder / "garbage_after_header.dcm").write_bytes(meta_bytes(CT_IMAGE, ExplicitVRLittleEndian) + garbage)
     expect["garbage_after_header.dcm"] = Expect(ERROR, "")
 
-    dicomdir = Dataset()
-    dicomdir.file_meta = FileMetaDataset()
-    dicomdir.file_meta.MediaStorageSOPClassUID = MEDIA_STORAGE_DIRECTORY
-    dicomdir.file_meta.MediaStorageSOPInstanceUID = new_uid()
-    dicomdir.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dicomdir = with_file_meta(MEDIA_STORAGE_DIRECTORY)
     dicomdir.FileSetID = "TESTSET"
     dicomdir.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
     dicomdir.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = 0
@@ -605,11 +593,7 @@ def _build_bad_files(folder: Path) -> dict[str, Expect]:
     save(ct_dataset(small, sop_class=MR_IMAGE, modality="MR"), folder / "mr.dcm")
     expect["mr.dcm"] = Expect(SKIPPED, "not CT")
 
-    sr = Dataset()
-    sr.file_meta = FileMetaDataset()
-    sr.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
-    sr.file_meta.MediaStorageSOPInstanceUID = new_uid()
-    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr = with_file_meta(BASIC_TEXT_SR)
     sr.SOPClassUID, sr.SOPInstanceUID = BASIC_TEXT_SR, sr.file_meta.MediaStorageSOPInstanceUID
     sr.StudyInstanceUID, sr.SeriesInstanceUID = new_uid(), new_uid()
     sr.Modality, sr.ValueType, sr.TextValue = "SR", "TEXT", "No pixel data here."
