@@ -196,15 +196,19 @@ def check_one_row_each(out, paths, bad, reason):
 @pytest.mark.parametrize("workers", [2, 0])
 def test_decoder_panic_gets_an_error_row_through_the_pool(with_bad_rle, workers):
     paths, bad = with_bad_rle
-    with DecodePool(workers=workers, chunk_size=2) as pool:
-        out = list(pool.decode(paths))
-    check_one_row_each(out, paths, bad, "PanicException")
+    check_one_row_each(decode_all(paths, workers=workers, chunk_size=2), paths, bad, "PanicException")
 
 
 @pytest.mark.parametrize("workers", [2, 0])
 def test_decoder_panic_gets_an_error_row_in_the_streaming_pool(with_bad_rle, workers):
     paths, bad = with_bad_rle
     check_one_row_each(stream_all(paths, workers=workers, chunk_size=2), paths, bad, "PanicException")
+
+
+def decode_all(paths, **pool_args):
+    """Every slice a DecodePool's ``decode`` gives for ``paths``."""
+    with DecodePool(**pool_args) as pool:
+        return list(pool.decode(paths))
 
 
 def stream_all(paths, **pool_args):
@@ -261,8 +265,7 @@ def flaky_decoder(tmp_path, monkeypatch, many_ct):
 @pytest.mark.parametrize("workers", [2, 0])
 def test_a_failed_chunk_is_retried_file_by_file(flaky_decoder, workers):
     paths, bad = flaky_decoder
-    with DecodePool(workers=workers, chunk_size=4) as pool:
-        out = list(pool.decode(paths))
+    out = decode_all(paths, workers=workers, chunk_size=4)
     check_one_row_each(out, paths, bad, "decoding failed: ")
     if workers:
         assert "PicklingError" in [d for d in out if d.path == bad][0].error
