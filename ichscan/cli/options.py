@@ -86,21 +86,17 @@ def plugin_manager(ctx: click.Context) -> pluggy.PluginManager:
     return obj["plugin_manager"]
 
 
+def _path_option(decls: list[str], help: str, *, folder: bool = False) -> click.Option:
+    """An output path, a file (or with ``folder`` a folder), ``None`` when not given."""
+    kind = click.Path(file_okay=False, path_type=Path) if folder else click.Path(dir_okay=False, path_type=Path)
+    return click.Option(decls, type=kind, default=None, help=help)
+
+
 def _output_options(out_help: str) -> list[click.Option]:
     return [
         click.Option(["--out"], type=click.Path(dir_okay=False, path_type=Path), default=Path("results.csv"), help=out_help),
-        click.Option(
-            ["--studies-out"],
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=None,
-            help="Per-study summary CSV.  [default: <out stem>_studies.csv beside --out]",
-        ),
-        click.Option(
-            ["--overlays", "overlays_dir"],
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Folder for overlay PNGs.  [default: overlays/ beside --out]",
-        ),
+        _path_option(["--studies-out"], "Per-study summary CSV.  [default: <out stem>_studies.csv beside --out]"),
+        _path_option(["--overlays", "overlays_dir"], "Folder for overlay PNGs.  [default: overlays/ beside --out]", folder=True),
         click.Option(["--overlays-for"], type=click.Choice(OVERLAYS_FOR), default="positive", help="Which slices get an overlay PNG."),
     ]
 
@@ -122,17 +118,13 @@ def _ae_title(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 def _results_options(calling_ae: bool) -> list[click.Option]:
     options = [
-        click.Option(
-            ["--html"],
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=None,
-            help="Write a static HTML report (studies by 'any' probability, overlay thumbnails; opens from disk, no patient names).",
+        _path_option(
+            ["--html"], "Write a static HTML report (studies by 'any' probability, overlay thumbnails; opens from disk, no patient names)."
         ),
-        click.Option(
+        _path_option(
             ["--dicom-out"],
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Write a DICOM SR per study and a Secondary Capture key image per positive study here: DIR/<StudyInstanceUID>/<SOPInstanceUID>.dcm.",
+            "Write a DICOM SR per study and a Secondary Capture key image per positive study here: DIR/<StudyInstanceUID>/<SOPInstanceUID>.dcm.",
+            folder=True,
         ),
         click.Option(
             ["--forward"],
@@ -155,12 +147,7 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
 
 
 def _state_option(state_help: str) -> click.Option:
-    return click.Option(
-        ["--state"],
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help=state_help + "  [default: ichscan-state.sqlite beside --out]",
-    )
+    return _path_option(["--state"], state_help + "  [default: ichscan-state.sqlite beside --out]")
 
 
 def _model_options() -> list[click.Option]:
