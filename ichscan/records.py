@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
@@ -24,6 +25,37 @@ from ichscan.labels import LABELS, SUBTYPES
 NO_STUDY_UID = "(no study uid)"
 #: ``top_label`` of a negative slice or study.
 NO_FINDING = "none"
+
+
+_T = TypeVar("_T")
+
+
+class ReadThrough(Generic[_T]):
+    """A read-only attribute of a part, as if it were the owner's own: ``owner.name`` is
+    ``owner.<part>.name``, or ``default`` while the part is ``None``."""
+
+    def __init__(self, part: str, default: Any = None) -> None:
+        self.part = part
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> ReadThrough[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object | None, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        part = getattr(obj, self.part)
+        return self.default if part is None else getattr(part, self.name)
+
+    def __set__(self, obj: object, value: object) -> None:
+        # Like a property without a setter: the value belongs to the part.
+        raise AttributeError(f"{self.name!r} reads through to {self.part!r}; set {self.part}.{self.name}")
 
 
 class Status(str, enum.Enum):
@@ -127,51 +159,19 @@ class DecodedSlice:
         """A file that produced no image (refused before reading, or failed)."""
         return cls(Instance(path), status, error)
 
-    # -- read-through properties ---------------------------------------------------
+    # -- read-through attributes ---------------------------------------------------
 
-    @property
-    def path(self) -> str:
-        return self.instance.path
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return self.instance.sop_instance_uid
-
-    @property
-    def study_instance_uid(self) -> str:
-        return self.instance.study_instance_uid
-
-    @property
-    def series_instance_uid(self) -> str:
-        return self.instance.series_instance_uid
-
-    @property
-    def instance_number(self) -> int | None:
-        return self.instance.instance_number
-
-    @property
-    def sop_class_uid(self) -> str:
-        return self.instance.sop_class_uid
-
-    @property
-    def pixels(self) -> np.ndarray | None:
-        return self.image.pixels if self.image is not None else None
-
-    @property
-    def display(self) -> np.ndarray | None:
-        return self.image.display if self.image is not None else None
-
-    @property
-    def slope(self) -> float:
-        return self.image.slope if self.image is not None else 1.0
-
-    @property
-    def intercept(self) -> float:
-        return self.image.intercept if self.image is not None else 0.0
-
-    @property
-    def rsna_fixed(self) -> bool:
-        return self.image is not None and self.image.rsna_fixed
+    path = ReadThrough[str]("instance")
+    sop_instance_uid = ReadThrough[str]("instance")
+    study_instance_uid = ReadThrough[str]("instance")
+    series_instance_uid = ReadThrough[str]("instance")
+    instance_number = ReadThrough[int | None]("instance")
+    sop_class_uid = ReadThrough[str]("instance")
+    pixels = ReadThrough[np.ndarray | None]("image")
+    display = ReadThrough[np.ndarray | None]("image")
+    slope = ReadThrough[float]("image", 1.0)
+    intercept = ReadThrough[float]("image", 0.0)
+    rsna_fixed = ReadThrough[bool]("image", False)
 
     def hu(self) -> np.ndarray:
         """Hounsfield units as float32 (only for ``ok`` slices)."""
@@ -197,21 +197,10 @@ class SliceResult(DecodedSlice):
         """The result of a decoded slice (its parts are shared, not copied)."""
         return cls(decoded.instance, decoded.status, decoded.error, decoded.image, prediction)
 
-    @property
-    def probabilities(self) -> dict[str, float] | None:
-        return self.prediction.probabilities if self.prediction is not None else None
-
-    @property
-    def positive(self) -> dict[str, bool] | None:
-        return self.prediction.positive if self.prediction is not None else None
-
-    @property
-    def top_label(self) -> str:
-        return self.prediction.top_label if self.prediction is not None else ""
-
-    @property
-    def top_probability(self) -> float | None:
-        return self.prediction.top_probability if self.prediction is not None else None
+    probabilities = ReadThrough[dict[str, float] | None]("prediction")
+    positive = ReadThrough[dict[str, bool] | None]("prediction")
+    top_label = ReadThrough[str]("prediction", "")
+    top_probability = ReadThrough[float | None]("prediction")
 
     @property
     def is_positive(self) -> bool:

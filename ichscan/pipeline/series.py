@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ichscan.records import DecodedSlice, Status
+from ichscan.records import DecodedSlice, ReadThrough, Status
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,8 @@ class ContextSlice:
     slice: DecodedSlice
     neighbours: tuple[DecodedSlice, ...] = ()
 
-    @property
-    def status(self) -> Status:
-        return self.slice.status
-
-    @property
-    def path(self) -> str:
-        return self.slice.path
+    status = ReadThrough[Status]("slice")
+    path = ReadThrough[str]("slice")
 
 
 @dataclass
