@@ -4,8 +4,8 @@ A :class:`SliceResult` (what reporters see) is composed of an :class:`Instance` 
 and geometry, read from the header), a :class:`StoredImage` (pixels and rescale, dropped
 once the result is reported) and a :class:`Prediction` (the model's output). Each part is
 filled by one step of the pipeline; nothing is copied field by field from one to another.
-Convenience properties (``result.path``, ``result.probabilities``...) read through to the
-parts.
+Convenience attributes (``result.path``, ``result.probabilities``...) read through to the
+parts (:class:`ReadThrough`).
 
 This module runs in the decode workers too: it must not import torch.
 """
