@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ichscan.labels import LABELS
-from ichscan.records import NO_FINDING, NO_STUDY_UID, SliceResult, Status, top_finding
+from ichscan.records import NO_FINDING, SliceResult, Status, top_finding
 
 __all__ = [
     "NO_FINDING",
