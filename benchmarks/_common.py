@@ -87,19 +87,57 @@ def cpu_busy_seconds() -> float:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _descendants(root_pid: int) -> list[int]:
+    """``root_pid`` and every process below it (Linux /proc; just ``root_pid`` elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [root_pid]
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu_seconds(root_pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by a process and its live descendants
+    (this process by default: main process, forkserver, decode workers). Unlike
+    :func:`cpu_busy_seconds` it leaves out other processes on a shared machine."""
+    total = 0
+    for pid in _descendants(os.getpid() if root_pid is None else root_pid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Clock(Reporter):
-    """A reporter that notes when each batch of results arrives, and the machine's busy
-    core-seconds at that moment."""
+    """A reporter that notes when each batch of results arrives, the machine's busy
+    core-seconds and the CPU seconds of this process tree at that moment."""
 
     name = "bench-clock"
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, int, float]] = []
+        self.marks: list[tuple[float, int, float, float]] = []
         self.count = 0
 
     def on_results(self, results, studies) -> None:
         self.count += len(results)
-        self.marks.append((time.perf_counter(), self.count, cpu_busy_seconds()))
+        self.marks.append((time.perf_counter(), self.count, cpu_busy_seconds(), tree_cpu_seconds()))
 
     def _window(self, total: int):
         start = next(m for m in self.marks if m[1] >= 0.2 * total)
@@ -113,14 +151,16 @@ class Clock(Reporter):
             return float("nan")
         return (end[1] - start[1]) / (end[0] - start[0])
 
-    def steady_cpu(self, total: int) -> tuple[float, float]:
-        """Over the same window: (busy core-ms per file, fraction of all cores busy).
-        Whole machine: other processes count too (read it with the load average)."""
+    def steady_cpu(self, total: int) -> tuple[float, float, float, float]:
+        """Over the same window: (busy core-ms per file, fraction of all cores busy) of the
+        whole machine, where other processes count too (read it with the load average),
+        then the same two for this process tree only (main process, forkserver, workers)."""
         start, end = self._window(total)
         if end[0] <= start[0] or end[1] <= start[1]:
-            return float("nan"), float("nan")
-        busy = end[2] - start[2]
-        return 1000 * busy / (end[1] - start[1]), busy / ((end[0] - start[0]) * (os.cpu_count() or 1))
+            return float("nan"), float("nan"), float("nan"), float("nan")
+        files, capacity = end[1] - start[1], (end[0] - start[0]) * (os.cpu_count() or 1)
+        busy, own = end[2] - start[2], end[3] - start[3]
+        return 1000 * busy / files, busy / capacity, 1000 * own / files, own / capacity
 
 
 def engine_rate(
@@ -167,19 +207,8 @@ def engine_rate(
 
 def tree_rss_bytes(root_pid: int) -> int:
     """Resident memory of a process and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+    total = 0
+    for pid in _descendants(root_pid):
         try:
             with open(f"/proc/{pid}/status") as fh:
                 for line in fh:

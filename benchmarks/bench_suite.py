@@ -31,7 +31,10 @@ weights):
    with ``--overlays-for all``; ``--repeats`` alternating runs, medians reported. Both
    sides are measured again right before and right after each CSV-only run, and that run
    is compared with the bound from those two measurements (paired): the ratio to the bound
-   is the median of the paired ratios, as a shared machine's speed drifts over minutes;
+   is the median of the paired ratios, as a shared machine's speed drifts over minutes.
+   Over the same steady-state window, CPU per image of the whole machine and of this
+   process tree alone (``pipeline.*``): on a shared machine they tell CPU the pipeline
+   adds from cores other processes took;
 5. peak resident memory of the `ichscan batch` process tree (main process, forkserver,
    decode workers; /proc sampled every 50 ms) on phantom sets of each --memory-files size.
 
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2-3. Naive loop and the engine, alternating so a noisy neighbour hits both alike.
     naive_model = None if args.skip_naive else load_model(pm).model
     naive_runs, csv_runs, overlay_runs, paired, paired_split = [], [], [], [], []
-    pipeline_runs: list[tuple[float, float]] = []
+    pipeline_runs: list[tuple[float, float, float, float]] = []
     for repeat in range(repeats):
         if naive_model is not None:
             torch.set_num_threads(threads)
@@ -289,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "core_ms_per_image": statistics.median(run[0] for run in pipeline_runs),
         "alone_core_ms_per_image": 1000 * (t_decode_cpu + t_model),
         "cores_busy_fraction": statistics.median(run[1] for run in pipeline_runs),
+        # This process tree alone (main process, forkserver, decode workers): on a shared
+        # machine, own_core_ms_per_image > alone_core_ms_per_image means the pipeline itself
+        # costs more CPU per image than its two sides; own_cores_fraction well below
+        # cores_busy_fraction means other processes took the cores.
+        "own_core_ms_per_image": statistics.median(run[2] for run in pipeline_runs),
+        "own_cores_fraction": statistics.median(run[3] for run in pipeline_runs),
     }
     csv_rate, overlay_rate = statistics.median(csv_runs), statistics.median(overlay_runs)
     figures["naive_images_per_s"] = statistics.median(naive_runs) if naive_runs else None
