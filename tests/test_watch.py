@@ -1,6 +1,6 @@
 """``ichscan watch`` on real folders: real watchdog observers, real files, real signals.
 
-Most tests run :func:`ichscan.watch.run_watch` in a thread (stopped through its
+Most tests run :func:`ichscan.pipeline.run_watch` in a thread (stopped through its
 ``stop`` event); the crash tests run the command as a subprocess and SIGKILL it.
 Nothing here asserts on durations: tests wait (with generous timeouts) for
 conditions, and latency figures live in ``benchmarks/bench_watch.py``.
@@ -8,6 +8,7 @@ conditions, and latency figures live in ``benchmarks/bench_watch.py``.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -537,3 +538,11 @@ def test_sigkill_during_a_burst_then_restart_loses_and_duplicates_nothing(tmp_pa
     assert [r["status"] for r in rows if r["path"].endswith("junk.dcm")] == ["error"]
     if in_flight:
         assert "in flight when the last run stopped" in stderr
+
+
+def test_micro_batcher_without_a_latency_bound_runs_full_batches_only():
+    batcher = MicroBatcher(batch_size=4, max_latency=math.inf)
+    batcher.add([_slice(i) for i in range(10)], now=0.0)
+    assert [len(b) for b in iter(lambda: batcher.take(1e12), [])] == [4, 4]  # the 2 left wait to fill up
+    assert batcher.due_in(1e12) == math.inf and len(batcher) == 2
+    assert [d.path for d in batcher.take(1e12, force=True)] == ["/f8", "/f9"]  # the end of the run

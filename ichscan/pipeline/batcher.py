@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 
@@ -18,13 +19,13 @@ class MicroBatcher:
         A batch goes to the model as soon as it holds this many ``ok`` slices.
     max_latency
         ...or once its first slice has waited this many seconds, so a trickle of single
-        files is screened promptly while a burst still runs full batches.
+        files is screened promptly while a burst still runs full batches. ``math.inf``
+        (a finite run): only full batches, and what is left when ``take`` is forced.
     """
 
     def __init__(self, batch_size: int, max_latency: float):
         self.batch_size = max(1, batch_size)
-        # A finite run has no latency bound (math.inf); kept finite so the arithmetic stays exact.
-        self.max_latency = min(max(0.0, max_latency), 1e9)
+        self.max_latency = max(0.0, max_latency)
         self._ok: list[ContextSlice] = []
         self._other: list[ContextSlice] = []
         self._since: float | None = None
@@ -44,6 +45,8 @@ class MicroBatcher:
             return None
         if len(self._ok) >= self.batch_size or len(self._other) >= self.batch_size:
             return 0.0
+        if math.isinf(self.max_latency):
+            return math.inf
         return max(0.0, self._since + self.max_latency - now)
 
     def take(self, now: float | None = None, force: bool = False) -> list[ContextSlice]:
@@ -59,6 +62,10 @@ class MicroBatcher:
         batch = self._ok[: self.batch_size] + self._other
         self._ok = self._ok[self.batch_size :]
         self._other = []
-        # What stays behind already waited: it goes with the next batch without a new wait.
-        self._since = now - self.max_latency if self._ok else None
+        # What stays behind already waited: it goes with the next batch without a new wait
+        # (without a latency bound it waits to fill up, as before).
+        if not self._ok:
+            self._since = None
+        elif not math.isinf(self.max_latency):
+            self._since = now - self.max_latency
         return batch

@@ -210,15 +210,7 @@ class Pipeline:
                 held = self.pool.pending or len(self.series) or len(self.batcher)
                 if source.finished and not held:
                     break
-                decoded = self._wait(source, now)
-                now = time.monotonic()
-                final = source.finished and not self.pool.pending
-                if decoded:
-                    self.series.add(decoded, now)
-                self.batcher.add(self.series.take(now, flush=final))
-                batch = self.batcher.take(now, force=final)
-                if batch:
-                    self.screen(batch)
+                now = self._advance(source)
                 if self.overlays is not None:
                     for done in self.overlays.ready():
                         self.report(done)
@@ -248,6 +240,25 @@ class Pipeline:
         self.summary.seconds = time.monotonic() - start
         self.finish()
         return self.summary
+
+    def _advance(self, source: Source) -> float:
+        """Collect decoded slices, form what batches are due and screen them.
+
+        A method of its own so that its references to decoded slices end with it: a
+        slice's pixels may be views of a shared-memory slab, which the decode workers can
+        reuse only once no view is left (a slab held a loop longer is a chunk pickled).
+        """
+        decoded = self._wait(source, time.monotonic())
+        now = time.monotonic()
+        final = source.finished and not self.pool.pending
+        if decoded:
+            self.series.add(decoded, now)
+        self.batcher.add(self.series.take(now, flush=final))
+        # Every batch that is due: one collect may bring several chunks, and slices left
+        # waiting would hold their shared-memory slabs (and memory) for nothing.
+        while batch := self.batcher.take(now, force=final):
+            self.screen(batch)
+        return now
 
     def _wait(self, source: Source, now: float) -> list:
         """Decoded slices, waiting as long as nothing else is due."""
