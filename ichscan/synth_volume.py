@@ -60,11 +60,15 @@ def stack_positions(rng: np.random.Generator, slices: int, slice_mm: float) -> t
     """Positions (mm from the bottom of the head) of a series' slices, and their spacing.
 
     The spacing is ``slice_mm`` unless that many slices would not fit in the middle 90% of
-    the head; then it shrinks so that they do (the files carry the spacing actually used).
+    the head; then it shrinks so that they do (to whole micrometres; the files carry the
+    spacing actually used).
     One draw from ``rng``: where the stack starts.
     """
     room = _STACK_COVER * HEAD_HEIGHT_MM
-    spacing = slice_mm if slices < 2 else min(slice_mm, room / (slices - 1))
+    spacing = slice_mm
+    if slices > 1 and slice_mm * (slices - 1) > room:
+        # Whole micrometres, so positions written with 3 decimals stay exactly evenly spaced.
+        spacing = math.floor(room / (slices - 1) * 1000.0) / 1000.0
     span = spacing * (slices - 1)
     low = 0.5 * (1.0 - _STACK_COVER) * HEAD_HEIGHT_MM
     start = low + float(rng.uniform(0.0, 1.0)) * (room - span)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -421,3 +422,176 @@ def test_uids_unique_across_many_studies(tmp_path):
     assert len({r.sop_instance_uid for r in records}) == len(records) == 325
     assert len({r.study_instance_uid for r in records}) == 13
     assert len({r.series_instance_uid for r in records}) == 13
+
+
+# ------------------------------------------------------------------------------------------
+# Styles
+# ------------------------------------------------------------------------------------------
+
+#: Computed with the generator before styles existed (commit c36ec00): see
+#: ``default_output_digest``. It covers pixels, labels, image ids and geometry, not the
+#: whole files (pydicom writes its own version into them). Float rounding may differ on
+#: another platform or numpy; then regenerate it from c36ec00 there.
+DEFAULT_DIGEST = "9c4c9456e8233176e98fb7e1f17adbbd0741239e091bc21386b39a98fbc5215f"
+
+
+def default_output_digest(out: Path, **kwargs: object) -> str:
+    records = synth.generate(
+        out, 3, 4, seed=2026, size=64, layout="rsna", transfer_syntaxes="ExplicitVRLittleEndian", **kwargs
+    )
+    digest = hashlib.sha256()
+    for rec in records:
+        ds = pydicom.dcmread(rec.path)
+        digest.update(rec.image_id.encode())
+        digest.update(repr(sorted(rec.labels.items())).encode())
+        digest.update(ds.pixel_array.tobytes())
+        for keyword in ("RescaleIntercept", "BitsStored", "PixelRepresentation", "PixelSpacing",
+                        "ImagePositionPatient", "SliceThickness"):
+            digest.update(str(ds.get(keyword)).encode())
+    digest.update((out / "stage_2_train.csv").read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("style", [None, "default", synth.SynthStyle()], ids=["none", "name", "object"])
+def test_default_style_reproduces_the_original_output(tmp_path: Path, style: object) -> None:
+    assert default_output_digest(tmp_path, style=style) == DEFAULT_DIGEST
+
+
+def test_style_presets_and_overrides() -> None:
+    assert synth.STYLES["default"] == synth.SynthStyle()
+    assert {"default", "small-faint", "sharp-large"} <= set(synth.STYLES)
+    faint = synth.STYLES["small-faint"]
+    assert faint.head_scale < 1 and faint.bleed_scale < 1 and faint.bleed_contrast < 1
+    assert faint.noise_scale > 1 and faint.blur_mm > 0 and faint.edge_mm > 0
+    sharp = synth.STYLES["sharp-large"]
+    assert sharp.bleed_scale > 1 and sharp.sharpen > 0
+    for style in synth.STYLES.values():
+        assert set(style.conventions) <= set(synth.SCANNER_CONVENTIONS)
+    mixed = synth.resolve_style("small-faint", noise_scale=3.0, sharpen=None, conventions=["signed16"])
+    assert mixed.noise_scale == 3.0 and mixed.head_scale == faint.head_scale
+    assert mixed.conventions == ("signed16",) and hash(mixed)
+    assert synth.SynthStyle().describe() == "default look"
+    assert "noise_scale=3" in mixed.describe()
+    with pytest.raises(ValueError, match="unknown style"):
+        synth.resolve_style("glossy")
+    with pytest.raises(ValueError, match="head_scale"):
+        synth.SynthStyle(head_scale=2.0)
+    with pytest.raises(ValueError, match="window"):
+        synth.SynthStyle(window=(40.0, 0.0))
+
+
+def styled_pair(style: synth.SynthStyle, bleeds: list[str], size: int = 128, seed: int = 3,
+                z: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(without, with, masks) of one slice in ``style``: the same head, texture and noise."""
+    anatomy = synth.make_anatomy(np.random.default_rng(500 + seed))
+    without = synth.render_slice(np.random.default_rng(seed), size, [], z, anatomy, style)
+    with_, masks = synth.render_slice_with_masks(np.random.default_rng(seed), size, bleeds, z, anatomy, style)
+    return without, with_, masks
+
+
+def test_head_scale_changes_the_head_area_in_the_field_of_view() -> None:
+    anatomy = synth.make_anatomy(np.random.default_rng(8))
+    small = synth.SynthStyle(head_scale=0.7)
+    areas = {}
+    for style in (synth.SynthStyle(), small):
+        img = synth.render_slice(np.random.default_rng(1), SMALL, [], 0.5, anatomy, style)
+        areas[style.head_scale] = float(np.mean(img > -500))
+    assert 0.28 <= areas[1.0] <= 0.5  # the default head spans about 80% of the field
+    assert 0.42 <= areas[0.7] / areas[1.0] <= 0.56  # 0.7 ** 2 = 0.49
+    assert synth.pixel_spacing_mm(anatomy, SMALL, small) == pytest.approx(
+        synth.pixel_spacing_mm(anatomy, SMALL) / 0.7, rel=1e-4)
+
+
+def test_bleed_scale_changes_bleed_size() -> None:
+    area = {}
+    for scale in (1.0, 0.6):
+        style = synth.SynthStyle(bleed_scale=scale)
+        area[scale] = sum(int(styled_pair(style, [name], 192)[2][name].sum()) for name in SUBTYPES)
+    assert area[1.0] > 1000
+    assert 0.15 <= area[0.6] / area[1.0] <= 0.6  # lengths 0.6x: areas about 0.36x
+
+
+def test_bleed_contrast_scales_the_rise_in_hu() -> None:
+    without, full, masks = styled_pair(synth.SynthStyle(), ["intraparenchymal", "subdural"], 192)
+    _, faint, _ = styled_pair(synth.SynthStyle(bleed_contrast=0.6), ["intraparenchymal", "subdural"], 192)
+    for name, mask in masks.items():
+        rise_full = (full - without)[mask]
+        rise_faint = (faint - without)[mask]
+        assert float(rise_full.mean()) >= 25  # HU over the tissue it covers
+        # Same noise, same shape: only the density difference shrinks, to 0.6 of it.
+        np.testing.assert_allclose(rise_faint, 0.6 * rise_full, atol=0.05)
+
+
+def air(img: np.ndarray, n: int = 12) -> np.ndarray:
+    return np.concatenate([img[:n, :n].ravel(), img[:n, -n:].ravel(), img[-n:, :n].ravel(), img[-n:, -n:].ravel()])
+
+
+def test_noise_scale_changes_noise_std_in_a_uniform_region() -> None:
+    anatomy = synth.make_anatomy(np.random.default_rng(2))
+    std = {}
+    for scale in (1.0, 2.5, 0.0):
+        img = synth.render_slice(np.random.default_rng(4), SMALL, [], 0.5, anatomy, synth.SynthStyle(noise_scale=scale))
+        std[scale] = float(air(img).std())
+    assert std[1.0] == pytest.approx(anatomy["noise_sigma"], rel=0.15)
+    assert std[2.5] == pytest.approx(2.5 * std[1.0], rel=1e-3)  # the same normal draws, scaled
+    assert std[0.0] == 0.0
+
+
+def max_step(img: np.ndarray) -> float:
+    return float(np.abs(np.diff(img, axis=1)).max())
+
+
+def test_soft_bleed_edges_ramp_instead_of_stepping() -> None:
+    hard_without, hard, hard_masks = styled_pair(synth.SynthStyle(), ["intraparenchymal"], 256)
+    soft_without, soft, soft_masks = styled_pair(synth.SynthStyle(edge_mm=1.5), ["intraparenchymal"], 256)
+    hard_rise, soft_rise = hard - hard_without, soft - soft_without
+    assert max_step(soft_rise) < 0.6 * max_step(hard_rise)
+    # More pixels part-way between tissue and bleed (partial volume), yet still a visible bleed.
+    def partial(rise: np.ndarray) -> int:
+        return int(np.count_nonzero((rise > 3) & (rise < 0.5 * rise.max())))
+    assert partial(soft_rise) > 2 * partial(hard_rise)
+    assert 0 < soft_masks["intraparenchymal"].sum() <= hard_masks["intraparenchymal"].sum()
+
+
+def test_kernel_changes_edge_sharpness_and_noise() -> None:
+    anatomy = synth.make_anatomy(np.random.default_rng(6))
+    looks = {
+        "standard": synth.SynthStyle(),
+        "soft": synth.SynthStyle(blur_mm=1.2),
+        "sharp": synth.SynthStyle(sharpen=1.0),
+    }
+    step, noise = {}, {}
+    for name, style in looks.items():
+        quiet = synth.render_slice(np.random.default_rng(2), 256, [], 0.5, anatomy, style.replace(noise_scale=0.0))
+        step[name] = max_step(quiet)  # the sharpest edge: skull against air and scalp
+        noisy = synth.render_slice(np.random.default_rng(2), 256, [], 0.5, anatomy, style)
+        noise[name] = float(air(noisy, 20).std())
+    assert step["soft"] < 0.7 * step["standard"] < 0.7 * step["sharp"]
+    assert noise["soft"] < 0.6 * noise["standard"] < 0.6 * noise["sharp"]
+    # A sharp kernel overshoots at edges (dark rims in the air beside the skull).
+    quiet_sharp = synth.render_slice(np.random.default_rng(2), 256, [], 0.5, anatomy, looks["sharp"].replace(noise_scale=0.0))
+    assert float(quiet_sharp.min()) < -1050
+
+
+@pytest.mark.parametrize("style", ["small-faint", "sharp-large"])
+def test_styled_files_labels_and_conventions(tmp_path: Path, style: str) -> None:
+    look = synth.STYLES[style]
+    records = synth.generate(tmp_path, 3, 4, seed=7, size=160, style=style, layout="rsna")
+    assert {r.convention for r in records} <= set(look.conventions)
+    assert all(r.style == look for r in records)
+    for rec in records:
+        ds = pydicom.dcmread(rec.path)
+        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == look.window
+        image, masks = synth.render_record(rec)
+        spacing = float(ds.PixelSpacing[0])
+        for name in SUBTYPES:
+            expected = int(name in rec.drawn and synth.is_visible(masks[name], spacing))
+            assert rec.labels[name] == expected, (rec.image_id, name)
+        lo, hi = synth.SCANNER_CONVENTIONS[rec.convention].hu_range
+        assert np.abs(file_hu(ds) - np.clip(image, lo, hi)).max() <= 1.0
+    assert sum(r.labels["any"] for r in records) >= 2
+
+
+def test_style_conventions_give_way_to_explicit_ones(tmp_path: Path) -> None:
+    records = synth.generate(tmp_path, 2, 1, seed=1, size=64, style="small-faint", conventions=["signed16"])
+    assert {r.convention for r in records} == {"signed16"}
