@@ -595,3 +595,163 @@ def test_styled_files_labels_and_conventions(tmp_path: Path, style: str) -> None
 def test_style_conventions_give_way_to_explicit_ones(tmp_path: Path) -> None:
     records = synth.generate(tmp_path, 2, 1, seed=1, size=64, style="small-faint", conventions=["signed16"])
     assert {r.convention for r in records} == {"signed16"}
+
+
+# ------------------------------------------------------------------------------------------
+# Volumetric mode
+# ------------------------------------------------------------------------------------------
+
+
+def by_series(records: list[synth.SynthRecord]) -> dict[str, list[synth.SynthRecord]]:
+    out: dict[str, list[synth.SynthRecord]] = {}
+    for rec in records:
+        out.setdefault(rec.series_instance_uid, []).append(rec)
+    return {uid: sorted(recs, key=lambda r: r.slice_index) for uid, recs in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["pacs", "rsna"])
+def test_volumetric_series_geometry(tmp_path: Path, layout: str) -> None:
+    from ichscan.dicom import slice_position
+
+    records = synth.generate(tmp_path, 2, 6, seed=4, size=64, volumetric=True, layout=layout)
+    assert all(r.volumetric for r in records)
+    for recs in by_series(records).values():
+        files = [pydicom.dcmread(r.path, stop_before_pixels=True) for r in recs]
+        spacing = float(files[0].SpacingBetweenSlices)
+        assert spacing == float(files[0].SliceThickness) == 5.0
+        geometry = [slice_position(ds) for ds in files]
+        positions = [p for p, _ in geometry]
+        assert all(s == spacing for _, s in geometry)
+        assert np.allclose(np.diff(positions), spacing, atol=1e-6)  # increasing, constant
+        assert np.allclose(np.diff([r.z_mm for r in recs]), spacing)  # and so is the anatomy
+        for ds in files:
+            assert [float(x) for x in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            assert ds.ImagePositionPatient[:2] == files[0].ImagePositionPatient[:2]
+            assert ds.FrameOfReferenceUID == files[0].FrameOfReferenceUID
+            assert ds.PixelSpacing == files[0].PixelSpacing
+    if layout == "rsna":
+        lines = (tmp_path / "stage_2_train.csv").read_text().splitlines()
+        assert lines[1:] == [f"{r.image_id}_{label},{r.labels[label]}" for r in records for label in LABELS]
+
+
+def test_volumetric_stack_shrinks_its_spacing_to_fit_the_head() -> None:
+    from ichscan.synth_volume import HEAD_HEIGHT_MM, stack_positions
+
+    positions, spacing = stack_positions(np.random.default_rng(0), 60, 5.0)
+    assert spacing < 5.0 and round(spacing, 3) == spacing
+    assert 0 < positions[0] and positions[-1] < HEAD_HEIGHT_MM
+    assert np.allclose(np.diff(positions), spacing)
+
+
+@pytest.fixture(scope="module")
+def volume_records(tmp_path_factory: pytest.TempPathFactory) -> list[synth.SynthRecord]:
+    out = tmp_path_factory.mktemp("volume")
+    return synth.generate(out, 5, 8, seed=21, size=128, volumetric=True, positive_fraction=0.8,
+                          transfer_syntaxes="ExplicitVRLittleEndian")
+
+
+def test_volumetric_labels_match_the_drawn_masks(volume_records: list[synth.SynthRecord]) -> None:
+    for rec in volume_records:
+        # A bleed is drawn on a slice iff the slice cuts it ...
+        crossing = rec.cross_sections()
+        assert set(rec.drawn) == set(crossing)
+        assert {b.name for b in rec.volume_bleeds} >= set(crossing)
+        # ... and labelled iff that cross-section passes the visibility rule.
+        ds = pydicom.dcmread(rec.path)
+        image, masks = synth.render_record(rec)
+        for name in SUBTYPES:
+            expected = int(name in rec.drawn and synth.is_visible(masks[name], float(ds.PixelSpacing[0])))
+            assert rec.labels[name] == expected, (rec.image_id, name)
+        assert rec.labels["any"] == max(rec.labels[s] for s in SUBTYPES)
+        lo, hi = synth.SCANNER_CONVENTIONS[rec.convention].hu_range
+        assert np.abs(file_hu(ds) - np.clip(image, lo, hi)).max() <= 1.0
+
+
+def test_volumetric_bleeds_span_neighbouring_slices_and_fade(volume_records: list[synth.SynthRecord]) -> None:
+    series = by_series(volume_records)
+    assert sum(any(r.labels["any"] for r in recs) for recs in series.values()) >= 3
+    assert any(not any(r.labels["any"] for r in recs) for recs in series.values())  # negative studies too
+    bleeds = 0
+    for recs in series.values():
+        masks = [synth.render_record(r)[1] for r in recs]
+        for bleed in recs[0].volume_bleeds:
+            bleeds += 1
+            positive = [r.labels[bleed.name] for r in recs]
+            runs = "".join(map(str, positive)).split("0")
+            assert max(len(run) for run in runs) >= 2, (bleed, positive)
+            # Neighbouring cuts of one bleed overlap in-plane: a neighbour shows the same bleed.
+            for i in range(len(recs) - 1):
+                if positive[i] and positive[i + 1]:
+                    assert np.count_nonzero(masks[i][bleed.name] & masks[i + 1][bleed.name]) > 0
+            # The bleed fades towards its ends: smaller and fainter cross-sections there.
+            factors = [r.cross_sections().get(bleed.name) for r in recs]
+            cut = [f for f in factors if f is not None]
+            assert min(size for size, _ in cut) < max(size for size, _ in cut) <= 1.0
+    assert bleeds >= 4
+
+
+def test_volumetric_faint_ends_exist_next_to_clear_cuts(volume_records: list[synth.SynthRecord]) -> None:
+    """The case slice context is for: a faint or partial cut beside a full-contrast neighbour."""
+    found = 0
+    for recs in by_series(volume_records).values():
+        for i, rec in enumerate(recs):
+            for name, (size, contrast) in rec.cross_sections().items():
+                neighbours = [recs[j].cross_sections().get(name) for j in (i - 1, i + 1) if 0 <= j < len(recs)]
+                if contrast < 1.0 and any(n is not None and n[1] == 1.0 and n[0] > size for n in neighbours):
+                    found += 1
+    assert found >= 3
+
+
+def test_volumetric_slices_show_one_head(tmp_path: Path) -> None:
+    """Neighbouring slices share the anatomy (shifted a little), unlike independent slices."""
+    quiet = synth.SynthStyle(noise_scale=0.0)
+
+    def neighbour_correlation(volumetric: bool) -> float:
+        records = synth.generate(tmp_path / str(volumetric), 1, 4, seed=5, size=SMALL, style=quiet,
+                                 positive_fraction=0.0, volumetric=volumetric)
+        images = [synth.render_record(r)[0] for r in records]
+        brain = np.all([(img > 15) & (img < 50) for img in images], axis=0)
+        return float(np.mean([np.corrcoef(a[brain], b[brain])[0, 1] for a, b in zip(images, images[1:])]))
+
+    assert neighbour_correlation(True) > 0.7
+    assert neighbour_correlation(True) > neighbour_correlation(False) + 0.2
+
+
+def test_volumetric_reproducible_and_more_studies_keep_the_first(tmp_path: Path) -> None:
+    kwargs = dict(slices=4, seed=9, size=64, volumetric=True, layout="rsna", positive_fraction=1.0)
+    small = synth.generate(tmp_path / "a", 1, **kwargs)
+    big = synth.generate(tmp_path / "b", 2, **kwargs)
+    again = synth.generate(tmp_path / "c", 2, **kwargs)
+    for r_small, r_big in zip(small, big):
+        assert r_small.path.read_bytes() == r_big.path.read_bytes()
+    assert tree_bytes(tmp_path / "b") == tree_bytes(tmp_path / "c")
+    plain = synth.generate(tmp_path / "d", 1, 4, seed=9, size=64, layout="rsna", positive_fraction=1.0)
+    assert [r.image_id for r in plain] == [r.image_id for r in small]  # same ids, other pixels
+    assert plain[0].path.read_bytes() != small[0].path.read_bytes()
+
+
+def test_synth_cli_style_and_volumetric(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ichscan.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["synth", "--help"]).output
+    for option in ("--style", "--head-scale", "--bleed-scale", "--bleed-contrast", "--edge-mm", "--noise-scale",
+                   "--blur-mm", "--sharpen", "--convention", "--window", "--slice-mm", "--volumetric"):
+        assert option in help_text
+    for name in synth.STYLES:
+        assert f"{name}:" in help_text  # the presets are listed with their values
+    out = tmp_path / "set"
+    result = CliRunner().invoke(cli, [
+        "synth", str(out), "--studies", "2", "--slices", "4", "--size", "64", "--layout", "rsna", "--volumetric",
+        "--style", "small-faint", "--head-scale", "0.8", "--window", "35/90", "--convention", "signed16",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "wrote 8 slices" in result.output and "head_scale=0.8" in result.output
+    lines = (out / "stage_2_train.csv").read_text().splitlines()
+    assert len(lines) == 1 + 6 * 8
+    ds = pydicom.dcmread(next((out / "stage_2_train").iterdir()))
+    assert float(ds.SpacingBetweenSlices) == 5.0 and ds.PixelRepresentation == 1
+    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (35.0, 90.0)
+    bad = CliRunner().invoke(cli, ["synth", str(out), "--bleed-contrast", "9"])
+    assert bad.exit_code == 2 and "bleed_contrast" in bad.output
