@@ -17,6 +17,7 @@ from pydicom.uid import (
 )
 
 from ichscan import synth
+from ichscan.dicom import decode_instance
 from ichscan.labels import LABELS, SUBTYPES
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -589,7 +590,12 @@ def test_styled_files_labels_and_conventions(tmp_path: Path, style: str) -> None
             assert rec.labels[name] == expected, (rec.image_id, name)
         lo, hi = synth.SCANNER_CONVENTIONS[rec.convention].hu_range
         assert np.abs(file_hu(ds) - np.clip(image, lo, hi)).max() <= 1.0
+        # The screening reader (RSNA 12-bit fix included) sees the same picture.
+        decoded = decode_instance(rec.path)
+        assert np.abs(decoded.hu() - np.clip(image, lo, hi)).max() <= 1.0, decoded.error
     assert sum(r.labels["any"] for r in records) >= 2
+    if style == "small-faint":
+        assert "rsna12_quirk" in {r.convention for r in records}  # the wrap is exercised
 
 
 def test_style_conventions_give_way_to_explicit_ones(tmp_path: Path) -> None:
