@@ -6,6 +6,12 @@ and places. It then writes them as CT Image Storage DICOM files with the variety
 screening tool meets: several pixel-storage conventions (including the RSNA 12-bit quirk),
 several image sizes and five transfer syntaxes. Everything is reproducible from one seed.
 
+Styles (:class:`~ichscan.synth_style.SynthStyle`, presets in
+:data:`~ichscan.synth_style.STYLES`) change the look: head size within the field of view, bleed
+size, contrast and edges, noise, reconstruction kernel, storage conventions. The default style
+is the original look, byte for byte. The volumetric mode (:mod:`ichscan.synth_volume`) makes
+each series one 3-D head with bleeds spanning neighbouring slices.
+
 It exists for demos, tests and benchmarks: the phantoms are only loosely anatomical and are
 no substitute for real data when judging a model.
 
@@ -22,7 +28,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,15 +51,19 @@ from pydicom.uid import (
 )
 
 from ichscan.labels import LABELS, SUBTYPES
+from ichscan.synth_style import STYLES, SynthStyle, resolve_style
+from ichscan.synth_volume import HEAD_HEIGHT_MM, VolumeBleed, VolumeFields, plan_bleeds, stack_positions
 
 __all__ = [
     "MIN_VISIBLE_MM2",
     "SCANNER_CONVENTIONS",
     "SLICE_THICKNESS_MM",
+    "STYLES",
     "TRANSFER_SYNTAXES",
     "VISIBLE_RISE_HU",
     "ScannerConvention",
     "SynthRecord",
+    "SynthStyle",
     "available_transfer_syntaxes",
     "generate",
     "is_visible",
@@ -63,6 +73,7 @@ __all__ = [
     "render_record",
     "render_slice",
     "render_slice_with_masks",
+    "resolve_style",
     "resolve_transfer_syntax",
     "save_dataset",
 ]
@@ -295,9 +306,13 @@ def make_anatomy(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
-def pixel_spacing_mm(anatomy: Mapping[str, Any], size: int) -> float:
-    """Pixel spacing (mm) used for ``anatomy`` at ``size`` pixels, rounded as written to DICOM."""
-    return round(float(anatomy["fov_mm"]) / size, 6)
+def pixel_spacing_mm(anatomy: Mapping[str, Any], size: int, style: SynthStyle | str | None = None) -> float:
+    """Pixel spacing (mm) used for ``anatomy`` at ``size`` pixels, rounded as written to DICOM.
+
+    A ``style`` whose ``head_scale`` is not 1 widens or narrows the field of view.
+    """
+    head_scale = 1.0 if style is None else resolve_style(style).head_scale
+    return round(float(anatomy["fov_mm"]) / head_scale / size, 6)
 
 
 def _outline_radius(anatomy: Mapping[str, Any], phi: Any) -> Any:
@@ -440,13 +455,17 @@ def _interp_matrix(size: int, n: int) -> NDArray[np.float32]:
     return mat
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, n: int, box: Box) -> FloatImage:
+def _smooth_noise(
+    rng: np.random.Generator, size: int, n: int, box: Box, grid: NDArray[np.float32] | None = None
+) -> FloatImage:
     """Smooth unit-variance-ish noise over ``box``: an n x n random grid upsampled bilinearly.
 
     Separable bilinear interpolation is two small matrix products (no scipy needed). The
-    whole grid is drawn whatever the box, so the random stream does not depend on it.
+    whole grid is drawn whatever the box, so the random stream does not depend on it. A
+    given ``grid`` (a volume's field at this slice) is used instead of drawing one.
     """
-    grid = rng.standard_normal((n, n)).astype(np.float32)
+    if grid is None:
+        grid = rng.standard_normal((n, n)).astype(np.float32)
     mat = _interp_matrix(size, n)
     return (mat[box[0]] @ grid @ mat[box[1]].T).astype(np.float32)
 
@@ -533,6 +552,8 @@ class _Canvas:
     vent_masks: tuple[BoolImage, BoolImage]  # within vent_box
     owner: NDArray[np.int8]
     boxes: dict[str, Box]
+    base: FloatImage | None = None  # the bleed-free ``ic``, once bleeds are painted
+    contrasts: dict[str, float] = field(default_factory=dict)  # per bleed, 1.0 if missing
 
 
 def _canvas_box(canvas: _Canvas, u: NDArray[Any], v: NDArray[Any]) -> Box:
@@ -548,8 +569,12 @@ def _canvas_box(canvas: _Canvas, u: NDArray[Any], v: NDArray[Any]) -> Box:
 
 def _inner_radius(canvas: _Canvas, phi: Any) -> Any:
     """Radius (mm) of the inner table along ``phi`` in this slice."""
-    a = canvas.anatomy
-    return canvas.scale * _outline_radius(a, phi) - a["scalp_mm"] - _skull_thickness(a, phi)
+    return _inner_radius_at(canvas.anatomy, canvas.scale, phi)
+
+
+def _inner_radius_at(a: Mapping[str, Any], scale: float, phi: Any) -> Any:
+    """Radius (mm) of the inner table along ``phi`` where the outline has ``scale``."""
+    return scale * _outline_radius(a, phi) - a["scalp_mm"] - _skull_thickness(a, phi)
 
 
 def _sector_box(canvas: _Canvas, phi0: float, half: float, depth_mm: float) -> Box:
@@ -565,6 +590,11 @@ def _paint(canvas: _Canvas, name: str, box: Box, mask: BoolImage, values: Any) -
     """Write ``values`` into the intracranial image where ``mask`` is set and record owner."""
     code = SUBTYPES.index(name) + 1
     target = canvas.ic[box]
+    contrast = canvas.contrasts.get(name, 1.0)
+    if contrast != 1.0 and canvas.base is not None:
+        # Scale the difference from the bleed-free tissue, not the density itself.
+        base = canvas.base[box]
+        values = base + np.float32(contrast) * (np.asarray(values, dtype=np.float32) - base)
     if np.ndim(values):
         target[mask] = values[mask]
     else:
@@ -579,12 +609,15 @@ def _union_box(a: Box, b: Box) -> Box:
             slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)))
 
 
-def _draw_epidural(canvas: _Canvas, rng: np.random.Generator, phi0: float) -> None:
-    """Biconvex lens against the inner table: thickest in the middle, ends meet the skull."""
+def _draw_epidural(canvas: _Canvas, rng: np.random.Generator, phi0: float, size: float = 1.0) -> None:
+    """Biconvex lens against the inner table: thickest in the middle, ends meet the skull.
+
+    ``size`` scales arc and thickness (style and volumetric cross-section); so for the others.
+    """
     r_in = float(_inner_radius(canvas, phi0))
-    arc_mm = rng.uniform(35.0, 70.0)
-    half = arc_mm / (2.0 * r_in)
-    thick = min(rng.uniform(8.0, 20.0), 0.3 * r_in)
+    arc_mm = rng.uniform(35.0, 70.0) * size
+    half = min(arc_mm / (2.0 * r_in), 2.5)
+    thick = min(rng.uniform(8.0, 20.0) * size, 0.3 * r_in)
     hu = rng.uniform(60.0, 85.0)
     box = _sector_box(canvas, phi0, half, thick)
     dphi = _wrap(canvas.phi[box] - phi0) / half
@@ -594,10 +627,10 @@ def _draw_epidural(canvas: _Canvas, rng: np.random.Generator, phi0: float) -> No
     _paint(canvas, "epidural", box, mask, hu + 0.6 * canvas.texture[box])
 
 
-def _draw_subdural(canvas: _Canvas, rng: np.random.Generator, phi0: float) -> None:
+def _draw_subdural(canvas: _Canvas, rng: np.random.Generator, phi0: float, size: float = 1.0) -> None:
     """Crescent along the inner table over a long arc: constant depth, tapered ends."""
-    half = rng.uniform(0.6, 1.25)
-    thick = 2.0 + 10.0 * rng.random() ** 1.5  # mostly thin, from 2 mm up to 12 mm
+    half = min(rng.uniform(0.6, 1.25) * size, 2.5)
+    thick = (2.0 + 10.0 * rng.random() ** 1.5) * size  # mostly thin, from 2 mm up to 12 mm
     hu = rng.uniform(55.0, 80.0)
     box = _sector_box(canvas, phi0, half, thick)
     dphi = _wrap(canvas.phi[box] - phi0) / half
@@ -607,13 +640,13 @@ def _draw_subdural(canvas: _Canvas, rng: np.random.Generator, phi0: float) -> No
     _paint(canvas, "subdural", box, mask, hu + 0.6 * canvas.texture[box])
 
 
-def _draw_subarachnoid(canvas: _Canvas, rng: np.random.Generator, phi0: float) -> None:
+def _draw_subarachnoid(canvas: _Canvas, rng: np.random.Generator, phi0: float, size: float = 1.0) -> None:
     """Blood filling a run of neighbouring sulci, from the surface to part of their depth."""
     sulci = canvas.anatomy["sulci"]
     n = sulci["count"]
-    half = rng.uniform(0.5, 1.0)
+    half = min(rng.uniform(0.5, 1.0) * size, 2.5)
     hu = rng.uniform(55.0, 80.0)
-    fill = rng.uniform(0.6, 1.0)
+    fill = rng.uniform(0.6, 1.0) * size
     keep = rng.random(n) < 0.85  # a few sulci in the region stay clear
     interhemispheric = rng.random() < 0.6
     # Pick sulci by where they meet the surface, so whole sulci fill, not a wedge of them.
@@ -641,11 +674,20 @@ def _draw_subarachnoid(canvas: _Canvas, rng: np.random.Generator, phi0: float) -
     _paint(canvas, "subarachnoid", box, mask, hu + 0.6 * canvas.texture[box])
 
 
-def _draw_intraparenchymal(canvas: _Canvas, rng: np.random.Generator) -> None:
-    """Irregular hyperdense blob in the parenchyma with a hypodense oedema rim."""
+def _draw_intraparenchymal(
+    canvas: _Canvas, rng: np.random.Generator, size: float = 1.0, place: tuple[float, float] | None = None
+) -> None:
+    """Irregular hyperdense blob in the parenchyma with a hypodense oedema rim.
+
+    ``place`` is ``(z, scale)``: the slice where the blob is placed (clear of skull and
+    ventricles) with its full ``scale``, when that is not this slice, so that the cuts of one
+    3-D blob share their centre; the drawn size is then ``size``.
+    """
     a = canvas.anatomy
-    radius = rng.uniform(6.0, 16.0)
-    rim = rng.uniform(2.0, 4.5)
+    place_z, full = (canvas.z, size) if place is None else place
+    place_scale = _outline_scale(place_z)
+    radius = rng.uniform(6.0, 16.0) * full
+    rim = rng.uniform(2.0, 4.5) * full
     harmonics = [(k, rng.uniform(0.0, 0.22) / math.sqrt(k), rng.uniform(0.0, _TWO_PI))
                  for k in (2, 3, 4, 5, 6)]
     rim_harmonic = (int(rng.integers(2, 5)), rng.uniform(0.0, _TWO_PI))
@@ -658,17 +700,19 @@ def _draw_intraparenchymal(canvas: _Canvas, rng: np.random.Generator) -> None:
             radius = max(4.0, radius * 0.8)
         reach = radius * 1.5 + rim * 1.3
         phi = rng.uniform(-math.pi, math.pi)
-        r_in = float(_inner_radius(canvas, phi))
+        r_in = float(_inner_radius_at(a, place_scale, phi))
         dist = rng.uniform(0.1, 1.0) * (r_in - reach - 4.0)
         if dist < 0:
             continue
         uc, vc = dist * math.cos(phi), dist * math.sin(phi)
         pu = uc + np.concatenate([[0.0], reach * np.cos(ring), 0.5 * reach * np.cos(ring)])
         pv = vc + np.concatenate([[0.0], reach * np.sin(ring), 0.5 * reach * np.sin(ring)])
-        left, right = _ventricle_masks(a, canvas.z, pu, pv, margin_mm=2.0)
-        clear_of_skull = np.hypot(pu, pv) < _inner_radius(canvas, np.arctan2(pv, pu)) - 4.0
+        left, right = _ventricle_masks(a, place_z, pu, pv, margin_mm=2.0)
+        clear_of_skull = np.hypot(pu, pv) < _inner_radius_at(a, place_scale, np.arctan2(pv, pu)) - 4.0
         if not (left.any() or right.any()) and clear_of_skull.all():
             break
+    if place is not None:  # a cut away from the blob's middle: smaller, same centre
+        radius, rim = radius * size / full, rim * size / full
     reach = radius * 1.5 + rim * 1.3
     box = _canvas_box(canvas, np.array([uc - reach, uc + reach]),
                       np.array([vc - reach, vc + reach]))
@@ -687,7 +731,7 @@ def _draw_intraparenchymal(canvas: _Canvas, rng: np.random.Generator) -> None:
     _paint(canvas, "intraparenchymal", box, core, hu + 0.8 * canvas.texture[box])
 
 
-def _draw_intraventricular(canvas: _Canvas, rng: np.random.Generator) -> None:
+def _draw_intraventricular(canvas: _Canvas, rng: np.random.Generator, size: float = 1.0) -> None:
     """Blood layering in the dependent (image-bottom) part of one or both lateral ventricles."""
     box = canvas.vent_box
     masks = canvas.vent_masks
@@ -695,7 +739,7 @@ def _draw_intraventricular(canvas: _Canvas, rng: np.random.Generator) -> None:
     if rng.random() < 0.3:
         sides = [0, 1]
     hu = rng.uniform(55.0, 80.0)
-    frac = rng.uniform(0.25, 0.5)
+    frac = min(rng.uniform(0.25, 0.5) * size, 0.95)
     y = np.broadcast_to(canvas.y[box[0]], masks[0].shape)
     for side in sides:
         mask = masks[side]
@@ -709,13 +753,18 @@ def _draw_intraventricular(canvas: _Canvas, rng: np.random.Generator) -> None:
 
 
 def _background(
-    rng: np.random.Generator, geom: _Geometry, anatomy: Mapping[str, Any], z: float
+    rng: np.random.Generator,
+    geom: _Geometry,
+    anatomy: Mapping[str, Any],
+    z: float,
+    grids: Callable[[int, int], NDArray[np.float32]] | None = None,
 ) -> tuple[_Canvas, Box, FloatImage, FloatImage]:
     """Draw the bleed-free slice.
 
     Returns the canvas (intracranial densities, painted on later), the box around the head
     (outside it there is only air) and, within that box, the scalp/skull/air layer and the
-    weight of the intracranial part (soft at the inner table).
+    weight of the intracranial part (soft at the inner table). ``grids(index, n)``, when
+    given, supplies the smooth fields' random grids (volumetric mode) instead of ``rng``.
     """
     a = anatomy
     sp = geom.spacing
@@ -726,10 +775,13 @@ def _background(
     r_head = scale * _outline_radius(a, ring) + sp
     hb = geom.box(r_head * np.cos(ring), r_head * np.sin(ring))
 
-    texture = _smooth_noise(rng, size, 9, hb) * np.float32(a["texture_hu"])
-    texture += _smooth_noise(rng, size, 40, hb) * np.float32(0.6 * a["texture_hu"])
+    def field(index: int, n: int) -> FloatImage:
+        return _smooth_noise(rng, size, n, hb, None if grids is None else grids(index, n))
+
+    texture = field(0, 9) * np.float32(a["texture_hu"])
+    texture += field(1, 40) * np.float32(0.6 * a["texture_hu"])
     sulci = a["sulci"]
-    wiggle = _smooth_noise(rng, size, 28, hb) * np.float32(sulci["wiggle_rad"])
+    wiggle = field(2, 28) * np.float32(sulci["wiggle_rad"])
 
     depth = scale * geom.r_outline[hb] - geom.rho[hb]  # mm below the skin
     depth_inner = depth - geom.inner_offset[hb]
@@ -822,17 +874,97 @@ def _background(
 _DRAW_ORDER = ("subarachnoid", "intraparenchymal", "intraventricular", "subdural", "epidural")
 
 
+@dataclass(frozen=True)
+class _BleedLayout:
+    """Where the bleeds of a slice (or of a volumetric series) go, and their shapes' seeds."""
+
+    edh_phi: float
+    sdh_phi: float
+    sah_phi: float
+    seeds: tuple[int, ...]
+
+    def rngs(self) -> dict[str, np.random.Generator]:
+        return {name: np.random.default_rng(s) for name, s in zip(SUBTYPES, self.seeds)}
+
+
+def _bleed_layout(rng: np.random.Generator) -> _BleedLayout:
+    side_angle = 0.0 if rng.random() < 0.5 else math.pi
+    edh_phi = side_angle + rng.uniform(-0.6, 0.6)
+    sdh_phi = side_angle + math.pi + rng.uniform(-0.5, 0.5)
+    sah_side = 1.0 if rng.random() < 0.5 else -1.0
+    sah_phi = side_angle + sah_side * math.pi / 2 + rng.uniform(-0.3, 0.3)
+    seeds = rng.integers(0, 2**63, size=len(SUBTYPES))
+    return _BleedLayout(edh_phi, sdh_phi, sah_phi, tuple(int(s) for s in seeds))
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A volumetric slice's share of its series: the series' bleed layout and smooth fields,
+    the slice's height and each bleed's cross-section factors (size, contrast) on it."""
+
+    layout: _BleedLayout
+    fields: VolumeFields
+    z_mm: float
+    factors: Mapping[str, tuple[float, float]]
+    centres: Mapping[str, float]  # bleed centre heights, 0..1 (where a blob is placed)
+
+
+def _styled_anatomy(anatomy: Mapping[str, Any], style: SynthStyle) -> Mapping[str, Any]:
+    """The anatomy as ``style`` shows it: only the field of view (head size in it) changes."""
+    if style.head_scale == 1.0:
+        return anatomy
+    return {**anatomy, "fov_mm": float(anatomy["fov_mm"]) / style.head_scale}
+
+
+#: Sigma (mm) of the Gaussian whose difference :attr:`SynthStyle.sharpen` adds back.
+_SHARPEN_SIGMA_MM = 1.0
+
+
+def _gaussian_blur(image: FloatImage, sigma_px: float) -> FloatImage:
+    """Separable Gaussian blur (edges extended), numpy only."""
+    if sigma_px <= 0.0:
+        return image
+    radius = max(1, int(math.ceil(3.0 * sigma_px)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
+    taps /= taps.sum()
+    out = image
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        acc = np.zeros_like(out)
+        n = out.shape[axis]
+        for k, weight in enumerate(taps):
+            index = [slice(None), slice(None)]
+            index[axis] = slice(k, k + n)
+            acc += np.float32(weight) * padded[tuple(index)]
+        out = acc
+    return out
+
+
+def _kernel(image: FloatImage, style: SynthStyle, spacing: float) -> FloatImage:
+    """The style's reconstruction kernel: Gaussian blur, then unsharp masking. Linear."""
+    if style.blur_mm > 0.0:
+        image = _gaussian_blur(image, style.blur_mm / spacing)
+    if style.sharpen > 0.0:
+        image = image + np.float32(style.sharpen) * (image - _gaussian_blur(image, _SHARPEN_SIGMA_MM / spacing))
+    return image.astype(np.float32, copy=False)
+
+
 def _render(
     rng: np.random.Generator,
     size: int,
     bleeds: Iterable[str],
     z: float,
     anatomy: Mapping[str, Any] | None,
+    style: SynthStyle | None = None,
+    cut: _Cut | None = None,
 ) -> tuple[FloatImage, Box, dict[str, tuple[Box, BoolImage]]]:
     """Render one slice.
 
     Returns the HU image, the head box and, per drawn bleed, its visible pixels as a box
-    relative to the head box and a mask within that box.
+    relative to the head box and a mask within that box. ``cut`` makes it one slice of a
+    volumetric series (bleeds placed per series, cross-sections per slice).
     """
     wanted = set(bleeds)
     unknown = wanted - set(SUBTYPES)
@@ -840,48 +972,80 @@ def _render(
         raise ValueError(f"unknown bleed type(s) {sorted(unknown)}; choose from {SUBTYPES}")
     if not 64 <= size <= 4096:
         raise ValueError(f"size {size} outside 64..4096")
+    style = style or STYLES["default"]
+    if cut is not None and not wanted <= set(cut.factors):
+        raise ValueError(f"bleeds {sorted(wanted - set(cut.factors))} do not cross this slice")
     if anatomy is None:
         anatomy = make_anatomy(rng)
+    anatomy = _styled_anatomy(anatomy, style)
     # Every random draw below happens whatever the bleeds are, so the same seed renders the
     # same head with and without a given bleed, and one bleed's shape never depends on another.
-    side_angle = 0.0 if rng.random() < 0.5 else math.pi
-    edh_phi = side_angle + rng.uniform(-0.6, 0.6)
-    sdh_phi = side_angle + math.pi + rng.uniform(-0.5, 0.5)
-    sah_side = 1.0 if rng.random() < 0.5 else -1.0
-    sah_phi = side_angle + sah_side * math.pi / 2 + rng.uniform(-0.3, 0.3)
-    seeds = rng.integers(0, 2**63, size=len(SUBTYPES))
-    sub_rngs = {name: np.random.default_rng(int(s)) for name, s in zip(SUBTYPES, seeds)}
+    layout = _bleed_layout(rng) if cut is None else cut.layout
+    sub_rngs = layout.rngs()
 
     geom = _geometry(anatomy, size)
-    canvas, hb, shell, w_inner = _background(rng, geom, anatomy, z)
+    grids = None if cut is None else (lambda index, n: cut.fields.grid(index, n, cut.z_mm))
+    canvas, hb, shell, w_inner = _background(rng, geom, anatomy, z, grids)
     image = rng.standard_normal((size, size), dtype=np.float32)
 
     base = canvas.ic.copy() if wanted else canvas.ic
+    canvas.base = base
+    sizes = {name: style.bleed_scale * (cut.factors[name][0] if cut else 1.0) for name in wanted}
+    canvas.contrasts = {name: style.bleed_contrast * (cut.factors[name][1] if cut else 1.0) for name in wanted}
+    place = None
+    if cut is not None and "intraparenchymal" in wanted:
+        place = (cut.centres["intraparenchymal"], style.bleed_scale)
     draw: dict[str, Callable[[], None]] = {
-        "subarachnoid": lambda: _draw_subarachnoid(canvas, sub_rngs["subarachnoid"], sah_phi),
-        "intraparenchymal": lambda: _draw_intraparenchymal(canvas, sub_rngs["intraparenchymal"]),
-        "intraventricular": lambda: _draw_intraventricular(canvas, sub_rngs["intraventricular"]),
-        "subdural": lambda: _draw_subdural(canvas, sub_rngs["subdural"], sdh_phi),
-        "epidural": lambda: _draw_epidural(canvas, sub_rngs["epidural"], edh_phi),
+        "subarachnoid": lambda: _draw_subarachnoid(canvas, sub_rngs["subarachnoid"], layout.sah_phi, sizes["subarachnoid"]),
+        "intraparenchymal": lambda: _draw_intraparenchymal(canvas, sub_rngs["intraparenchymal"], sizes["intraparenchymal"], place),
+        "intraventricular": lambda: _draw_intraventricular(canvas, sub_rngs["intraventricular"], sizes["intraventricular"]),
+        "subdural": lambda: _draw_subdural(canvas, sub_rngs["subdural"], layout.sdh_phi, sizes["subdural"]),
+        "epidural": lambda: _draw_epidural(canvas, sub_rngs["epidural"], layout.edh_phi, sizes["epidural"]),
     }
     for name in _DRAW_ORDER:
         if name in wanted:
             draw[name]()
+    if style.edge_mm > 0.0 and canvas.boxes:
+        _soften_bleeds(canvas, style.edge_mm / geom.spacing)
 
+    # What a bleed adds to the final picture, noise-free: after the kernel where there is one
+    # (it is linear, so that is the kernel applied to the difference).
+    kernel = style.blur_mm > 0.0 or style.sharpen > 0.0
+    rise = None
+    if kernel and canvas.boxes:
+        rise = _kernel((canvas.ic - base) * w_inner, style, geom.spacing)
     visible: dict[str, tuple[Box, BoolImage]] = {}
     for name, box in canvas.boxes.items():
         code = SUBTYPES.index(name) + 1
         # Judged on the final picture: what a later bleed covered, or a rise too faint to
         # see, does not count; partial-volume pixels at the inner table do not either.
+        rise_box = canvas.ic[box] - base[box] if rise is None else rise[box]
         mask = ((canvas.owner[box] == code)
-                & (canvas.ic[box] - base[box] >= VISIBLE_RISE_HU)
+                & (rise_box >= VISIBLE_RISE_HU)
                 & (canvas.depth_inner[box] >= geom.spacing))
         visible[name] = (box, mask)
 
-    image *= np.float32(anatomy["noise_sigma"])
+    image *= np.float32(anatomy["noise_sigma"] * style.noise_scale)
     image -= np.float32(1000.0)
     image[hb] += shell + np.float32(1000.0) + canvas.ic * w_inner
+    if kernel:
+        image = _kernel(image, style, geom.spacing)
     return image, hb, visible
+
+
+def _soften_bleeds(canvas: _Canvas, sigma_px: float) -> None:
+    """Partial volume at bleed edges: blur what the bleeds changed (``ic - base``)."""
+    assert canvas.base is not None
+    grow = int(math.ceil(3.0 * sigma_px)) + 1
+    boxes = list(canvas.boxes.values())
+    union = boxes[0]
+    for box in boxes[1:]:
+        union = _union_box(union, box)
+    rows, cols = canvas.ic.shape
+    region = (slice(max(union[0].start - grow, 0), min(union[0].stop + grow, rows)),
+              slice(max(union[1].start - grow, 0), min(union[1].stop + grow, cols)))
+    base = canvas.base[region]
+    canvas.ic[region] = base + _gaussian_blur(canvas.ic[region] - base, sigma_px)
 
 
 def render_slice(
@@ -890,6 +1054,7 @@ def render_slice(
     bleeds: Iterable[str],
     z: float = 0.5,
     anatomy: dict[str, Any] | None = None,
+    style: SynthStyle | str | None = None,
 ) -> FloatImage:
     """Render one axial head-CT slice in Hounsfield units.
 
@@ -906,6 +1071,8 @@ def render_slice(
         Slice position in the head, 0 (bottom) to 1 (top); scales the outline and ventricles.
     anatomy
         Per-study parameters from :func:`make_anatomy`; drawn from ``rng`` when ``None``.
+    style
+        A :class:`SynthStyle` or preset name; default: the original look.
 
     Returns
     -------
@@ -918,7 +1085,7 @@ def render_slice(
     A requested bleed is almost always visible; use :func:`render_slice_with_masks` to know
     for sure (its masks decide the labels written by :func:`generate`).
     """
-    image, _, _ = _render(rng, size, bleeds, z, anatomy)
+    image, _, _ = _render(rng, size, bleeds, z, anatomy, resolve_style(style))
     return image
 
 
@@ -928,6 +1095,7 @@ def render_slice_with_masks(
     bleeds: Iterable[str],
     z: float = 0.5,
     anatomy: dict[str, Any] | None = None,
+    style: SynthStyle | str | None = None,
 ) -> tuple[FloatImage, dict[str, BoolImage]]:
     """Like :func:`render_slice`, also returning where each bleed is visible.
 
@@ -938,10 +1106,16 @@ def render_slice_with_masks(
     masks : dict of str to numpy.ndarray
         For every requested subtype, a boolean (size, size) mask of the pixels where that
         bleed is on top and raises the noise-free density by at least
-        :data:`VISIBLE_RISE_HU`. A bleed counts as present when :func:`is_visible` says so
-        for its mask.
+        :data:`VISIBLE_RISE_HU` (after the style's kernel, if any). A bleed counts as present
+        when :func:`is_visible` says so for its mask.
     """
-    image, hb, visible = _render(rng, size, bleeds, z, anatomy)
+    return _with_masks(size, *_render(rng, size, bleeds, z, anatomy, resolve_style(style)))
+
+
+def _with_masks(
+    size: int, image: FloatImage, hb: Box, visible: dict[str, tuple[Box, BoolImage]]
+) -> tuple[FloatImage, dict[str, BoolImage]]:
+    """Full-size visible-bleed masks from :func:`_render`'s boxes."""
     masks: dict[str, BoolImage] = {}
     for name in SUBTYPES:
         if name in visible:
@@ -994,6 +1168,9 @@ def make_dataset(
     slice_location: float = 0.0,
     study_id: str = "1",
     accession_number: str = "",
+    slice_thickness: float = SLICE_THICKNESS_MM,
+    spacing_between_slices: float | None = None,
+    window: tuple[float, float] = (40.0, 80.0),
 ) -> Dataset:
     """Build a CT Image Storage dataset holding ``hu`` stored per ``convention``.
 
@@ -1019,6 +1196,10 @@ def make_dataset(
         Patient z of the slice, mm (ImagePositionPatient[2] and SliceLocation).
     study_id, accession_number
         StudyID and AccessionNumber.
+    slice_thickness, spacing_between_slices
+        SliceThickness, mm, and SpacingBetweenSlices (written only when given).
+    window
+        WindowCenter and WindowWidth.
 
     Returns
     -------
@@ -1056,13 +1237,15 @@ def make_dataset(
     ds.Manufacturer = "ichscan synthetic phantom"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT HEAD WO CONTRAST (SYNTHETIC)"
-    ds.SeriesDescription = "AXIAL 5MM BRAIN (SYNTHETIC)"
+    ds.SeriesDescription = f"AXIAL {_ds(slice_thickness, 3)}MM BRAIN (SYNTHETIC)"
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.BodyPartExamined = "HEAD"
-    ds.SliceThickness = _ds(SLICE_THICKNESS_MM)
+    ds.SliceThickness = _ds(slice_thickness)
+    if spacing_between_slices is not None:
+        ds.SpacingBetweenSlices = _ds(spacing_between_slices)
     ds.KVP = "120"
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study_instance_uid
@@ -1090,8 +1273,8 @@ def make_dataset(
     ds.BitsStored = convention.bits_stored
     ds.HighBit = convention.high_bit
     ds.PixelRepresentation = convention.pixel_representation
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "80"
+    ds.WindowCenter = _ds(window[0], 3)
+    ds.WindowWidth = _ds(window[1], 3)
     ds.RescaleIntercept = _ds(convention.rescale_intercept)
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
@@ -1167,7 +1350,14 @@ class SynthRecord:
         Rows (= columns).
     seed, study_index, slice_index, z, drawn
         What :func:`render_record` needs to redraw the slice: ``drawn`` lists the subtypes
-        painted (a drawn bleed that ended up invisible would be labelled 0).
+        painted (a drawn bleed that ended up invisible would be labelled 0). ``z`` is the
+        height in the head, 0 (bottom) to 1 (top).
+    style
+        The :class:`SynthStyle` it was drawn in.
+    volumetric, z_mm, slice_mm, volume_bleeds
+        For the volumetric mode: the slice's height in the head (mm, ``z *``
+        :data:`~ichscan.synth_volume.HEAD_HEIGHT_MM`), the spacing of the series' slices and
+        all 3-D bleeds of the series (those crossing this slice are in ``drawn``).
     """
 
     path: Path
@@ -1185,6 +1375,20 @@ class SynthRecord:
     slice_index: int = 0
     z: float = 0.5
     drawn: tuple[str, ...] = ()
+    style: SynthStyle = field(default_factory=SynthStyle)
+    volumetric: bool = False
+    z_mm: float = 0.0
+    slice_mm: float = SLICE_THICKNESS_MM
+    volume_bleeds: tuple[VolumeBleed, ...] = ()
+
+    def cross_sections(self) -> dict[str, tuple[float, float]]:
+        """Volumetric mode: (size, contrast) factors of each bleed crossing this slice."""
+        out = {}
+        for bleed in self.volume_bleeds:
+            factors = bleed.factors(self.z_mm, self.slice_mm)
+            if factors is not None:
+                out[bleed.name] = factors
+        return out
 
 
 def _study_rng(seed: int, study: int) -> np.random.Generator:
@@ -1193,6 +1397,31 @@ def _study_rng(seed: int, study: int) -> np.random.Generator:
 
 def _slice_rng(seed: int, study: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, study, 1 + index])
+
+
+# Volumetric streams: four words ending in a non-zero one (numpy seeds [a, b, c] and
+# [a, b, c, 0] alike), so none equals a study's or a slice's stream.
+def _volume_plan_rng(seed: int, study: int) -> np.random.Generator:
+    return np.random.default_rng([seed, study, 0, 7])
+
+
+def _volume_fields(seed: int, study: int) -> VolumeFields:
+    return VolumeFields(np.random.default_rng([seed, study, 0, 8]))
+
+
+def _volume_layout(seed: int, study: int) -> _BleedLayout:
+    return _bleed_layout(np.random.default_rng([seed, study, 0, 9]))
+
+
+def _cut(record: SynthRecord, fields: VolumeFields | None = None, layout: _BleedLayout | None = None) -> _Cut:
+    """A volumetric record's share of its series (fields and layout redrawn unless given)."""
+    return _Cut(
+        layout=layout or _volume_layout(record.seed, record.study_index),
+        fields=fields or _volume_fields(record.seed, record.study_index),
+        z_mm=record.z_mm,
+        factors=record.cross_sections(),
+        centres={b.name: b.z_mm / HEAD_HEIGHT_MM for b in record.volume_bleeds},
+    )
 
 
 def render_record(record: SynthRecord) -> tuple[FloatImage, dict[str, BoolImage]]:
@@ -1208,7 +1437,8 @@ def render_record(record: SynthRecord) -> tuple[FloatImage, dict[str, BoolImage]
     """
     anatomy = make_anatomy(_study_rng(record.seed, record.study_index))
     rng = _slice_rng(record.seed, record.study_index, record.slice_index)
-    return render_slice_with_masks(rng, record.size, record.drawn, record.z, anatomy)
+    cut = _cut(record) if record.volumetric else None
+    return _with_masks(record.size, *_render(rng, record.size, record.drawn, record.z, anatomy, record.style, cut))
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -1258,6 +1488,37 @@ def _resolve_convention(name: str) -> ScannerConvention:
         ) from None
 
 
+@dataclass(frozen=True)
+class _Series:
+    """A volumetric series' plan: slice heights (mm), spacing, 3-D bleeds, shared parts."""
+
+    positions: list[float]
+    spacing: float
+    bleeds: list[VolumeBleed]
+    layout: _BleedLayout
+    fields: VolumeFields
+    centres: dict[str, float]
+
+
+def _plan_series(seed: int, study: int, slices: int, style: SynthStyle, positive_fraction: float) -> _Series:
+    rng = _volume_plan_rng(seed, study)
+    positions, spacing = stack_positions(rng, slices, style.slice_mm)
+    positive = rng.random() < positive_fraction
+    # The first bleed of each run of five studies is dealt from one shuffled deck, so the
+    # subtypes stay balanced over a few studies (as the slice deck does in the other mode).
+    deck = np.random.default_rng([seed, study // 5, 0, 10]).permutation(len(SUBTYPES))
+    names = _choose_bleeds(rng, [SUBTYPES[int(deck[study % 5])]]) if positive else []
+    bleeds = plan_bleeds(rng, names, positions, style.bleed_scale)
+    return _Series(
+        positions=positions,
+        spacing=spacing,
+        bleeds=bleeds,
+        layout=_volume_layout(seed, study),
+        fields=_volume_fields(seed, study),
+        centres={b.name: b.z_mm / HEAD_HEIGHT_MM for b in bleeds},
+    )
+
+
 def generate(
     out_dir: str | Path,
     studies: int,
@@ -1268,6 +1529,8 @@ def generate(
     size: int | None = None,
     positive_fraction: float = 0.5,
     conventions: Iterable[str] | str | None = None,
+    style: SynthStyle | str | None = None,
+    volumetric: bool = False,
 ) -> list[SynthRecord]:
     """Write a synthetic head-CT data set and return its ground truth.
 
@@ -1278,7 +1541,7 @@ def generate(
     studies
         Number of studies (one patient, one series each).
     slices
-        Slices per study, 5 mm apart.
+        Slices per study, ``style.slice_mm`` (5 mm) apart.
     seed
         Non-negative integer; the same seed (and options) writes byte-identical files with
         the same library versions on the same platform (float rounding may differ elsewhere).
@@ -1295,8 +1558,19 @@ def generate(
     positive_fraction
         Fraction of slices with at least one bleed (per study, rounded at random). Positive
         slices form one contiguous run per study, as a real bleed spans neighbouring slices.
+        In the volumetric mode: the chance that a study has bleeds (1-3 of them, each
+        reaching over part of the series).
     conventions
-        Restrict the per-study pixel conventions (names in :data:`SCANNER_CONVENTIONS`).
+        Restrict the per-study pixel conventions (names in :data:`SCANNER_CONVENTIONS`);
+        default: the style's, else all.
+    style
+        A :class:`SynthStyle` or the name of a preset in :data:`STYLES`; default: the
+        original look (the same bytes as before styles existed).
+    volumetric
+        Each series is one 3-D head: slices at increasing heights a constant distance apart
+        (SpacingBetweenSlices written), smooth anatomy from slice to slice, and 3-D bleeds
+        that span neighbouring slices and fade at their ends (see :mod:`ichscan.synth_volume`
+        for the exact rule that labels a slice).
 
     Returns
     -------
@@ -1308,8 +1582,10 @@ def generate(
     Each study and slice has its own random stream derived from ``(seed, study, slice)``,
     so asking for more studies adds studies without changing the first ones. Labels are
     exact: a subtype is 1 iff it was drawn and enough of it (:func:`is_visible`) stands out
-    by :data:`VISIBLE_RISE_HU` or more in the noise-free image. With about 60 mm2 for the
-    smallest bleeds at 512 pixels, drawn bleeds are in practice always visible.
+    by :data:`VISIBLE_RISE_HU` or more in the noise-free image (after the style's kernel).
+    With about 60 mm2 for the smallest bleeds at 512 pixels, drawn bleeds are in practice
+    always visible in the default style; faint or small styles and the ends of volumetric
+    bleeds do leave some drawn bleeds below the rule, labelled 0.
     """
     if layout not in ("pacs", "rsna"):
         raise ValueError(f"layout must be 'pacs' or 'rsna', not {layout!r}")
@@ -1322,7 +1598,10 @@ def generate(
     if size is not None and not 64 <= size <= 4096:
         raise ValueError(f"size {size} outside 64..4096")
     seed = int(seed)
+    style = resolve_style(style)
     syntaxes = _normalise_options(transfer_syntaxes, TRANSFER_SYNTAXES, resolve_transfer_syntax)
+    if conventions is None and style.conventions:
+        conventions = style.conventions
     convs = _normalise_options(conventions, list(SCANNER_CONVENTIONS.values()), _resolve_convention)
 
     out = Path(out_dir)
@@ -1346,23 +1625,38 @@ def generate(
         study_date = study_day.strftime("%Y%m%d")
         study_time = "".join(f"{int(srng.integers(0, n)):02d}" for n in (24, 60, 60))
         z_offset = float(srng.integers(-200, 0))
-        # Bleeds come from the study's stream, so each slice's stream only draws pixels.
-        deck: list[str] = []
-        plan = [
-            _choose_bleeds(srng, deck) if first_pos <= index < first_pos + n_pos else []
-            for index in range(slices)
-        ]
+        if volumetric:
+            series = _plan_series(seed, study, slices, style, positive_fraction)
+        else:
+            # Bleeds come from the study's stream, so each slice's stream only draws pixels.
+            deck: list[str] = []
+            plan = [
+                _choose_bleeds(srng, deck) if first_pos <= index < first_pos + n_pos else []
+                for index in range(slices)
+            ]
 
         study_uid = _uid(seed, "study", study)
         series_uid = _uid(seed, "series", study)
         frame_uid = _uid(seed, "frame", study)
         patient_id = f"PHANTOM-{seed}-{study}"
-        spacing = pixel_spacing_mm(anatomy, study_size)
+        spacing = pixel_spacing_mm(anatomy, study_size, style)
         for index in range(slices):
-            bleeds = plan[index]
-            z = 0.5 if slices == 1 else 0.2 + 0.65 * index / (slices - 1)
             rng = _slice_rng(seed, study, index)
-            image, _, visible = _render(rng, study_size, bleeds, z, anatomy)
+            if volumetric:
+                z_mm = series.positions[index]
+                z = z_mm / HEAD_HEIGHT_MM
+                factors = {
+                    b.name: f for b in series.bleeds if (f := b.factors(z_mm, series.spacing)) is not None
+                }
+                cut = _Cut(series.layout, series.fields, z_mm, factors, series.centres)
+                bleeds = [name for name in SUBTYPES if name in factors]
+                slice_location = z_offset + series.spacing * index
+            else:
+                bleeds = plan[index]
+                z = 0.5 if slices == 1 else 0.2 + 0.65 * index / (slices - 1)
+                z_mm, cut = 0.0, None
+                slice_location = z_offset + style.slice_mm * index
+            image, _, visible = _render(rng, study_size, bleeds, z, anatomy, style, cut)
             present = {name for name, (_, mask) in visible.items() if is_visible(mask, spacing)}
             labels = {name: int(name in present) for name in SUBTYPES}
             labels["any"] = int(any(labels[name] for name in SUBTYPES))
@@ -1373,7 +1667,6 @@ def generate(
             if image_id in seen_ids:  # pragma: no cover - 48-bit hash collision
                 raise RuntimeError(f"image id collision for {image_id}; use another seed")
             seen_ids.add(image_id)
-            slice_location = z_offset + SLICE_THICKNESS_MM * index
             ds = make_dataset(
                 image,
                 convention=convention,
@@ -1391,6 +1684,9 @@ def generate(
                 slice_location=slice_location,
                 study_id=str(study + 1),
                 accession_number=f"SYN{seed % 100000:05d}{study:05d}",
+                slice_thickness=series.spacing if volumetric else style.slice_mm,
+                spacing_between_slices=series.spacing if volumetric else None,
+                window=style.window,
             )
             if layout == "pacs":
                 folder = out / patient_id / study_uid / series_uid
@@ -1416,6 +1712,11 @@ def generate(
                     slice_index=index,
                     z=z,
                     drawn=tuple(bleeds),
+                    style=style,
+                    volumetric=volumetric,
+                    z_mm=z_mm,
+                    slice_mm=series.spacing if volumetric else style.slice_mm,
+                    volume_bleeds=tuple(series.bleeds) if volumetric else (),
                 )
             )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pydicom.uid import (
 )
 
 from ichscan import synth
+from ichscan.dicom import decode_instance
 from ichscan.labels import LABELS, SUBTYPES
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -421,3 +423,341 @@ def test_uids_unique_across_many_studies(tmp_path):
     assert len({r.sop_instance_uid for r in records}) == len(records) == 325
     assert len({r.study_instance_uid for r in records}) == 13
     assert len({r.series_instance_uid for r in records}) == 13
+
+
+# ------------------------------------------------------------------------------------------
+# Styles
+# ------------------------------------------------------------------------------------------
+
+#: Computed with the generator before styles existed (commit c36ec00): see
+#: ``default_output_digest``. It covers pixels, labels, image ids and geometry, not the
+#: whole files (pydicom writes its own version into them). Float rounding may differ on
+#: another platform or numpy; then regenerate it from c36ec00 there.
+DEFAULT_DIGEST = "9c4c9456e8233176e98fb7e1f17adbbd0741239e091bc21386b39a98fbc5215f"
+
+
+def default_output_digest(out: Path, **kwargs: object) -> str:
+    records = synth.generate(
+        out, 3, 4, seed=2026, size=64, layout="rsna", transfer_syntaxes="ExplicitVRLittleEndian", **kwargs
+    )
+    digest = hashlib.sha256()
+    for rec in records:
+        ds = pydicom.dcmread(rec.path)
+        digest.update(rec.image_id.encode())
+        digest.update(repr(sorted(rec.labels.items())).encode())
+        digest.update(ds.pixel_array.tobytes())
+        for keyword in ("RescaleIntercept", "BitsStored", "PixelRepresentation", "PixelSpacing",
+                        "ImagePositionPatient", "SliceThickness"):
+            digest.update(str(ds.get(keyword)).encode())
+    digest.update((out / "stage_2_train.csv").read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("style", [None, "default", synth.SynthStyle()], ids=["none", "name", "object"])
+def test_default_style_reproduces_the_original_output(tmp_path: Path, style: object) -> None:
+    assert default_output_digest(tmp_path, style=style) == DEFAULT_DIGEST
+
+
+def test_style_presets_and_overrides() -> None:
+    assert synth.STYLES["default"] == synth.SynthStyle()
+    assert {"default", "small-faint", "sharp-large"} <= set(synth.STYLES)
+    faint = synth.STYLES["small-faint"]
+    assert faint.head_scale < 1 and faint.bleed_scale < 1 and faint.bleed_contrast < 1
+    assert faint.noise_scale > 1 and faint.blur_mm > 0 and faint.edge_mm > 0
+    sharp = synth.STYLES["sharp-large"]
+    assert sharp.bleed_scale > 1 and sharp.sharpen > 0
+    for style in synth.STYLES.values():
+        assert set(style.conventions) <= set(synth.SCANNER_CONVENTIONS)
+    mixed = synth.resolve_style("small-faint", noise_scale=3.0, sharpen=None, conventions=["signed16"])
+    assert mixed.noise_scale == 3.0 and mixed.head_scale == faint.head_scale
+    assert mixed.conventions == ("signed16",) and hash(mixed)
+    assert synth.SynthStyle().describe() == "default look"
+    assert "noise_scale=3" in mixed.describe()
+    with pytest.raises(ValueError, match="unknown style"):
+        synth.resolve_style("glossy")
+    with pytest.raises(ValueError, match="head_scale"):
+        synth.SynthStyle(head_scale=2.0)
+    with pytest.raises(ValueError, match="window"):
+        synth.SynthStyle(window=(40.0, 0.0))
+
+
+def styled_pair(style: synth.SynthStyle, bleeds: list[str], size: int = 128, seed: int = 3,
+                z: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(without, with, masks) of one slice in ``style``: the same head, texture and noise."""
+    anatomy = synth.make_anatomy(np.random.default_rng(500 + seed))
+    without = synth.render_slice(np.random.default_rng(seed), size, [], z, anatomy, style)
+    with_, masks = synth.render_slice_with_masks(np.random.default_rng(seed), size, bleeds, z, anatomy, style)
+    return without, with_, masks
+
+
+def test_head_scale_changes_the_head_area_in_the_field_of_view() -> None:
+    anatomy = synth.make_anatomy(np.random.default_rng(8))
+    small = synth.SynthStyle(head_scale=0.7)
+    areas = {}
+    for style in (synth.SynthStyle(), small):
+        img = synth.render_slice(np.random.default_rng(1), SMALL, [], 0.5, anatomy, style)
+        areas[style.head_scale] = float(np.mean(img > -500))
+    assert 0.28 <= areas[1.0] <= 0.5  # the default head spans about 80% of the field
+    assert 0.42 <= areas[0.7] / areas[1.0] <= 0.56  # 0.7 ** 2 = 0.49
+    assert synth.pixel_spacing_mm(anatomy, SMALL, small) == pytest.approx(
+        synth.pixel_spacing_mm(anatomy, SMALL) / 0.7, rel=1e-4)
+
+
+def test_bleed_scale_changes_bleed_size() -> None:
+    area = {}
+    for scale in (1.0, 0.6):
+        style = synth.SynthStyle(bleed_scale=scale)
+        area[scale] = sum(int(styled_pair(style, [name], 192)[2][name].sum()) for name in SUBTYPES)
+    assert area[1.0] > 1000
+    assert 0.15 <= area[0.6] / area[1.0] <= 0.6  # lengths 0.6x: areas about 0.36x
+
+
+def test_bleed_contrast_scales_the_rise_in_hu() -> None:
+    without, full, masks = styled_pair(synth.SynthStyle(), ["intraparenchymal", "subdural"], 192)
+    _, faint, _ = styled_pair(synth.SynthStyle(bleed_contrast=0.6), ["intraparenchymal", "subdural"], 192)
+    for name, mask in masks.items():
+        rise_full = (full - without)[mask]
+        rise_faint = (faint - without)[mask]
+        assert float(rise_full.mean()) >= 25  # HU over the tissue it covers
+        # Same noise, same shape: only the density difference shrinks, to 0.6 of it.
+        np.testing.assert_allclose(rise_faint, 0.6 * rise_full, atol=0.05)
+
+
+def air(img: np.ndarray, n: int = 12) -> np.ndarray:
+    return np.concatenate([img[:n, :n].ravel(), img[:n, -n:].ravel(), img[-n:, :n].ravel(), img[-n:, -n:].ravel()])
+
+
+def test_noise_scale_changes_noise_std_in_a_uniform_region() -> None:
+    anatomy = synth.make_anatomy(np.random.default_rng(2))
+    std = {}
+    for scale in (1.0, 2.5, 0.0):
+        img = synth.render_slice(np.random.default_rng(4), SMALL, [], 0.5, anatomy, synth.SynthStyle(noise_scale=scale))
+        std[scale] = float(air(img).std())
+    assert std[1.0] == pytest.approx(anatomy["noise_sigma"], rel=0.15)
+    assert std[2.5] == pytest.approx(2.5 * std[1.0], rel=1e-3)  # the same normal draws, scaled
+    assert std[0.0] == 0.0
+
+
+def max_step(img: np.ndarray) -> float:
+    return float(np.abs(np.diff(img, axis=1)).max())
+
+
+def test_soft_bleed_edges_ramp_instead_of_stepping() -> None:
+    hard_without, hard, hard_masks = styled_pair(synth.SynthStyle(), ["intraparenchymal"], 256)
+    soft_without, soft, soft_masks = styled_pair(synth.SynthStyle(edge_mm=1.5), ["intraparenchymal"], 256)
+    hard_rise, soft_rise = hard - hard_without, soft - soft_without
+    assert max_step(soft_rise) < 0.6 * max_step(hard_rise)
+    # More pixels part-way between tissue and bleed (partial volume), yet still a visible bleed.
+    def partial(rise: np.ndarray) -> int:
+        return int(np.count_nonzero((rise > 3) & (rise < 0.5 * rise.max())))
+    assert partial(soft_rise) > 2 * partial(hard_rise)
+    assert 0 < soft_masks["intraparenchymal"].sum() <= hard_masks["intraparenchymal"].sum()
+
+
+def test_kernel_changes_edge_sharpness_and_noise() -> None:
+    anatomy = synth.make_anatomy(np.random.default_rng(6))
+    looks = {
+        "standard": synth.SynthStyle(),
+        "soft": synth.SynthStyle(blur_mm=1.2),
+        "sharp": synth.SynthStyle(sharpen=1.0),
+    }
+    step, noise = {}, {}
+    for name, style in looks.items():
+        quiet = synth.render_slice(np.random.default_rng(2), 256, [], 0.5, anatomy, style.replace(noise_scale=0.0))
+        step[name] = max_step(quiet)  # the sharpest edge: skull against air and scalp
+        noisy = synth.render_slice(np.random.default_rng(2), 256, [], 0.5, anatomy, style)
+        noise[name] = float(air(noisy, 20).std())
+    assert step["soft"] < 0.7 * step["standard"] < 0.7 * step["sharp"]
+    assert noise["soft"] < 0.6 * noise["standard"] < 0.6 * noise["sharp"]
+    # A sharp kernel overshoots at edges (dark rims in the air beside the skull).
+    quiet_sharp = synth.render_slice(np.random.default_rng(2), 256, [], 0.5, anatomy, looks["sharp"].replace(noise_scale=0.0))
+    assert float(quiet_sharp.min()) < -1050
+
+
+@pytest.mark.parametrize("style", ["small-faint", "sharp-large"])
+def test_styled_files_labels_and_conventions(tmp_path: Path, style: str) -> None:
+    look = synth.STYLES[style]
+    records = synth.generate(tmp_path, 3, 4, seed=7, size=160, style=style, layout="rsna")
+    assert {r.convention for r in records} <= set(look.conventions)
+    assert all(r.style == look for r in records)
+    for rec in records:
+        ds = pydicom.dcmread(rec.path)
+        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == look.window
+        image, masks = synth.render_record(rec)
+        spacing = float(ds.PixelSpacing[0])
+        for name in SUBTYPES:
+            expected = int(name in rec.drawn and synth.is_visible(masks[name], spacing))
+            assert rec.labels[name] == expected, (rec.image_id, name)
+        lo, hi = synth.SCANNER_CONVENTIONS[rec.convention].hu_range
+        assert np.abs(file_hu(ds) - np.clip(image, lo, hi)).max() <= 1.0
+        # The screening reader (RSNA 12-bit fix included) sees the same picture.
+        decoded = decode_instance(rec.path)
+        assert np.abs(decoded.hu() - np.clip(image, lo, hi)).max() <= 1.0, decoded.error
+    assert sum(r.labels["any"] for r in records) >= 2
+    if style == "small-faint":
+        assert "rsna12_quirk" in {r.convention for r in records}  # the wrap is exercised
+
+
+def test_style_conventions_give_way_to_explicit_ones(tmp_path: Path) -> None:
+    records = synth.generate(tmp_path, 2, 1, seed=1, size=64, style="small-faint", conventions=["signed16"])
+    assert {r.convention for r in records} == {"signed16"}
+
+
+# ------------------------------------------------------------------------------------------
+# Volumetric mode
+# ------------------------------------------------------------------------------------------
+
+
+def by_series(records: list[synth.SynthRecord]) -> dict[str, list[synth.SynthRecord]]:
+    out: dict[str, list[synth.SynthRecord]] = {}
+    for rec in records:
+        out.setdefault(rec.series_instance_uid, []).append(rec)
+    return {uid: sorted(recs, key=lambda r: r.slice_index) for uid, recs in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["pacs", "rsna"])
+def test_volumetric_series_geometry(tmp_path: Path, layout: str) -> None:
+    from ichscan.dicom import slice_position
+
+    records = synth.generate(tmp_path, 2, 6, seed=4, size=64, volumetric=True, layout=layout)
+    assert all(r.volumetric for r in records)
+    for recs in by_series(records).values():
+        files = [pydicom.dcmread(r.path, stop_before_pixels=True) for r in recs]
+        spacing = float(files[0].SpacingBetweenSlices)
+        assert spacing == float(files[0].SliceThickness) == 5.0
+        geometry = [slice_position(ds) for ds in files]
+        positions = [p for p, _ in geometry]
+        assert all(s == spacing for _, s in geometry)
+        assert np.allclose(np.diff(positions), spacing, atol=1e-6)  # increasing, constant
+        assert np.allclose(np.diff([r.z_mm for r in recs]), spacing)  # and so is the anatomy
+        for ds in files:
+            assert [float(x) for x in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            assert ds.ImagePositionPatient[:2] == files[0].ImagePositionPatient[:2]
+            assert ds.FrameOfReferenceUID == files[0].FrameOfReferenceUID
+            assert ds.PixelSpacing == files[0].PixelSpacing
+    if layout == "rsna":
+        lines = (tmp_path / "stage_2_train.csv").read_text().splitlines()
+        assert lines[1:] == [f"{r.image_id}_{label},{r.labels[label]}" for r in records for label in LABELS]
+
+
+def test_volumetric_stack_shrinks_its_spacing_to_fit_the_head() -> None:
+    from ichscan.synth_volume import HEAD_HEIGHT_MM, stack_positions
+
+    positions, spacing = stack_positions(np.random.default_rng(0), 60, 5.0)
+    assert spacing < 5.0 and round(spacing, 3) == spacing
+    assert 0 < positions[0] and positions[-1] < HEAD_HEIGHT_MM
+    assert np.allclose(np.diff(positions), spacing)
+
+
+@pytest.fixture(scope="module")
+def volume_records(tmp_path_factory: pytest.TempPathFactory) -> list[synth.SynthRecord]:
+    out = tmp_path_factory.mktemp("volume")
+    return synth.generate(out, 5, 8, seed=21, size=128, volumetric=True, positive_fraction=0.8,
+                          transfer_syntaxes="ExplicitVRLittleEndian")
+
+
+def test_volumetric_labels_match_the_drawn_masks(volume_records: list[synth.SynthRecord]) -> None:
+    for rec in volume_records:
+        # A bleed is drawn on a slice iff the slice cuts it ...
+        crossing = rec.cross_sections()
+        assert set(rec.drawn) == set(crossing)
+        assert {b.name for b in rec.volume_bleeds} >= set(crossing)
+        # ... and labelled iff that cross-section passes the visibility rule.
+        ds = pydicom.dcmread(rec.path)
+        image, masks = synth.render_record(rec)
+        for name in SUBTYPES:
+            expected = int(name in rec.drawn and synth.is_visible(masks[name], float(ds.PixelSpacing[0])))
+            assert rec.labels[name] == expected, (rec.image_id, name)
+        assert rec.labels["any"] == max(rec.labels[s] for s in SUBTYPES)
+        lo, hi = synth.SCANNER_CONVENTIONS[rec.convention].hu_range
+        assert np.abs(file_hu(ds) - np.clip(image, lo, hi)).max() <= 1.0
+
+
+def test_volumetric_bleeds_span_neighbouring_slices_and_fade(volume_records: list[synth.SynthRecord]) -> None:
+    series = by_series(volume_records)
+    assert sum(any(r.labels["any"] for r in recs) for recs in series.values()) >= 3
+    assert any(not any(r.labels["any"] for r in recs) for recs in series.values())  # negative studies too
+    bleeds = 0
+    for recs in series.values():
+        masks = [synth.render_record(r)[1] for r in recs]
+        for bleed in recs[0].volume_bleeds:
+            bleeds += 1
+            positive = [r.labels[bleed.name] for r in recs]
+            runs = "".join(map(str, positive)).split("0")
+            assert max(len(run) for run in runs) >= 2, (bleed, positive)
+            # Neighbouring cuts of one bleed overlap in-plane: a neighbour shows the same bleed.
+            for i in range(len(recs) - 1):
+                if positive[i] and positive[i + 1]:
+                    assert np.count_nonzero(masks[i][bleed.name] & masks[i + 1][bleed.name]) > 0
+            # The bleed fades towards its ends: smaller and fainter cross-sections there.
+            factors = [r.cross_sections().get(bleed.name) for r in recs]
+            cut = [f for f in factors if f is not None]
+            assert min(size for size, _ in cut) < max(size for size, _ in cut) <= 1.0
+    assert bleeds >= 4
+
+
+def test_volumetric_faint_ends_exist_next_to_clear_cuts(volume_records: list[synth.SynthRecord]) -> None:
+    """The case slice context is for: a faint or partial cut beside a full-contrast neighbour."""
+    found = 0
+    for recs in by_series(volume_records).values():
+        for i, rec in enumerate(recs):
+            for name, (size, contrast) in rec.cross_sections().items():
+                neighbours = [recs[j].cross_sections().get(name) for j in (i - 1, i + 1) if 0 <= j < len(recs)]
+                if contrast < 1.0 and any(n is not None and n[1] == 1.0 and n[0] > size for n in neighbours):
+                    found += 1
+    assert found >= 3
+
+
+def test_volumetric_slices_show_one_head(tmp_path: Path) -> None:
+    """Neighbouring slices share the anatomy (shifted a little), unlike independent slices."""
+    quiet = synth.SynthStyle(noise_scale=0.0)
+
+    def neighbour_correlation(volumetric: bool) -> float:
+        records = synth.generate(tmp_path / str(volumetric), 1, 4, seed=5, size=SMALL, style=quiet,
+                                 positive_fraction=0.0, volumetric=volumetric)
+        images = [synth.render_record(r)[0] for r in records]
+        brain = np.all([(img > 15) & (img < 50) for img in images], axis=0)
+        return float(np.mean([np.corrcoef(a[brain], b[brain])[0, 1] for a, b in zip(images, images[1:])]))
+
+    assert neighbour_correlation(True) > 0.7
+    assert neighbour_correlation(True) > neighbour_correlation(False) + 0.2
+
+
+def test_volumetric_reproducible_and_more_studies_keep_the_first(tmp_path: Path) -> None:
+    kwargs = dict(slices=4, seed=9, size=64, volumetric=True, layout="rsna", positive_fraction=1.0)
+    small = synth.generate(tmp_path / "a", 1, **kwargs)
+    big = synth.generate(tmp_path / "b", 2, **kwargs)
+    again = synth.generate(tmp_path / "c", 2, **kwargs)
+    for r_small, r_big in zip(small, big):
+        assert r_small.path.read_bytes() == r_big.path.read_bytes()
+    assert tree_bytes(tmp_path / "b") == tree_bytes(tmp_path / "c")
+    plain = synth.generate(tmp_path / "d", 1, 4, seed=9, size=64, layout="rsna", positive_fraction=1.0)
+    assert [r.image_id for r in plain] == [r.image_id for r in small]  # same ids, other pixels
+    assert plain[0].path.read_bytes() != small[0].path.read_bytes()
+
+
+def test_synth_cli_style_and_volumetric(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ichscan.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["synth", "--help"]).output
+    for option in ("--style", "--head-scale", "--bleed-scale", "--bleed-contrast", "--edge-mm", "--noise-scale",
+                   "--blur-mm", "--sharpen", "--convention", "--window", "--slice-mm", "--volumetric"):
+        assert option in help_text
+    for name in synth.STYLES:
+        assert f"{name}:" in help_text  # the presets are listed with their values
+    out = tmp_path / "set"
+    result = CliRunner().invoke(cli, [
+        "synth", str(out), "--studies", "2", "--slices", "4", "--size", "64", "--layout", "rsna", "--volumetric",
+        "--style", "small-faint", "--head-scale", "0.8", "--window", "35/90", "--convention", "signed16",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "wrote 8 slices" in result.output and "head_scale=0.8" in result.output
+    lines = (out / "stage_2_train.csv").read_text().splitlines()
+    assert len(lines) == 1 + 6 * 8
+    ds = pydicom.dcmread(next((out / "stage_2_train").iterdir()))
+    assert float(ds.SpacingBetweenSlices) == 5.0 and ds.PixelRepresentation == 1
+    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (35.0, 90.0)
+    bad = CliRunner().invoke(cli, ["synth", str(out), "--bleed-contrast", "9"])
+    assert bad.exit_code == 2 and "bleed_contrast" in bad.output
