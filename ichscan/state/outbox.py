@@ -158,7 +158,8 @@ class Outbox:
         for r in screened:
             # The heat map of the study's most suspicious slice so far: the key image's.
             kept = self._heatmaps.get(r.study_instance_uid)
-            if r.heatmap is not None and (kept is None or r.probabilities["any"] >= kept[0]):
+            # Ties go as in complete_study: to the larger SOP Instance UID.
+            if r.heatmap is not None and (kept is None or (r.probabilities["any"], r.sop_instance_uid) > kept[:2]):
                 self._heatmaps[r.study_instance_uid] = (r.probabilities["any"], r.sop_instance_uid, _compact(r.heatmap))
 
     def complete_studies(self, uids: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -212,7 +213,9 @@ class Outbox:
         positive = probabilities[best_uid]["any"] >= self.model.thresholds["any"]
         # With --saliency the key image differs (a heat map on it): a run with it revises
         # the key image of a run without it, and the other way round.
-        sc_content = [best_uid, [round(probabilities[best_uid][label], 5) for label in LABELS]] + (["saliency"] if self.saliency else [])
+        sc_content: list[object] = [best_uid, [round(probabilities[best_uid][label], 5) for label in LABELS]]
+        if self.saliency:
+            sc_content.append("saliency")
         sc_key = hashlib.sha256(json.dumps(sc_content).encode()).hexdigest()
         latest_sr, latest_sc = self._latest(study_uid, SR), self._latest(study_uid, SC)
         need_sr = latest_sr is None or latest_sr["content_key"] != sr_key
