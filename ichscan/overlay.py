@@ -135,25 +135,27 @@ HEAT_OPACITY = 0.55
 
 
 @lru_cache(maxsize=1)
-def _heat_colours() -> np.ndarray:
-    """256 x 3 uint8: a "jet"-like colour map, blue (low) through green and yellow to red."""
+def _heat_luts() -> tuple[list[int], list[int]]:
+    """For heat levels 0-255: a "jet"-like palette (blue, green, yellow, red), flat RGB
+    triples, and the opacity of each level (0 below :data:`HEAT_FLOOR`)."""
     x = np.linspace(0.0, 1.0, 256)
     rgb = np.stack([np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3.0, 2.0, 1.0)], axis=1)
-    return np.round(rgb * 255).astype(np.uint8)
+    alpha = HEAT_OPACITY * np.clip((x - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1)
+    return [int(v) for v in np.round(rgb * 255).ravel()], [int(v) for v in np.round(alpha * 255)]
 
 
 def blend_heatmap(grey: Image.Image, heatmap: np.ndarray) -> Image.Image:
     """``grey`` ("L") as RGB with ``heatmap`` (values in [0, 1], any grid covering the whole
     image) stretched over it as a translucent colour map; below :data:`HEAT_FLOOR` it
-    stays grey."""
+    stays grey. Pillow does the per-pixel work (look-up tables and one composite)."""
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.ndim != 2 or 0 in heat.shape:
         raise ValueError(f"a heat map must be a 2-D array, not {heat.shape}")
-    heat = np.asarray(Image.fromarray(np.clip(heat, 0, 1)).resize(grey.size, Image.BILINEAR))  # mode "F"
-    base = np.asarray(grey, dtype=np.float32)[..., None]
-    alpha = (HEAT_OPACITY * np.clip((heat - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1))[..., None]
-    colour = _heat_colours()[np.round(heat * 255).astype(np.uint8)].astype(np.float32)
-    return Image.fromarray(np.round(base * (1 - alpha) + colour * alpha).astype(np.uint8), "RGB")
+    palette, opacity = _heat_luts()
+    level = Image.fromarray(np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(grey.size, Image.BILINEAR)
+    colour = level.copy()
+    colour.putpalette(palette)  # "L" -> "P": each level its colour
+    return Image.composite(colour.convert("RGB"), grey.convert("RGB"), level.point(opacity))
 
 
 def render_overlay_heatmap(image: np.ndarray, result: SliceResult) -> Image.Image:
