@@ -55,15 +55,15 @@ def device_option(help: str = "Where the model runs; auto takes CUDA when presen
     return click.Option(["--device"], type=click.Choice(DEVICES), default="auto", help=help)
 
 
-def saliency_option() -> click.Option:
+SALIENCY_HELP = (
+    "Draw a Grad-CAM heat map of the top finding onto the overlay and key image of each positive slice "
+    "(one extra backward pass per positive slice)."
+)
+
+
+def saliency_option(help: str = SALIENCY_HELP) -> click.Option:
     """``--saliency`` (screening commands and ``predict``)."""
-    return click.Option(
-        ["--saliency"],
-        is_flag=True,
-        default=False,
-        help="Draw a Grad-CAM heat map of the top finding onto the overlay and key image of each positive slice "
-        "(one extra backward pass per positive slice).",
-    )
+    return click.Option(["--saliency"], is_flag=True, default=False, help=help)
 
 
 def with_options(*options: click.Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

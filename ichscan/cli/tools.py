@@ -59,7 +59,10 @@ def synth(out_dir: Path, studies: int, slices: int, seed: int, layout: str, size
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint.  [default: the bundled weights]")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save the image with the prediction drawn on it (PNG).")
 @with_options(threshold_option("Decision thresholds, as for 'batch': '0.4' or 'any=0.3,subdural=0.4'."))
-@with_options(device_option(), saliency_option())
+@with_options(
+    device_option(),
+    saliency_option("For a positive slice: print where the heat map (Grad-CAM) of the top finding peaks and draw it on the --save image."),
+)
 @click.pass_context
 def predict(
     ctx: click.Context, file: Path, weights: Path | None, save: Path | None, thresholds: dict[str, float] | None, device: str, saliency: bool
