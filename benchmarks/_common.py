@@ -171,9 +171,11 @@ def engine_rate(
     threads: int | None = None,
     device: str = "cpu",
     cpu: list | None = None,
+    saliency: bool = False,
 ) -> float:
     """Steady-state images/s of ``ichscan batch`` (in this process) on ``folder``;
-    ``cpu`` (a list) gets ``Clock.steady_cpu`` of the run appended."""
+    ``cpu`` (a list) gets ``Clock.steady_cpu`` of the run appended; ``saliency``: with
+    ``--saliency``."""
     import ichscan
 
     clock = Clock()
@@ -196,6 +198,7 @@ def engine_rate(
                 batch_size=batch_size,
                 threads=threads,
                 progress=False,
+                saliency=saliency,
             ),
             pm,
         )

@@ -12,30 +12,35 @@ from ichscan.labels import LABELS
 
 
 @lru_cache(maxsize=4)
-def _screener(weights: str | None, device: str = "auto"):
+def _screener(weights: str | None, device: str = "auto", saliency: bool = False):
     from ichscan.pipeline.screener import Screener
     from ichscan.models import load_model
     from ichscan.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    return Screener(pm, load_model(pm, weights), device)
+    return Screener(pm, load_model(pm, weights), device, saliency=saliency)
 
 
-def screen_file(path, weights=None, thresholds=None, pm=None, device: str = "auto"):
+def screen_file(path, weights=None, thresholds=None, pm=None, device: str = "auto", saliency: bool = False):
     """Screen one file; return ``(SliceResult, brain-window image, LoadedModel)``.
 
-    Raises ValueError when the file cannot be screened.
+    With ``saliency`` a positive result carries a Grad-CAM heat map of its top finding
+    (``result.heatmap``), which :func:`ichscan.overlay.render_overlay` draws.
+
+    Raises ValueError when the file cannot be screened (also
+    :class:`ichscan.saliency.SaliencyError`, for ``saliency`` with a model without a
+    convolution).
     """
     from ichscan.pipeline.screener import Screener
     from ichscan.models import load_model
 
     if pm is None and thresholds is None:
-        screener = _screener(os.fspath(weights) if weights is not None else None, device)
+        screener = _screener(os.fspath(weights) if weights is not None else None, device, saliency)
     else:
         from ichscan.plugins import get_plugin_manager
 
         pm = pm or get_plugin_manager()
-        screener = Screener(pm, load_model(pm, weights, thresholds=thresholds), device)
+        screener = Screener(pm, load_model(pm, weights, thresholds=thresholds), device, saliency=saliency)
     # The same decode path as `ichscan batch` on this device, so the numbers agree.
     resize_to = screener.settings.size if screener.device.type == "cpu" else None
     [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True)

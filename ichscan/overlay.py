@@ -6,7 +6,8 @@ path:
 - the image is a palette ("P") PNG: grey levels 0-252 are themselves, the last three
   entries are the colours. Pillow writes a palette image without PNG's per-row filter
   search and zlib's run-length strategy suits it: several times faster and half the
-  size of an RGB PNG (docs/benchmarks.md);
+  size of an RGB PNG (docs/benchmarks.md). Only a slice with a heat map (``--saliency``,
+  positive slices) is an RGB PNG: a translucent colour map blends with every grey;
 - text is rasterised once per string and font size (a small cache) and pasted;
 - :class:`OverlayWriter` renders and writes them in a thread pool (Pillow releases the
   GIL while it encodes, so threads scale), with a bounded number in
@@ -104,23 +105,89 @@ def _layout(size: int) -> tuple[int, int, int, int]:
     return pad, size + pad, value_x, value_x + _text_mask("0.00", size).width + pad
 
 
+def _display_grey(image: np.ndarray) -> Image.Image:
+    """The brain-window image as "L", enlarged to at least 512 pixels so the text stays readable."""
+    grey = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))  # 2-D uint8: "L"
+    if max(grey.size) < MIN_OVERLAY_SIDE:
+        scale = MIN_OVERLAY_SIDE / max(grey.size)
+        grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.BILINEAR)
+    return grey
+
+
 def render_overlay_indexed(image: np.ndarray, result: SliceResult) -> Image.Image:
-    """The overlay as a palette ("P") image: what :class:`OverlayWriter` saves.
+    """The overlay as a palette ("P") image: what :class:`OverlayWriter` saves for a slice
+    without a heat map.
 
     The brain-window image (enlarged to at least 512 pixels so the text stays
     readable), a box with the top label, its probability and all six probabilities, a
     red border on a positive slice, and "not for diagnostic use".
     """
-    grey = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))  # 2-D uint8: "L"
-    if max(grey.size) < MIN_OVERLAY_SIDE:
-        scale = MIN_OVERLAY_SIDE / max(grey.size)
-        grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.BILINEAR)
-    canvas = grey.point(_CLAMP)  # a fresh image, free for the colour entries
+    canvas = _display_grey(image).point(_CLAMP)  # a fresh image, free for the colour entries
     canvas.putpalette(_PALETTE)  # "L" -> "P"
+    _annotate(canvas, result)
+    return canvas
+
+
+#: Heat below this fraction of a map's peak is not drawn: the image stays plain grey there.
+HEAT_FLOOR = 0.2
+#: Opacity of the colour map at the heat map's peak (it fades to 0 towards the floor).
+HEAT_OPACITY = 0.55
+
+
+@lru_cache(maxsize=1)
+def _heat_luts() -> tuple[list[int], list[int]]:
+    """For heat levels 0-255: a "jet"-like palette (blue, green, yellow, red), flat RGB
+    triples, and the opacity of each level (0 below :data:`HEAT_FLOOR`)."""
+    x = np.linspace(0.0, 1.0, 256)
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3.0, 2.0, 1.0)], axis=1)
+    alpha = HEAT_OPACITY * np.clip((x - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1)
+    return [int(v) for v in np.round(rgb * 255).ravel()], [int(v) for v in np.round(alpha * 255)]
+
+
+def blend_heatmap(grey: Image.Image, heatmap: np.ndarray) -> Image.Image:
+    """``grey`` ("L") as RGB with ``heatmap`` (values in [0, 1], any grid covering the whole
+    image) stretched over it as a translucent colour map; below :data:`HEAT_FLOOR` it
+    stays grey. Pillow does the per-pixel work (look-up tables and one composite)."""
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2 or 0 in heat.shape:
+        raise ValueError(f"a heat map must be a 2-D array, not {heat.shape}")
+    palette, opacity = _heat_luts()
+    level = Image.fromarray(np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(grey.size, Image.BILINEAR)
+    colour = level.copy()
+    colour.putpalette(palette)  # "L" -> "P": each level its colour
+    return Image.composite(colour.convert("RGB"), grey.convert("RGB"), level.point(opacity))
+
+
+def render_overlay_heatmap(image: np.ndarray, result: SliceResult) -> Image.Image:
+    """The overlay as an RGB image with ``result.heatmap`` blended under the annotations."""
+    if result.heatmap is None:
+        raise ValueError("the result has no heat map")
+    canvas = blend_heatmap(_display_grey(image), result.heatmap)
+    _annotate(canvas, result)
+    return canvas
+
+
+def render_overlay_image(image: np.ndarray, result: SliceResult) -> Image.Image:
+    """The overlay :class:`OverlayWriter` saves: palette ("P"), or RGB with a heat map."""
+    if result.heatmap is not None:
+        return render_overlay_heatmap(image, result)
+    return render_overlay_indexed(image, result)
+
+
+def _paint(canvas: Image.Image, index: int) -> int | tuple[int, int, int]:
+    """Palette entry ``index`` as ``canvas`` takes a colour: itself, or its RGB."""
+    if canvas.mode == "P":
+        return index
+    return tuple(_PALETTE[3 * index : 3 * index + 3])  # type: ignore[return-value]
+
+
+def _annotate(canvas: Image.Image, result: SliceResult) -> None:
+    """Draw the label box, the probabilities, the frame and the notice onto ``canvas``."""
     size = max(12, canvas.height // 36)
     pad, line_height, value_x, box_w = _layout(size)
     positive = result.is_positive
-    colour = _RED if positive else _GREEN
+    colour = _paint(canvas, _RED if positive else _GREEN)
+    black, text, yellow = _paint(canvas, _BLACK), _paint(canvas, _TEXT), _paint(canvas, _YELLOW)
     probs = result.probabilities or {}
     if result.top_probability is not None:
         headline = f"{result.top_label} {result.top_probability:.2f}"
@@ -130,22 +197,22 @@ def render_overlay_indexed(image: np.ndarray, result: SliceResult) -> Image.Imag
     # Box and text sit inside the border's width on every slice, so the border never covers them.
     edge = max(2, canvas.height // 128)
     draw = ImageDraw.Draw(canvas)
-    draw.rectangle((edge, edge, edge + box_w, edge + line_height * (len(LABELS) + 1) + pad), fill=_BLACK)
+    draw.rectangle((edge, edge, edge + box_w, edge + line_height * (len(LABELS) + 1) + pad), fill=black)
     x = edge + pad
     canvas.paste(colour, (x, edge + pad), _text_mask(headline, size))
     for i, label in enumerate(LABELS, start=1):
         y = edge + pad + i * line_height
-        canvas.paste(_TEXT, (x, y), _text_mask(label, size))
-        canvas.paste(_TEXT, (edge + value_x, y), _text_mask(f"{probs.get(label, 0.0):.2f}", size))
-    canvas.paste(_YELLOW, (x, canvas.height - edge - line_height - pad), _text_mask(_NOT_FOR_DIAGNOSIS, size))
+        canvas.paste(text, (x, y), _text_mask(label, size))
+        canvas.paste(text, (edge + value_x, y), _text_mask(f"{probs.get(label, 0.0):.2f}", size))
+    canvas.paste(yellow, (x, canvas.height - edge - line_height - pad), _text_mask(_NOT_FOR_DIAGNOSIS, size))
     if positive:
         draw.rectangle((0, 0, canvas.width - 1, canvas.height - 1), outline=colour, width=edge)
-    return canvas
 
 
 def render_overlay(image: np.ndarray, result: SliceResult) -> Image.Image:
-    """The overlay as an RGB image (for thumbnails, key images, ``predict --save``)."""
-    return render_overlay_indexed(image, result).convert("RGB")
+    """The overlay as an RGB image (for thumbnails, key images, ``predict --save``), with
+    the result's heat map when it has one."""
+    return render_overlay_image(image, result).convert("RGB")
 
 
 def save_overlay(image: np.ndarray, result: SliceResult, target: Path) -> str:
@@ -154,7 +221,7 @@ def save_overlay(image: np.ndarray, result: SliceResult, target: Path) -> str:
     Safe to call from several threads at once, also for the same target.
     """
     with replacing(target) as tmp:
-        render_overlay_indexed(image, result).save(tmp, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+        render_overlay_image(image, result).save(tmp, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return str(target)
 
 

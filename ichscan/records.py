@@ -187,10 +187,16 @@ class DecodedSlice:
 @dataclass
 class SliceResult(DecodedSlice):
     """One input file's outcome, as reporters see it: the decoded slice plus the prediction
-    (``ok`` only) and the overlay written for it (path, or empty)."""
+    (``ok`` only) and the overlay written for it (path, or empty).
+
+    ``heatmap`` (``--saliency``, positive slices only): where the model saw its top
+    finding, a float32 ``h x w`` Grad-CAM map in [0, 1] over the whole image (on the
+    model's feature-map grid: stretch it to the image); dropped with the pixels.
+    """
 
     prediction: Prediction | None = None
     overlay: str = ""
+    heatmap: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, decoded: DecodedSlice, prediction: Prediction | None = None) -> SliceResult:
@@ -207,5 +213,6 @@ class SliceResult(DecodedSlice):
         return self.prediction is not None and self.prediction.positive["any"]
 
     def drop_image(self) -> None:
-        """Free the pixels once every reporter has seen the result."""
+        """Free the pixels (and the heat map) once every reporter has seen the result."""
         self.image = None
+        self.heatmap = None

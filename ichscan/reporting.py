@@ -148,6 +148,9 @@ class RunConfig:
     mode: RunMode = RunMode.BATCH
     #: ``batch --resume``: files screened before keep their rows, the CSV is appended to.
     resume: bool = False
+    #: ``--saliency``: positive results carry a heat map (``SliceResult.heatmap``), drawn
+    #: on overlays and key images.
+    saliency: bool = False
     #: Free-form settings for third-party plugins (ichscan itself sets none).
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -55,6 +55,17 @@ def device_option(help: str = "Where the model runs; auto takes CUDA when presen
     return click.Option(["--device"], type=click.Choice(DEVICES), default="auto", help=help)
 
 
+SALIENCY_HELP = (
+    "Draw a Grad-CAM heat map of the top finding onto the overlay and key image of each positive slice "
+    "(one extra backward pass per positive slice)."
+)
+
+
+def saliency_option(help: str = SALIENCY_HELP) -> click.Option:
+    """``--saliency`` (screening commands and ``predict``)."""
+    return click.Option(["--saliency"], is_flag=True, default=False, help=help)
+
+
 def with_options(*options: click.Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Attach ready-made options to a command function, listed in ``--help`` in this order
     (what ``@click.option`` does, for options built once and used by several commands)."""
@@ -178,6 +189,7 @@ def _model_options() -> list[click.Option]:
             help="Decode worker processes; 0 decodes in the main process.  [default: one per core on CPU, all cores but one with a GPU]",
         ),
         click.Option(["--threads"], type=click.IntRange(1, 256), default=None, help="Model threads on the CPU.  [default: one per core]"),
+        saliency_option(),
     ]
 
 
@@ -211,7 +223,8 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
     --dicom-out, --forward, --forward-wait and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
-    (--weights, --model, --threshold, --device, --batch-size, --workers, --threads) and,
+    (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
+    --saliency) and,
     with ``live``, --max-latency, --study-timeout and --series-timeout.
 
     ``settings`` maps the options object's field names to the values; the result options

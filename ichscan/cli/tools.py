@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ichscan.cli.options import CONTEXT_SETTINGS, device_option, plugin_manager, threshold_option, with_options
+from ichscan.cli.options import CONTEXT_SETTINGS, device_option, plugin_manager, saliency_option, threshold_option, with_options
 from ichscan.labels import LABELS
 from ichscan.synth_style import STYLES, describe_styles, resolve_style
 
@@ -120,16 +120,27 @@ def synth(
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint.  [default: the bundled weights]")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save the image with the prediction drawn on it (PNG).")
 @with_options(threshold_option("Decision thresholds, as for 'batch': '0.4' or 'any=0.3,subdural=0.4'."))
-@with_options(device_option())
+@with_options(
+    device_option(),
+    saliency_option("For a positive slice: print where the heat map (Grad-CAM) of the top finding peaks and draw it on the --save image."),
+)
 @click.pass_context
-def predict(ctx: click.Context, file: Path, weights: Path | None, save: Path | None, thresholds: dict[str, float] | None, device: str) -> None:
-    """Screen one DICOM file and print what was found."""
+def predict(
+    ctx: click.Context, file: Path, weights: Path | None, save: Path | None, thresholds: dict[str, float] | None, device: str, saliency: bool
+) -> None:
+    """Screen one DICOM file and print what was found.
+
+    With --saliency, a positive slice's heat map is drawn on the --save image and its
+    peak is printed.
+    """
     from ichscan.api import screen_file
     from ichscan.models import ModelError
     from ichscan.overlay import render_overlay
 
     try:
-        result, image, loaded = screen_file(file, weights=weights, thresholds=thresholds, pm=plugin_manager(ctx), device=device)
+        result, image, loaded = screen_file(
+            file, weights=weights, thresholds=thresholds, pm=plugin_manager(ctx), device=device, saliency=saliency
+        )
     except (ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if loaded.notice():
@@ -140,12 +151,24 @@ def predict(ctx: click.Context, file: Path, weights: Path | None, save: Path | N
     for label in LABELS:
         mark = "*" if result.positive[label] else " "
         click.echo(f"  {mark} {label:17s} {probs[label]:.3f}")
+    if result.heatmap is not None:
+        row, column = heatmap_peak(result.heatmap, image.shape)
+        click.echo(f"  saliency: the heat map of {result.top_label} peaks at row {row}, column {column} of {image.shape[0]}x{image.shape[1]}")
     if save is not None:
         try:
             render_overlay(image, result).save(save)
         except (OSError, ValueError) as exc:  # a missing folder; an extension Pillow does not know
             raise click.ClickException(f"cannot save {save}: {getattr(exc, 'strerror', None) or exc}") from None
         click.echo(f"-> {save}")
+
+
+def heatmap_peak(heatmap, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Row and column, in an image of ``shape``, of the centre of a heat map's hottest cell."""
+    import numpy as np
+
+    h, w = heatmap.shape
+    r, c = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return int((r + 0.5) * shape[0] / h), int((c + 0.5) * shape[1] / w)
 
 
 @click.command("plugins", context_settings=CONTEXT_SETTINGS)

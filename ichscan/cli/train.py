@@ -58,7 +58,7 @@ def train(ctx: click.Context, labels_csv: Path, no_cache: bool, no_augment: bool
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="RSNA-format labels CSV.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for metrics.json, report.txt, confusion_matrices.png, roc_curves.png, predictions.csv.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for metrics.json, report.txt, confusion_matrices.png, roc_curves.png, predictions.csv, studies.csv.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Checkpoint to evaluate.  [default: the bundled weights]")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="RUN_DIR/split.csv from 'ichscan train': evaluate one split only.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", help="Which split of --split-file.")
@@ -81,10 +81,12 @@ def evaluate(
     workers: int | None,
 ) -> None:
     """Evaluate a checkpoint on RSNA-layout data: the RSNA weighted log loss, per-label
-    AUC, accuracy, precision, recall, F1 and support, confusion matrices and ROC curves."""
+    AUC, accuracy, precision, recall, F1 and support, confusion matrices and ROC curves;
+    and per study (StudyInstanceUID): the AUC of 'any', a study being positive when any
+    of its slices is."""
     from ichscan.models import ModelError
     from ichscan.train.dataset import LabelsError
-    from ichscan.train.evaluate import EvaluateOptions, run_evaluation
+    from ichscan.train.evaluate import EvaluateOptions, describe_study_metrics, run_evaluation
     from ichscan.train.loop import TrainingError
 
     opts = EvaluateOptions(data_dir, labels_csv, out_dir, weights, split_file, split, batch_size, device, workers, thresholds)
@@ -96,4 +98,5 @@ def evaluate(
     for label, m in metrics["per_label"].items():
         auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
         click.echo(f"  {label:17s} AUC {auc}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}  support {m['support']}")
+    click.echo(describe_study_metrics(metrics["study"]))
     click.echo(f"-> {out_dir}")

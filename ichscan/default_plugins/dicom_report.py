@@ -43,7 +43,7 @@ class DicomResultsReporter(Reporter):
             thresholds=dict(config.thresholds),
         )
         self.config = config
-        self.outbox = Outbox(config.store, outbox_folder(config), config.forward, model)
+        self.outbox = Outbox(config.store, outbox_folder(config), config.forward, model, saliency=config.saliency)
         self.forwarder = None
         unfinished = self.outbox.unfinished()
         if unfinished:

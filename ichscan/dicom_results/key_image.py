@@ -33,6 +33,7 @@ def build_key_image(
     instance_number: int,
     demo: bool,
     series_number: int = KEY_IMAGE_SERIES_NUMBER,
+    heatmap: bool = False,
 ) -> pydicom.Dataset:
     """Build the Secondary Capture key image: the rendered overlay of one source slice.
 
@@ -53,6 +54,9 @@ def build_key_image(
         description and image comments).
     series_number
         Series Number of the key-image series.
+    heatmap
+        True when the overlay shows a saliency heat map (``--saliency``): the Derivation
+        Description says so.
 
     Returns
     -------
@@ -105,7 +109,9 @@ def build_key_image(
     sc.ConversionType = "WSD"
     # The probabilities and the disclaimer are drawn into the pixels.
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = "ichscan screening overlay of the slice with the highest 'any' probability"
+    sc.DerivationDescription = "ichscan screening overlay of the slice with the highest 'any' probability" + (
+        ", with a Grad-CAM heat map of its top finding" if heatmap else ""
+    )
     reference = pydicom.Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -97,6 +97,7 @@ def open_pipeline(
             **{**opts.results.config_fields(), **outputs.config_fields()},
             **loaded.config_fields(),
             overlays_for=opts.overlays_for,
+            saliency=opts.saliency,
             input_root=input_root,
             mode=mode,
             resume=resume,

@@ -23,7 +23,7 @@ OUTBOX_FOLDER_NAME = "ichscan-outbox"
 
 
 #: The fields of :class:`ScreeningOptions` that choose the model and size the run.
-MODEL_SETTINGS = ("weights", "model_name", "thresholds", "device", "workers", "batch_size", "threads")
+MODEL_SETTINGS = ("weights", "model_name", "thresholds", "device", "workers", "batch_size", "threads", "saliency")
 
 
 class RunError(Exception):
@@ -46,6 +46,8 @@ class ScreeningOptions:
     batch_size: int | None = None
     workers: int | None = None
     threads: int | None = None
+    #: Grad-CAM heat maps of positive slices on their overlays and key images.
+    saliency: bool = False
     plugins_dirs: tuple[Path, ...] = ()
     progress: bool = True
     limits: DecodeLimits = DEFAULT_LIMITS

@@ -10,6 +10,7 @@ import numpy as np
 import pluggy
 import torch
 
+from ichscan.labels import LABELS
 from ichscan.models import LoadedModel
 from ichscan.pipeline.sizing import fit_batch_size, resolve_device
 from ichscan.records import DecodedSlice, Prediction, SliceResult, Status
@@ -30,9 +31,15 @@ class Screener:
 
     A model with ``slice_context = k`` gets, for each slice, the ``2k + 1`` slices around
     it (see :meth:`screen`), ``k`` below it and ``k`` above it in position order.
+
+    With ``saliency``, :meth:`screen` also gives each positive slice a Grad-CAM heat map
+    of its top finding (``SliceResult.heatmap``, see :mod:`ichscan.saliency`); a model
+    without a convolution then raises :class:`ichscan.saliency.SaliencyError` here.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, loaded: LoadedModel, device: torch.device | str = "auto"):
+    def __init__(
+        self, pm: pluggy.PluginManager, loaded: LoadedModel, device: torch.device | str = "auto", *, saliency: bool = False
+    ):
         self.pm = pm
         self.loaded = loaded
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -45,6 +52,11 @@ class Screener:
         self.amp_dtype: torch.dtype | None = None
         if self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.grad_cam = None
+        if saliency:
+            from ichscan.saliency import GradCam  # only with --saliency
+
+            self.grad_cam = GradCam(self.model, self.context)
 
     def model_input(self, pixels: Sequence[np.ndarray], slopes: Sequence[float], intercepts: Sequence[float]) -> torch.Tensor:
         """The model's input for stored pixel arrays: ``(N, (2k+1)·C, S, S)``.
@@ -75,14 +87,33 @@ class Screener:
     def predict(self, pixels: Sequence[np.ndarray], slopes: Sequence[float], intercepts: Sequence[float]) -> np.ndarray:
         """Probabilities ``(N, 6)`` for stored pixel arrays (laid out as :meth:`model_input` says)."""
         with torch.inference_mode():
+            return self._probabilities(self.model_input(pixels, slopes, intercepts))
+
+    def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with autocast:
+            logits = self.model(batch)
+        # One copy back per batch.
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def _predict_keeping_input(
+        self, pixels: Sequence[np.ndarray], slopes: Sequence[float], intercepts: Sequence[float]
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """:meth:`predict`, and the model input, for the saliency of the positive slices:
+        under ``no_grad`` rather than ``inference_mode``, whose tensors autograd refuses."""
+        with torch.no_grad():
             batch = self.model_input(pixels, slopes, intercepts)
-            autocast = (
-                torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
-            )
-            with autocast:
-                logits = self.model(batch)
-            # One copy back per batch.
-            return torch.sigmoid(logits.float()).cpu().numpy()
+            return self._probabilities(batch), batch
+
+    def saliency(self, batch: torch.Tensor, labels: Sequence[str]) -> list[np.ndarray]:
+        """Grad-CAM heat maps for model inputs (rows of :meth:`model_input`), one label each.
+
+        Runs in float32, without autocast: gradients in half precision are coarse, and
+        only positive slices get here.
+        """
+        if self.grad_cam is None:
+            raise RuntimeError("this screener was built without saliency")
+        return self.grad_cam(batch, [LABELS.index(label) for label in labels])
 
     def fit_batch_size(self, preferred: int, probe: int = 8, side: int = 512) -> int:
         """On a GPU: the batch size that fits its free memory, at most ``preferred``.
@@ -134,8 +165,13 @@ class Screener:
             if around is not None and len(around) != group:
                 raise ValueError(f"{len(around)} neighbours given for a model with slice_context {self.context}")
             stack.extend(around if around is not None else [decoded[i]] * group)
+        arrays = ([s.pixels for s in stack], [s.slope for s in stack], [s.intercept for s in stack])
+        batch = None
         try:
-            probs = self.predict([s.pixels for s in stack], [s.slope for s in stack], [s.intercept for s in stack])
+            if self.grad_cam is None:
+                probs = self.predict(*arrays)
+            else:
+                probs, batch = self._predict_keeping_input(*arrays)
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows, the run goes on
             log.error("model failed on a batch of %d: %s: %s", len(ok), type(exc).__name__, exc)
             for i in ok:
@@ -143,4 +179,20 @@ class Screener:
             return results
         for i, row in zip(ok, probs, strict=True):
             results[i].prediction = Prediction.from_probabilities(row, self.thresholds)
+        if batch is not None:
+            self._add_heatmaps([results[i] for i in ok], batch)
         return results
+
+    def _add_heatmaps(self, screened: list[SliceResult], batch: torch.Tensor) -> None:
+        """Heat maps for the positive ones of ``screened`` (row j of ``batch`` is result j)."""
+        rows = [j for j, result in enumerate(screened) if result.is_positive]
+        if not rows:
+            return
+        try:
+            index = torch.as_tensor(rows, device=batch.device)
+            maps = self.saliency(batch.index_select(0, index), [screened[j].top_label for j in rows])
+        except Exception as exc:  # noqa: BLE001 - the rows stand without their heat maps
+            log.error("saliency failed on %d positive slices: %s: %s", len(rows), type(exc).__name__, exc)
+            return
+        for j, heatmap in zip(rows, maps, strict=True):
+            screened[j].heatmap = heatmap

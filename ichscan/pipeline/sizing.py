@@ -99,9 +99,11 @@ def prepare_screening(
     workers: int | None = None,
     batch_size: int | None = None,
     threads: int | None = None,
+    saliency: bool = False,
 ) -> ScreeningSetup:
     """Load the model, tell the user what its weights are, and size the run for the machine
-    (the part ``batch``, ``watch`` and ``serve-scp`` share)."""
+    (the part ``batch``, ``watch`` and ``serve-scp`` share); ``saliency``: the screener
+    gives positive slices a heat map."""
     from ichscan.models import load_model
 
     resolved = resolve_device(device)
@@ -115,7 +117,7 @@ def prepare_screening(
         torch.set_num_threads(default_threads(workers))
     from ichscan.pipeline.screener import Screener
 
-    screener = Screener(pm, loaded, resolved)
+    screener = Screener(pm, loaded, resolved, saliency=saliency)
     if not batch_size:
         batch_size = default_batch_size(resolved)
         if resolved.type == "cuda":

@@ -97,8 +97,14 @@ class Outbox:
         Model name, version, demo flag and thresholds, for the SR.
     """
 
-    def __init__(self, store: StateStore, folder: Path, destinations: Sequence[Destination], model: ModelInfo):
+    def __init__(
+        self, store: StateStore, folder: Path, destinations: Sequence[Destination], model: ModelInfo, *, saliency: bool = False
+    ):
         self.store = store
+        #: ``--saliency``: key images show the heat map of their slice (when this process
+        #: screened it: heat maps are kept in memory, one per study, not in the state file).
+        self.saliency = saliency
+        self._heatmaps: dict[str, tuple[float, str, Any]] = {}  # study -> (p_any, SOP UID, heat map)
         self.ledger = Ledger(store)
         self.folder = Path(os.path.abspath(folder))
         self.destinations = list(dict.fromkeys(destinations))
@@ -143,11 +149,18 @@ class Outbox:
     def record_results(self, results: Iterable[SliceResult]) -> None:
         """Make sure the ledger holds every ``ok`` instance (path and probabilities) for
         its study's SR: ``watch`` recorded them already, ``batch`` did not."""
-        self.ledger.record_screened(
+        screened = [
             r
             for r in results
             if r.status == OK and r.probabilities and is_valid_uid(r.sop_instance_uid) and is_valid_uid(r.study_instance_uid)
-        )
+        ]
+        self.ledger.record_screened(screened)
+        for r in screened:
+            # The heat map of the study's most suspicious slice so far: the key image's.
+            kept = self._heatmaps.get(r.study_instance_uid)
+            # Ties go as in complete_study: to the larger SOP Instance UID.
+            if r.heatmap is not None and (kept is None or (r.probabilities["any"], r.sop_instance_uid) > kept[:2]):
+                self._heatmaps[r.study_instance_uid] = (r.probabilities["any"], r.sop_instance_uid, _compact(r.heatmap))
 
     def complete_studies(self, uids: Sequence[str]) -> tuple[list[Path], list[str]]:
         """:meth:`complete_study` for each study, remembered until it succeeds: a study
@@ -172,6 +185,7 @@ class Outbox:
                 continue
             with self.store.transaction():
                 self.store.execute("DELETE FROM studies_to_complete WHERE study_instance_uid = ?", (uid,))
+            self._heatmaps.pop(uid, None)
         return files, errors
 
     def unfinished(self) -> list[str]:
@@ -197,9 +211,12 @@ class Outbox:
         sr_key = self._content_key(probabilities)
         best_uid = max(probabilities, key=lambda uid: (probabilities[uid]["any"], uid))
         positive = probabilities[best_uid]["any"] >= self.model.thresholds["any"]
-        sc_key = hashlib.sha256(
-            json.dumps([best_uid, [round(probabilities[best_uid][label], 5) for label in LABELS]]).encode()
-        ).hexdigest()
+        # With --saliency the key image differs (a heat map on it): a run with it revises
+        # the key image of a run without it, and the other way round.
+        sc_content: list[object] = [best_uid, [round(probabilities[best_uid][label], 5) for label in LABELS]]
+        if self.saliency:
+            sc_content.append("saliency")
+        sc_key = hashlib.sha256(json.dumps(sc_content).encode()).hexdigest()
         latest_sr, latest_sc = self._latest(study_uid, SR), self._latest(study_uid, SC)
         need_sr = latest_sr is None or latest_sr["content_key"] != sr_key
         # A key image that could not be made before is tried again even when the SR stands.
@@ -320,6 +337,12 @@ class Outbox:
         top_label, top_probability = top_finding(best.probabilities, best.positive["any"])
         prediction = Prediction(dict(best.probabilities), dict(best.positive), top_label, top_probability)
         result = SliceResult.of(decoded, prediction)
+        if self.saliency:
+            kept = self._heatmaps.get(study_uid)
+            if kept is not None and kept[1] == best_uid:
+                result.heatmap = kept[2].astype(np.float32) / 255.0
+            else:
+                log.info("study %s: key image without a heat map (its slice was screened by an earlier run)", study_uid)
         overlay = render_overlay(brain_window_image(decoded.pixels, decoded.slope, decoded.intercept), result)
         series = latest["series_instance_uid"] if latest is not None else generate_uid()
         revision = latest["revision"] + 1 if latest is not None else 1
@@ -330,6 +353,7 @@ class Outbox:
             sop_instance_uid=generate_uid(),
             instance_number=revision,
             demo=self.model.demo,
+            heatmap=result.heatmap is not None,
         )
         return self._write(study_uid, SC, revision, key, ds)
 
@@ -372,6 +396,23 @@ class _NewObject:
     sop_class_uid: str
     key: str
     path: Path
+
+
+#: Heat maps kept for key images: at most this many cells a side, as uint8 (at most 4 KB
+#: per study a batch run holds; Grad-CAM maps are coarse, the key image stretches them).
+KEPT_HEATMAP_SIDE = 64
+
+
+def _compact(heatmap):
+    """A heat map for keeping: uint8 levels (0-255 for 0-1), no larger than 64 x 64."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.round(np.clip(np.asarray(heatmap, np.float32), 0, 1) * 255).astype(np.uint8))
+    if max(image.size) > KEPT_HEATMAP_SIDE:
+        scale = KEPT_HEATMAP_SIDE / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return np.asarray(image)
 
 
 def _tmp_name(path: Path) -> Path:

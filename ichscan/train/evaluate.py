@@ -1,4 +1,5 @@
-"""``ichscan evaluate``: metrics, report, confusion matrices and ROC curves for a checkpoint."""
+"""``ichscan evaluate``: metrics, report, confusion matrices and ROC curves for a checkpoint,
+per slice and per study."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import csv
 import json
 import logging
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import pluggy
 import torch
 
 from ichscan.pipeline.sizing import cpu_count, resolve_device
+from ichscan.dicom import read_header_instance
 from ichscan.labels import LABELS
 from ichscan.models import load_model
 from ichscan.plugins import get_plugin_manager
+from ichscan.records import NO_STUDY_UID
 from ichscan.train.dataset import RSNADataset, read_rsna_labels
 from ichscan.train.loop import TrainingError, _loader, predict_loader
 from ichscan.train.metrics import (
@@ -22,6 +26,8 @@ from ichscan.train.metrics import (
     per_label_metrics,
     plot_confusion_matrices,
     plot_roc_curves,
+    study_metrics,
+    study_outcomes,
     weighted_log_loss,
 )
 from ichscan.train.split import images_in, read_split
@@ -43,8 +49,24 @@ class EvaluateOptions:
     thresholds: dict[str, float] | None = None
 
 
+def study_keys(paths: Iterable[str | Path]) -> list[str]:
+    """Each file's study, read from its header (StudyInstanceUID; the key ``batch`` uses,
+    so a file without one joins the same pseudo-study as there)."""
+    keys = []
+    for path in paths:
+        instance = read_header_instance(path)
+        keys.append(instance.study_key if instance is not None else NO_STUDY_UID)
+    return keys
+
+
+def describe_study_metrics(study: dict) -> str:
+    """One line: studies, positives and the study-level AUC (or why there is none)."""
+    auc = f"AUC {study['auc']:.3f}" if study["auc"] is not None else f"AUC n/a ({study['reason']})"
+    return f"studies: {study['n_studies']} ({study['n_positive']} positive), {auc}, study probability: {study['probability']}"
+
+
 def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None) -> dict:
-    """Evaluate; write metrics.json, report.txt, the two PNGs and predictions.csv."""
+    """Evaluate; write metrics.json, report.txt, the two PNGs, predictions.csv and studies.csv."""
     pm = pm or get_plugin_manager()
     loaded = load_model(pm, opts.weights, thresholds=opts.thresholds)
     if loaded.notice():
@@ -64,6 +86,12 @@ def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None
     unreadable: set[str] = set()
     probs, targets, image_ids, _ = predict_loader(model, _loader(dataset, opts.batch_size, workers), device, unreadable)
     thresholds = loaded.thresholds
+    path_of = {item.image_id: item.path for item in dataset.items}
+    any_column = LABELS.index("any")
+    # A study is positive when any of its slices is. Its probability is the maximum slice
+    # p_any, as in batch's studies CSV; a model with its own study-level output (a series
+    # head) is to pass it here as study_probabilities.
+    studies = study_outcomes(study_keys(path_of[i] for i in image_ids), targets[:, any_column], probs[:, any_column])
     metrics = {
         "weights": loaded.source,
         "model": loaded.name,
@@ -72,12 +100,14 @@ def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None
         "unreadable": len(unreadable),
         "weighted_log_loss": weighted_log_loss(targets, probs),
         "per_label": per_label_metrics(targets, probs, thresholds),
+        "study": study_metrics(studies),
     }
     out = opts.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.txt").write_text(
-        f"weights: {loaded.source}\nimages: {len(image_ids)}\nweighted log loss: {metrics['weighted_log_loss']:.4f}\n\n"
+        f"weights: {loaded.source}\nimages: {len(image_ids)}\nweighted log loss: {metrics['weighted_log_loss']:.4f}\n"
+        f"{describe_study_metrics(metrics['study'])}\n\n"
         + classification_report_text(targets, probs, thresholds)
     )
     plot_confusion_matrices(out / "confusion_matrices.png", targets, probs, thresholds)
@@ -87,4 +117,9 @@ def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None
         writer.writerow(["image_id", *(f"p_{label}" for label in LABELS), *(f"true_{label}" for label in LABELS)])
         for image_id, p, t in zip(image_ids, probs, targets, strict=True):
             writer.writerow([image_id, *(f"{v:.6f}" for v in p), *(int(v) for v in t)])
+    with open(out / "studies.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["study_instance_uid", "slices", "p_any", "true_any", "probability"])
+        for study in studies:
+            writer.writerow([study.study_instance_uid, study.slices, f"{study.probability:.6f}", int(study.positive), study.source])
     return metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,88 @@ def aucs(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, float | No
         y = targets[:, j]
         out[label] = float(roc_auc_score(y, probabilities[:, j])) if 0 < y.sum() < len(y) else None
     return out
+
+
+#: ``"probability"`` of study-level metrics: where each study's probability came from.
+STUDY_FROM_MAX_SLICE = "max slice p_any"
+STUDY_FROM_MODEL = "model"
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """One study in an evaluation: its slices, truth and probability.
+
+    ``positive`` is true when any of its slices is (label ``any``); ``probability`` is the
+    model's study-level output where it gives one (``source`` :data:`STUDY_FROM_MODEL`),
+    else the maximum ``p_any`` of its slices (:data:`STUDY_FROM_MAX_SLICE`), the value
+    ``batch`` writes in the studies CSV's ``p_any`` column.
+    """
+
+    study_instance_uid: str
+    slices: int
+    positive: bool
+    probability: float
+    source: str = STUDY_FROM_MAX_SLICE
+
+
+def study_outcomes(
+    study_keys: Sequence[str],
+    targets_any: Sequence[float] | np.ndarray,
+    probabilities_any: Sequence[float] | np.ndarray,
+    study_probabilities: Mapping[str, float] | None = None,
+) -> list[StudyOutcome]:
+    """Slices grouped into studies (by UID), sorted by UID.
+
+    Parameters
+    ----------
+    study_keys
+        Per slice, its study (StudyInstanceUID, or one shared key for slices without one).
+    targets_any, probabilities_any
+        Per slice, the true ``any`` label (0/1) and the predicted ``any`` probability.
+    study_probabilities
+        A model's own study-level probability (e.g. a series head's) by study; a study it
+        names takes that value instead of its maximum slice probability.
+    """
+    if not len(study_keys) == len(targets_any) == len(probabilities_any):
+        raise ValueError("study keys, targets and probabilities differ in length")
+    slices: dict[str, int] = {}
+    positive: dict[str, bool] = {}
+    highest: dict[str, float] = {}
+    for key, target, probability in zip(study_keys, targets_any, probabilities_any, strict=True):
+        slices[key] = slices.get(key, 0) + 1
+        positive[key] = positive.get(key, False) or bool(target >= 0.5)
+        highest[key] = max(highest.get(key, 0.0), float(probability))
+    given = study_probabilities or {}
+    return [
+        StudyOutcome(key, slices[key], positive[key], float(given[key]), STUDY_FROM_MODEL)
+        if key in given
+        else StudyOutcome(key, slices[key], positive[key], highest[key])
+        for key in sorted(slices)
+    ]
+
+
+def study_metrics(outcomes: Sequence[StudyOutcome]) -> dict:
+    """``auc``, ``n_studies``, ``n_positive``, where the probabilities came from and, when
+    the AUC is undefined (no studies, or all of one class), ``auc`` None and the reason."""
+    from sklearn.metrics import roc_auc_score
+
+    n_positive = sum(o.positive for o in outcomes)
+    sources = sorted({o.source for o in outcomes})
+    result: dict = {
+        "auc": None,
+        "n_studies": len(outcomes),
+        "n_positive": n_positive,
+        "probability": " and ".join(sources) if sources else STUDY_FROM_MAX_SLICE,
+        "reason": None,
+    }
+    if not outcomes:
+        result["reason"] = "no studies"
+    elif n_positive in (0, len(outcomes)):
+        kind = "positive" if n_positive else "negative"
+        result["reason"] = f"all {len(outcomes)} studies are {kind}: the AUC needs both classes"
+    else:
+        result["auc"] = float(roc_auc_score([int(o.positive) for o in outcomes], [o.probability for o in outcomes]))
+    return result
 
 
 def youden_thresholds(targets: np.ndarray, probabilities: np.ndarray, default: float = 0.5) -> dict[str, float]:
@@ -126,7 +210,8 @@ def plot_roc_curves(path: Path, targets: np.ndarray, probabilities: np.ndarray) 
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC curves")
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # no curve when no label has both classes
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
