@@ -727,7 +727,7 @@ def test_volumetric_reproducible_and_more_studies_keep_the_first(tmp_path: Path)
     kwargs = dict(slices=4, seed=9, size=64, volumetric=True, layout="rsna", positive_fraction=1.0)
     small = synth.generate(tmp_path / "a", 1, **kwargs)
     big = synth.generate(tmp_path / "b", 2, **kwargs)
-    again = synth.generate(tmp_path / "c", 2, **kwargs)
+    synth.generate(tmp_path / "c", 2, **kwargs)
     for r_small, r_big in zip(small, big):
         assert r_small.path.read_bytes() == r_big.path.read_bytes()
     assert tree_bytes(tmp_path / "b") == tree_bytes(tmp_path / "c")
