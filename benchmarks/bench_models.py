@@ -14,8 +14,10 @@ Then the estimated wall clock of
     headers + decode of 2,000 slices (measured here on 512 x 512 phantoms)
     + epochs x (1,600 x (forward + backward + augmentation) + 200 x forward)
 
-with the model's default epochs (``ichnet``'s ``train_defaults``; 5 otherwise). Not a test:
-run it by hand on an otherwise idle machine.
+with ``ichnet``'s default epochs (its ``train_defaults``; ``--epochs`` to change), once from the
+wall-clock figures and once from ``cpu / threads`` (an idle machine). Not a test: run it by
+hand, on an otherwise idle machine where possible. Its 2026-11-30 run (dev-2c, load 5 to 7)
+is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
