@@ -13,8 +13,9 @@ local finding, so the strongest response anywhere in the image (global max pool)
 the fifth stage doubles the receptive field (about 90 pixels at 224 px), enough to place a
 bleed against the skull and the ventricles, which tells the subtypes apart, for about 10 %
 more time per image than four stages. On the 2-core development machine, forward and
-backward cost about 110 ms per 9-channel image when idle, so the default 5 epochs on 2,000
-slices take about 16 minutes from a cold cache, inside the 25-minute budget; a ResNet-18
+backward cost about 110 ms per 9-channel image when idle (125 ms in the real training loop),
+so the default 5 epochs on 2,000 slices take about 18 minutes from a cold cache, inside the
+25-minute budget; a ResNet-18
 (about 215 ms) or an EfficientNet-B0 (about 125 ms) would not leave that margin.
 """
 
@@ -95,7 +96,7 @@ class ICHNet(PlainCNN):
     slice_context = 1
     #: ``ichscan train`` defaults for this model (each overridable on the command line): the
     #: recipe issue 13 measured for the 4-stage version (Adam 0.001, batch 32), 5 epochs to
-    #: stay inside 25 minutes for 2,000 slices on the 2-core machine (about 16 when idle).
+    #: stay inside 25 minutes for 2,000 slices on the 2-core machine (about 18 when idle).
     train_defaults = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
 
     def __init__(self, windows: int = WINDOWS, num_labels: int = len(LABELS)):
