@@ -156,6 +156,7 @@ def ichnet_run(make_phantoms, tmp_path_factory):
     return root, run
 
 
+@pytest.mark.slow
 def test_ichnet_one_epoch_from_the_cli(ichnet_run):
     root, run = ichnet_run
     for name in ("split.csv", "best.pt", "last.pt", "history.csv"):
@@ -167,6 +168,7 @@ def test_ichnet_one_epoch_from_the_cli(ichnet_run):
     assert loaded.extra["train"] == {"epochs": 1, "lr": train_defaults(get_plugin_manager(), "ichnet")["lr"], "batch_size": 8}
 
 
+@pytest.mark.slow
 def test_train_prints_the_settings_it_took(make_phantoms, tmp_path):
     root, _ = make_phantoms("defaults", studies=4, slices=2, seed=43, layout="rsna", size=64)
     result = CliRunner().invoke(
@@ -179,6 +181,7 @@ def test_train_prints_the_settings_it_took(make_phantoms, tmp_path):
     assert f"training ichnet-2d: epochs 1 (--epochs), learning rate 0.005 (--lr), batch size {batch} (model default)" in result.output
 
 
+@pytest.mark.slow
 def test_batch_screens_with_trained_ichnet_as_evaluate_does(ichnet_run, tmp_path):
     """batch (the pipeline's series context) and evaluate (the training dataset) give the same
     probabilities for every slice: both hand the model the same neighbours."""
