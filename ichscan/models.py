@@ -50,6 +50,38 @@ def create_model(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> nn.Modul
     return factories[name](**kwargs)
 
 
+#: ``ichscan train`` settings of a model that states none (``train_defaults``), e.g. simplecnn.
+TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
+
+
+def train_defaults(pm: pluggy.PluginManager, name: str) -> dict[str, int | float]:
+    """Training settings (``epochs``, ``lr``, ``batch_size``) for model ``name``.
+
+    A model states its own in a ``train_defaults`` mapping on its factory (the class it
+    registers), read without building the model; what it leaves out comes from
+    :data:`TRAIN_DEFAULTS`.
+
+    Raises
+    ------
+    ModelError
+        For an unknown model, or ``train_defaults`` with an unknown key or a bad value.
+    """
+    factories = model_factories(pm)
+    if name not in factories:
+        raise ModelError(f"unknown model {name!r}; registered: {', '.join(sorted(factories)) or 'none'}")
+    own = getattr(factories[name], "train_defaults", None) or {}
+    unknown = set(own) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ModelError(f"model {name!r}: train_defaults has unknown keys {sorted(unknown)} (known: {', '.join(TRAIN_DEFAULTS)})")
+    merged = {**TRAIN_DEFAULTS, **own}
+    for key in ("epochs", "batch_size"):
+        if not isinstance(merged[key], int) or isinstance(merged[key], bool) or merged[key] < 1:
+            raise ModelError(f"model {name!r}: train_defaults {key} must be a whole number >= 1, not {merged[key]!r}")
+    if not isinstance(merged["lr"], (int, float)) or not 0 < merged["lr"] <= 1:
+        raise ModelError(f"model {name!r}: train_defaults lr must be in (0, 1], not {merged['lr']!r}")
+    return merged
+
+
 @dataclass
 class LoadedModel:
     """A model ready for inference plus what it needs to be used correctly."""

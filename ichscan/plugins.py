@@ -31,6 +31,7 @@ TRACE_ENV = "ICHSCAN_TRACE_PLUGINS"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "ichscan.default_plugins.windowing",
     "ichscan.default_plugins.simple_cnn",
+    "ichscan.default_plugins.ichnet",
     "ichscan.default_plugins.csv_report",
     "ichscan.default_plugins.html_report",
     "ichscan.default_plugins.dicom_report",

@@ -17,10 +17,10 @@ log = logging.getLogger("ichscan")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="RSNA-format labels CSV (ID,Label rows ID_<image>_<label>,<0|1>).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: split.csv, best.pt, last.pt, history.csv, loss_curve.png.")
-@click.option("--epochs", type=click.IntRange(1, 10000), default=5, help="Training epochs.")
-@click.option("--model", "model_name", default="simplecnn", help="Registered model to train.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, help="Images per training step.")
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-3, help="Adam learning rate (peak of the cosine schedule with warm-up).")
+@click.option("--model", "model_name", default="simplecnn", help="Registered model to train ('ichnet' is the one recommended for real data).")
+@click.option("--epochs", type=click.IntRange(1, 10000), default=None, help="Training epochs.  [default: the model's; 5 for the built-in ones]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per training step.  [default: the model's; 32 for the built-in ones]")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None, help="Adam learning rate (peak of the cosine schedule with warm-up).  [default: the model's; 0.001 for the built-in ones]")
 @click.option("--seed", type=int, default=0, help="Seed for the split, sampling, augmentation and initial weights.")
 @with_options(device_option("auto takes CUDA when present."))
 @click.option("--workers", type=click.IntRange(0, 256), default=None, help="Data loading processes.  [default: one per core]")
@@ -38,6 +38,7 @@ def train(ctx: click.Context, labels_csv: Path, no_cache: bool, no_augment: bool
     BCEWithLogitsLoss and Adam under a cosine schedule with warm-up, and keeps the
     checkpoint with the lowest validation loss as RUN_DIR/best.pt, ready for
     'ichscan batch --weights'. Ctrl-C saves RUN_DIR/last.pt; --resume continues.
+    Epochs, learning rate and batch size default to the model's own (printed at the start).
     """
     from ichscan.train.dataset import LabelsError
     from ichscan.train.loop import Interrupted, TrainingError, TrainOptions, run_training

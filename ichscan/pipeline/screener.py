@@ -12,7 +12,7 @@ import torch
 
 from ichscan.labels import LABELS
 from ichscan.models import LoadedModel
-from ichscan.pipeline.sizing import fit_batch_size, resolve_device
+from ichscan.pipeline.sizing import autocast_dtype, fit_batch_size, resolve_device
 from ichscan.records import DecodedSlice, Prediction, SliceResult, Status
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class Screener:
         # channels-last is the faster convolution layout on both CPU and GPU.
         self.channels_last = True
         self.model = loaded.model.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.amp_dtype: torch.dtype | None = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = autocast_dtype(self.device)
         self.grad_cam = None
         if saliency:
             from ichscan.saliency import GradCam  # only with --saliency

@@ -26,10 +26,33 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from ichscan.records import DecodedSlice, ReadThrough, Status
+from ichscan.records import DecodedSlice, Instance, ReadThrough, Status
+
+
+_T = TypeVar("_T")
+
+
+def repeat_nearest(slots: Sequence[_T | None]) -> tuple[_T, ...]:
+    """The missing-neighbour rule: each ``None`` in ``2k + 1`` slots (lowest position first,
+    the slice itself in the middle, never ``None``) becomes the nearest slot towards the
+    middle that holds a slice, so an edge slice repeats itself.
+
+    The one place the rule lives: the assembler applies it to what has arrived, training
+    (:mod:`ichscan.train.dataset`) to neighbours that fail to decode.
+    """
+    k = len(slots) // 2
+    if len(slots) % 2 != 1 or slots[k] is None:
+        raise ValueError("slots must be 2k + 1 long with the slice itself in the middle")
+    filled = list(slots)
+    for side in (-1, 1):
+        for j in range(1, k + 1):
+            if filled[k + side * j] is None:
+                filled[k + side * j] = filled[k + side * (j - 1)]
+    return tuple(filled)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -165,9 +188,9 @@ class SeriesAssembler:
                 if found is None and not quiet:
                     if not spacing or not series.known or self._expected_near(series, member.position + side * j * spacing, spacing):
                         return None  # it may still come
-                # Missing for good: repeat the nearest slice towards the centre.
-                slots[k + side * j] = found.decoded if found is not None else slots[k + side * (j - 1)]
-        return tuple(slots)  # type: ignore[arg-type]
+                if found is not None:
+                    slots[k + side * j] = found.decoded
+        return repeat_nearest(slots)  # the rest are missing for good
 
     @staticmethod
     def _at(series: _Series, target: float, spacing: float) -> _Member | None:
@@ -196,3 +219,23 @@ class SeriesAssembler:
         series.members = [
             m for m in series.members if not m.released or any(abs(m.position - p) <= reach for p in waiting)
         ]
+
+
+def neighbour_indexes(instances: Sequence[Instance], context: int) -> list[tuple[int, ...]]:
+    """For a complete set of slices (every one that will ever be there), the ``2k + 1``
+    neighbours of each as indexes into ``instances``: exactly what the pipeline hands the
+    model for the same files, because it is the same :class:`SeriesAssembler` that finds them.
+
+    A slice without a series or a position stands for all of its neighbours, as in the
+    pipeline. Used by training, which knows its slices from their headers.
+    """
+    group = 2 * max(0, int(context)) + 1
+    stand_ins = [DecodedSlice(instance, Status.OK) for instance in instances]
+    where = {id(s): i for i, s in enumerate(stand_ins)}
+    result = [(i,) * group for i in range(len(instances))]
+    assembler = SeriesAssembler(context)
+    assembler.add(stand_ins, now=0.0)
+    for ready in assembler.take(0.0, flush=True):
+        if ready.neighbours:
+            result[where[id(ready.slice)]] = tuple(where[id(n)] for n in ready.neighbours)
+    return result

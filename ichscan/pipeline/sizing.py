@@ -35,6 +35,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); ``None`` (float32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def default_workers(device: torch.device) -> int:
     """Decode workers: one per core on the CPU, all cores but one with a GPU.
 

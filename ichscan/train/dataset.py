@@ -4,9 +4,11 @@ Layout: a labels CSV with header ``ID,Label`` and rows ``ID_<image>_<label>,<0|1
 image, labels as in :data:`ichscan.LABELS`), and images ``ID_<image>.dcm`` anywhere under a
 data folder (``stage_2_train/`` in the RSNA download).
 
-The dataset decodes through :func:`ichscan.dicom.decode_many` and preprocesses through the
-``ichscan_preprocess`` hook, exactly as ``ichscan batch`` does on the CPU, so training and
-inference see the same numbers for the same file.
+The dataset decodes through :func:`ichscan.dicom.decode_many` and preprocesses with
+:func:`ichscan.preprocess.preprocess` (the built-in ``ichscan_preprocess``), exactly as
+``ichscan batch`` does on the CPU, so training and inference see the same numbers for the
+same file. For a model with ``slice_context = k`` each input is the slice with its ``2k``
+neighbours, found by the pipeline's own series logic (:func:`ichscan.pipeline.series.neighbour_indexes`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ichscan.dicom import OK, decode_many
+from ichscan.dicom import OK, decode_many, read_header_instance
 from ichscan.labels import LABELS
+from ichscan.pipeline.series import neighbour_indexes, repeat_nearest
+from ichscan.records import Instance
 from ichscan.preprocess import PreprocessSettings, preprocess
 
 log = logging.getLogger(__name__)
@@ -192,11 +196,20 @@ class RSNADataset(Dataset):
         Cache decoded, windowed inputs here (uint8, memory-mapped); None: no cache.
     augment
         Random flips, small rotations and shifts (training only).
+    context
+        The model's ``slice_context`` ``k``: each input is ``(2k+1)·C`` channels, the slice
+        and its neighbours along the slice normal, lowest first, as the pipeline gives them
+        to the model (:meth:`model_input`).
 
     Notes
     -----
-    Unreadable images are found at first access; :meth:`validate` decodes everything
-    once up front (filling the cache) and drops them with one log line.
+    Unreadable images are found at first access and left out by :func:`collate_skipping`.
+
+    Neighbours come from the dataset's own images: the headers of all of them are read
+    once, here, and :func:`ichscan.pipeline.series.neighbour_indexes` (the pipeline's
+    assembler) finds each slice's neighbours among them. A patient-level split keeps every
+    series whole, so a split's slices never see another split's pixels. The cache holds one
+    slot per slice, so a neighbour costs a cache read, not a decode.
     """
 
     def __init__(
@@ -208,14 +221,22 @@ class RSNADataset(Dataset):
         cache_dir: str | os.PathLike[str] | None = None,
         augment: bool = False,
         cache_key: str = "inputs",
+        context: int = 0,
     ):
         label_map = labels if isinstance(labels, dict) else read_rsna_labels(labels)
         self.items = match_items(data_dir, label_map, image_ids)
         self.settings = settings
         self.augment = augment
+        self.context = max(0, int(context))
         shape = (len(settings.windows), settings.size, settings.size)
         self.cache = DecodeCache(cache_dir, cache_key, len(self.items), shape) if cache_dir else None
         self.decodes = 0  # DICOM decodes done by this process (tests count them)
+        self._unreadable: set[int] = set()
+        #: ``neighbours[i]``: the ``2k + 1`` item indexes around item ``i`` (itself in the middle).
+        self.neighbours: list[tuple[int, ...]] = [(i,) for i in range(len(self.items))]
+        if self.context:
+            instances = [read_header_instance(item.path) or Instance(str(item.path)) for item in self.items]
+            self.neighbours = neighbour_indexes(instances, self.context)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -225,7 +246,26 @@ class RSNADataset(Dataset):
         return np.stack([item.target for item in self.items]) if self.items else np.zeros((0, len(LABELS)), np.float32)
 
     def model_input(self, index: int) -> torch.Tensor:
-        """The preprocessed input for item ``index`` (from the cache when filled)."""
+        """The model's input for item ``index``: ``((2k+1)·C, S, S)``, channel ``j·C + c``
+        window ``c`` of neighbour ``j``, as :meth:`ichscan.pipeline.screener.Screener.model_input`
+        builds it. A neighbour that cannot be decoded is missing, as in the pipeline (the
+        nearest slice towards the centre stands in); an unreadable slice itself raises
+        :class:`UnreadableImage`.
+        """
+        if not self.context:
+            return self.slice_input(index)
+        inputs: dict[int, torch.Tensor | None] = {index: self.slice_input(index)}
+        for j in self.neighbours[index]:
+            if j not in inputs:
+                try:
+                    inputs[j] = None if j in self._unreadable else self.slice_input(j)
+                except UnreadableImage:
+                    self._unreadable.add(j)
+                    inputs[j] = None
+        return torch.cat(repeat_nearest([inputs[j] for j in self.neighbours[index]]))
+
+    def slice_input(self, index: int) -> torch.Tensor:
+        """The preprocessed slice ``index`` alone, ``(C, S, S)`` (from the cache when filled)."""
         if self.cache is not None:
             cached = self.cache.get(index)
             if cached is not None:

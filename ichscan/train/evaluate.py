@@ -13,6 +13,7 @@ from pathlib import Path
 import pluggy
 import torch
 
+from ichscan.pipeline.screener import slice_context
 from ichscan.pipeline.sizing import cpu_count, resolve_device
 from ichscan.dicom import read_header_instance
 from ichscan.labels import LABELS
@@ -78,7 +79,7 @@ def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None
         ids = images_in(read_split(opts.split_file), opts.split)
         if not ids:
             raise TrainingError(f"{opts.split_file} has no images in split {opts.split!r}")
-    dataset = RSNADataset(opts.data_dir, labels, ids, loaded.preprocessing)
+    dataset = RSNADataset(opts.data_dir, labels, ids, loaded.preprocessing, context=slice_context(loaded.model))
     if not len(dataset):
         raise TrainingError(f"no labelled images found under {opts.data_dir}")
     model = loaded.model.to(device).to(memory_format=torch.channels_last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -21,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from ichscan.durable import replacing
 from ichscan.pipeline.progress import Progress
-from ichscan.pipeline.sizing import cpu_count, resolve_device
+from ichscan.pipeline.screener import slice_context
+from ichscan.pipeline.sizing import autocast_dtype, cpu_count, resolve_device
 from ichscan.labels import LABELS
-from ichscan.models import DEFAULT_MODEL, create_model, save_checkpoint
+from ichscan.models import DEFAULT_MODEL, create_model, save_checkpoint, train_defaults
 from ichscan.plugins import get_plugin_manager
 from ichscan.preprocess import PreprocessSettings
 from ichscan.train.dataset import RSNADataset, SafeView, collate_skipping, match_items, read_rsna_labels
@@ -49,10 +51,11 @@ class TrainOptions:
     data_dir: Path
     labels: Path
     out_dir: Path
-    epochs: int = 5
+    #: epochs, batch_size, lr: None takes the model's own default (:func:`ichscan.models.train_defaults`).
+    epochs: int | None = None
     model_name: str = DEFAULT_MODEL
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int | None = None
+    lr: float | None = None
     seed: int = 0
     device: str = "auto"
     cache_dir: Path | None = None  # default: <out_dir>/cache
@@ -71,6 +74,25 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return 0.1 + 0.9 * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_train_defaults(opts: TrainOptions, pm: pluggy.PluginManager) -> str:
+    """Fill ``epochs``, ``lr`` and ``batch_size`` left at None from the model's defaults;
+    return a line saying what was taken from where (``ichscan train`` prints it)."""
+    defaults = train_defaults(pm, opts.model_name)
+    said = []
+    for key, flag, what in (("epochs", "--epochs", "epochs"), ("lr", "--lr", "learning rate"), ("batch_size", "--batch-size", "batch size")):
+        given = getattr(opts, key) is not None
+        if not given:
+            setattr(opts, key, defaults[key])
+        said.append(f"{what} {getattr(opts, key):g} ({flag if given else 'model default'})")
+    return f"training {opts.model_name}: {', '.join(said)}"
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on a GPU (as in screening), a no-op on the CPU."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _cache_key(split: str, ids: list[str], settings: PreprocessSettings) -> str:
@@ -124,7 +146,9 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, u
                 continue
             inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
             target = target.to(device)
-            logits = model(inputs).float()
+            with _autocast(device):
+                logits = model(inputs)
+            logits = logits.float()
             total_loss += float(loss_fn(logits, target))
             count += target.numel()
             probs.append(torch.sigmoid(logits).cpu().numpy())
@@ -166,6 +190,8 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
         After Ctrl-C, once ``last.pt`` (resumable) is saved.
     """
     pm = pm or get_plugin_manager()
+    log.info("%s", resolve_train_defaults(opts, pm))
+    assert opts.epochs is not None and opts.batch_size is not None and opts.lr is not None
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed % (2**32))
@@ -178,11 +204,21 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
         raise TrainingError(f"too few patients to split: {len(train_ids)} training and {len(val_ids)} validation images")
     cache_dir = (opts.cache_dir or opts.out_dir / "cache") if opts.cache else None
     settings = opts.settings
-    train_set = RSNADataset(opts.data_dir, labels, train_ids, settings, cache_dir, augment=opts.augment, cache_key=_cache_key("train", train_ids, settings))
-    val_set = RSNADataset(opts.data_dir, labels, val_ids, settings, cache_dir, cache_key=_cache_key("validation", val_ids, settings))
-    log.info("training on %d images, validating on %d (split by patient: %s)", len(train_set), len(val_set), opts.out_dir / "split.csv")
-
     model = create_model(pm, opts.model_name).to(device).to(memory_format=torch.channels_last)
+    context = slice_context(model)
+    # The cache holds single slices, whatever the context: its key needs no k.
+    train_set = RSNADataset(
+        opts.data_dir, labels, train_ids, settings, cache_dir, augment=opts.augment, cache_key=_cache_key("train", train_ids, settings), context=context
+    )
+    val_set = RSNADataset(opts.data_dir, labels, val_ids, settings, cache_dir, cache_key=_cache_key("validation", val_ids, settings), context=context)
+    log.info(
+        "training on %d images, validating on %d (split by patient: %s)%s",
+        len(train_set),
+        len(val_set),
+        opts.out_dir / "split.csv",
+        f"; each with {context} neighbouring slice(s) per side" if context else "",
+    )
+
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     sampler = BalancedSampler(train_set.targets, seed=opts.seed)
     steps_per_epoch = math.ceil(len(sampler) / opts.batch_size)
@@ -190,6 +226,8 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
     warmup = int(opts.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
     loss_fn = nn.BCEWithLogitsLoss()
+    # fp16 autocast needs loss scaling against underflowing gradients; bf16 and float32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
     history: list[dict] = []
     best_loss, best_epoch, start_epoch, skip_steps = math.inf, 0, 1, 0
@@ -201,6 +239,8 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history, best_loss, best_epoch = state["history"], state["best_loss"], state["best_epoch"]
         start_epoch, skip_steps = state["epoch"], state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -211,13 +251,14 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "history": history,
             "best_loss": best_loss,
             "best_epoch": best_epoch,
             "epoch": epoch,
             "step": step,
             "torch_rng": torch.get_rng_state(),
-            "options": {"model": opts.model_name, "epochs": opts.epochs, "seed": opts.seed},
+            "options": {"model": opts.model_name, "epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "seed": opts.seed},
         }
         with replacing(last_path) as tmp:
             torch.save(payload, tmp)
@@ -237,9 +278,12 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
                         inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                         targets = targets.to(device, non_blocking=True)
                         optimizer.zero_grad(set_to_none=True)
-                        loss = loss_fn(model(inputs), targets)
-                        loss.backward()
-                        optimizer.step()
+                        with _autocast(device):
+                            logits = model(inputs)
+                        loss = loss_fn(logits.float(), targets)
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
                         running += loss.item() * len(ids)
                         seen += len(ids)
                     scheduler.step()
@@ -276,7 +320,13 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
                     opts.model_name,
                     thresholds=youden_thresholds(targets_np, probs),
                     preprocessing=settings,
-                    extra={"epoch": epoch, "val_loss": val_loss, "val_auc": val_aucs, "trained_on": str(opts.data_dir)},
+                    extra={
+                        "epoch": epoch,
+                        "val_loss": val_loss,
+                        "val_auc": val_aucs,
+                        "trained_on": str(opts.data_dir),
+                        "train": {"epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size},
+                    },
                 )
             save_last(epoch + 1, 0)
             _write_history(opts.out_dir / "history.csv", history)
