@@ -109,7 +109,85 @@ class ICHNet2D(ICHNet):
     slice_context = 0
 
 
+class SeriesHead(nn.Module):
+    """A bidirectional GRU over the per-slice embeddings of one series, in position order.
+
+    It refines every slice's logits (the backbone's plus a correction read from the GRU's
+    state there, so a slice learns from the slices above and below it, however far) and
+    gives the series' own logits: the highest refined slice logit per label plus a
+    correction read from the GRU's states max-pooled over the series. Both corrections
+    start at zero, so an untrained head changes nothing: the series' probability is then
+    the highest slice probability, the rule for models without a head.
+
+    A missing slice (a gap in the series) simply is not in the sequence; a lone slice is
+    a series of one.
+    """
+
+    def __init__(self, features: int, hidden: int = 64, num_labels: int = len(LABELS)):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Linear(features, 2 * hidden), nn.ReLU(inplace=True), nn.Dropout(0.2))
+        self.gru = nn.GRU(2 * hidden, hidden, batch_first=True, bidirectional=True)
+        self.slice_out = nn.Linear(2 * hidden, num_labels)
+        self.series_out = nn.Linear(2 * hidden, num_labels)
+        for layer in (self.slice_out, self.series_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self, embeddings: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embeddings (B, L, D)`` and the backbone's ``logits (B, L, labels)`` of ``B``
+        series padded to ``L`` slices (``lengths``: the real lengths; all ``L`` when None)
+        -> refined slice logits ``(B, L, labels)`` and series logits ``(B, labels)``."""
+        batch, length = embeddings.shape[:2]
+        if lengths is None:
+            lengths = torch.full((batch,), length, dtype=torch.long)
+        reduced = self.reduce(embeddings)
+        packed = nn.utils.rnn.pack_padded_sequence(reduced, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        states, _ = self.gru(packed)
+        states, _ = nn.utils.rnn.pad_packed_sequence(states, batch_first=True, total_length=length)
+        refined = logits + self.slice_out(states)
+        real = (torch.arange(length, device=embeddings.device)[None, :] < lengths.to(embeddings.device)[:, None])[..., None]
+        lowest = torch.finfo(refined.dtype).min
+        pooled_states = states.masked_fill(~real, lowest).amax(dim=1)
+        series = refined.masked_fill(~real, lowest).amax(dim=1) + self.series_out(pooled_states)
+        return refined, series
+
+
+class ICHNetSeries(ICHNet):
+    """:class:`ICHNet` with a :class:`SeriesHead`: each slice's probabilities refined by its
+    whole series, and a probability for the series (and so the study) as a whole.
+
+    ``forward`` is the backbone alone (the slice-level logits it is trained on first);
+    :meth:`refine` applies the head to the embeddings of whole series. ``ichscan train``
+    trains the backbone as ``ichnet``, then the head on the embeddings of the training
+    series (:mod:`ichscan.train.series_head`); the pipeline screens such a model's slices
+    series by series, once a series is complete (``batch``) or quiet for
+    ``--series-timeout`` (``watch``, ``serve-scp``).
+    """
+
+    #: The pipeline and training look for this: slices go through :meth:`refine` by series.
+    series_head = True
+
+    def __init__(self, windows: int = WINDOWS, num_labels: int = len(LABELS)):
+        super().__init__(windows, num_labels)
+        self.sequence = SeriesHead(WIDTHS[-1], num_labels=num_labels)
+
+    def refine(
+        self, embeddings: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``(B, L, D)`` of series in position order (from :meth:`embed`) ->
+        refined slice logits ``(B, L, 6)`` and series logits ``(B, 6)``."""
+        return self.sequence(embeddings, self.head(embeddings), lengths)
+
+
+def has_series_head(model: nn.Module) -> bool:
+    """Whether ``model`` refines slices by whole series (``series_head = True`` and a ``refine`` method)."""
+    return bool(getattr(model, "series_head", False)) and callable(getattr(model, "refine", None))
+
+
 @hookimpl
 def ichscan_register_models(register):
     register("ichnet", ICHNet)
     register("ichnet-2d", ICHNet2D)
+    register("ichnet-series", ICHNetSeries)
