@@ -50,6 +50,13 @@ def create_model(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> nn.Modul
     return factories[name](**kwargs)
 
 
+def has_series_head(model: nn.Module) -> bool:
+    """Whether ``model`` refines its slices by whole series: a ``series_head = True``
+    attribute and the methods ``embed(x) -> (N, D)`` and ``refine(embeddings (B, L, D),
+    lengths) -> (slice logits (B, L, 6), series logits (B, 6))`` (see ``ichnet-series``)."""
+    return bool(getattr(model, "series_head", False)) and callable(getattr(model, "refine", None)) and callable(getattr(model, "embed", None))
+
+
 #: ``ichscan train`` settings of a model that states none (``train_defaults``), e.g. simplecnn.
 TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
 

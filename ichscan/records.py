@@ -96,6 +96,15 @@ class Instance:
     def study_key(self) -> str:
         return self.study_instance_uid or NO_STUDY_UID
 
+    @property
+    def series_key(self) -> str:
+        """The series a model with a series head refines this slice with: its
+        SeriesInstanceUID when it has one and a position in it, else the slice alone (as
+        series context treats it)."""
+        if self.series_instance_uid and self.position is not None:
+            return self.series_instance_uid
+        return "\0" + self.path
+
 
 @dataclass
 class StoredImage:
@@ -124,15 +133,20 @@ class Prediction:
     positive: dict[str, bool]
     top_label: str
     top_probability: float
+    #: A model with a series head: the probability that the slice's series as a whole shows
+    #: a bleed (its ``any`` output); the study's probability is the highest of its series'.
+    series_any: float | None = None
 
     @classmethod
-    def from_probabilities(cls, row: Mapping[str, float] | np.ndarray, thresholds: Mapping[str, float]) -> Prediction:
+    def from_probabilities(
+        cls, row: Mapping[str, float] | np.ndarray, thresholds: Mapping[str, float], series_any: float | None = None
+    ) -> Prediction:
         """Thresholds applied to one row of probabilities (a mapping, or values in label order)."""
         values = row if isinstance(row, Mapping) else dict(zip(LABELS, row, strict=True))
         probabilities = {label: float(values[label]) for label in LABELS}
         positive = {label: probabilities[label] >= thresholds[label] for label in LABELS}
         top_label, top_probability = top_finding(probabilities, positive["any"])
-        return cls(probabilities, positive, top_label, top_probability)
+        return cls(probabilities, positive, top_label, top_probability, None if series_any is None else float(series_any))
 
 
 def top_finding(probabilities: Mapping[str, float], positive: bool) -> tuple[str, float]:
@@ -197,6 +211,9 @@ class SliceResult(DecodedSlice):
     prediction: Prediction | None = None
     overlay: str = ""
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    #: A model with a series head: the slice's embedding, from screening until its series is
+    #: refined (:meth:`ichscan.pipeline.screener.Screener.refine`), which sets ``prediction``.
+    embedding: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, decoded: DecodedSlice, prediction: Prediction | None = None) -> SliceResult:
@@ -216,3 +233,4 @@ class SliceResult(DecodedSlice):
         """Free the pixels (and the heat map) once every reporter has seen the result."""
         self.image = None
         self.heatmap = None
+        self.embedding = None

@@ -37,10 +37,13 @@ class StudySummary:
     study_instance_uid: str
     slices: int = 0
     positive_slices: int = 0
+    #: The study's probabilities: per label the highest over its slices, except ``any``
+    #: for a model with a series head, which is the highest of its series' own outputs.
     max_probabilities: dict[str, float] = field(default_factory=lambda: {label: 0.0 for label in LABELS})
     top_label: str = NO_FINDING
     top_probability: float = 0.0
     best_slice: str = ""  # path of the slice with the highest p_any
+    best_any: float = -1.0  # that slice's p_any
 
 
 class StudyTable:
@@ -63,10 +66,12 @@ class StudyTable:
                 study = self.studies[uid] = StudySummary(uid)
             study.slices += 1
             study.positive_slices += int(result.is_positive)
-            if result.probabilities["any"] >= study.max_probabilities["any"]:
-                study.best_slice = result.path
+            if result.probabilities["any"] >= study.best_any:
+                study.best_slice, study.best_any = result.path, result.probabilities["any"]
+            series_any = result.prediction.series_any
             for label in LABELS:
-                study.max_probabilities[label] = max(study.max_probabilities[label], result.probabilities[label])
+                value = series_any if label == "any" and series_any is not None else result.probabilities[label]
+                study.max_probabilities[label] = max(study.max_probabilities[label], value)
             positive = study.max_probabilities["any"] >= self.thresholds["any"]
             study.top_label, study.top_probability = top_finding(study.max_probabilities, positive)
             self.changed.add(uid)

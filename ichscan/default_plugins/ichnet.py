@@ -28,6 +28,7 @@ from torch import nn
 
 from ichscan import hookimpl
 from ichscan.labels import LABELS
+from ichscan.models import has_series_head  # noqa: F401  (re-exported: where the model is)
 
 #: Feature widths of the stages; each stage halves the image side.
 WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 256)
@@ -179,11 +180,6 @@ class ICHNetSeries(ICHNet):
         """Embeddings ``(B, L, D)`` of series in position order (from :meth:`embed`) ->
         refined slice logits ``(B, L, 6)`` and series logits ``(B, 6)``."""
         return self.sequence(embeddings, self.head(embeddings), lengths)
-
-
-def has_series_head(model: nn.Module) -> bool:
-    """Whether ``model`` refines slices by whole series (``series_head = True`` and a ``refine`` method)."""
-    return bool(getattr(model, "series_head", False)) and callable(getattr(model, "refine", None))
 
 
 @hookimpl

@@ -39,6 +39,10 @@ class MicroBatcher:
                 self._since = time.monotonic() if now is None else now
             (self._ok if item.status == Status.OK else self._other).append(item)
 
+    def series(self) -> set[str]:
+        """The series (:attr:`ichscan.records.Instance.series_key`) of the slices held."""
+        return {item.slice.instance.series_key for item in self._ok}
+
     def due_in(self, now: float) -> float | None:
         """Seconds until the latency bound forces a batch; ``None`` when empty, 0 when due."""
         if self._since is None:

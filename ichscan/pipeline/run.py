@@ -30,7 +30,7 @@ from ichscan.pipeline.batcher import MicroBatcher
 from ichscan.pipeline.decode import DecodePool
 from ichscan.pipeline.progress import Progress
 from ichscan.pipeline.screener import Screener
-from ichscan.pipeline.series import ContextSlice, SeriesAssembler
+from ichscan.pipeline.series import ContextSlice, SeriesAssembler, WholeSeries
 from ichscan.pipeline.sizing import cpu_count
 from ichscan.records import SliceResult, Status
 from ichscan.reporting import ReporterSet, RunSummary, StudySummary, StudyTable
@@ -157,6 +157,8 @@ class Pipeline:
         self.in_flight: dict[str, int | None] = {}  # path -> ledger row id
         self.exclusions = None  # set by the command: our own outputs (sources skip them)
         self.series = SeriesAssembler(screener.context, series_timeout if self.live else math.inf)
+        # A model with a series head refines whole series: screened slices wait here.
+        self.whole = WholeSeries(series_timeout if self.live else math.inf) if screener.series_head else None
         self.batcher = MicroBatcher(batch_size, max_latency if self.live else math.inf)
         # On the CPU the workers also resize to the model's input size: that balances the
         # cores (the model process is the slower side) and shrinks what crosses the pipe.
@@ -207,7 +209,7 @@ class Pipeline:
                     # Polled even when the workers are busy (limit 0): a live source keeps
                     # up with its events and health checks meanwhile.
                     self.hand_over(source.poll(now, self.pool.free_slots()))
-                held = self.pool.pending or len(self.series) or len(self.batcher)
+                held = self.pool.pending or len(self.series) or len(self.batcher) or len(self.whole or ())
                 if source.finished and not held:
                     break
                 now = self._advance(source)
@@ -258,12 +260,19 @@ class Pipeline:
         # waiting would hold their shared-memory slabs (and memory) for nothing.
         while batch := self.batcher.take(now, force=final):
             self.screen(batch)
+        if self.whole is not None:
+            busy = self.series.busy() | self.batcher.series() if not final else set()
+            for series in self.whole.take(now, busy, self.series.indexed, flush=final):
+                self.screener.refine(series)
+                self.deliver(series)
         return now
 
     def _wait(self, source: Source, now: float) -> list:
         """Decoded slices, waiting as long as nothing else is due."""
         if self.live:
             dues = [TICK_S, self.batcher.due_in(now), self.series.due_in(now), self.clock.due_in(now)]
+            if self.whole is not None:
+                dues.append(self.whole.due_in(now))
             wait = min(d for d in dues if d is not None)
         else:
             wait = None  # a finite run: nothing is due but the next decoded chunk
@@ -288,6 +297,13 @@ class Pipeline:
 
     def screen(self, batch: list[ContextSlice]) -> None:
         results = self.screener.screen([c.slice for c in batch], [c.neighbours for c in batch])
+        if self.whole is not None:
+            self.whole.add(results, time.monotonic())  # refined by series in _advance
+            return
+        self.deliver(results)
+
+    def deliver(self, results: list[SliceResult]) -> None:
+        """Screened results: overlays (when asked for), then the report."""
         for done in self.overlays.submit(results) if self.overlays is not None else [results]:
             self.report(done)
 

@@ -11,7 +11,7 @@ import pluggy
 import torch
 
 from ichscan.labels import LABELS
-from ichscan.models import LoadedModel
+from ichscan.models import LoadedModel, has_series_head
 from ichscan.pipeline.sizing import autocast_dtype, fit_batch_size, resolve_device
 from ichscan.records import DecodedSlice, Prediction, SliceResult, Status
 
@@ -46,6 +46,9 @@ class Screener:
         self.thresholds = loaded.thresholds
         self.settings = loaded.preprocessing
         self.context = slice_context(loaded.model)
+        #: A model with a series head: :meth:`screen` gives embeddings, :meth:`refine` the
+        #: predictions, a whole series at a time.
+        self.series_head = has_series_head(loaded.model)
         # channels-last is the faster convolution layout on both CPU and GPU.
         self.channels_last = True
         self.model = loaded.model.to(self.device).to(memory_format=torch.channels_last).eval()
@@ -166,6 +169,8 @@ class Screener:
         arrays = ([s.pixels for s in stack], [s.slope for s in stack], [s.intercept for s in stack])
         batch = None
         try:
+            if self.series_head:
+                return self._embed(results, ok, arrays)
             if self.grad_cam is None:
                 probs = self.predict(*arrays)
             else:
@@ -180,6 +185,56 @@ class Screener:
         if batch is not None:
             self._add_heatmaps([results[i] for i in ok], batch)
         return results
+
+    def _embed(self, results: list[SliceResult], ok: list[int], arrays) -> list[SliceResult]:
+        """A series-head model's half of :meth:`screen`: each ``ok`` slice gets its embedding
+        (no prediction yet); with saliency, the slices the backbone alone finds positive
+        get the heat map of its top finding (kept if the refined slice is positive too)."""
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with torch.no_grad() if self.grad_cam is not None else torch.inference_mode():
+            batch = self.model_input(*arrays)
+            with autocast:
+                embeddings = self.model.embed(batch)
+            embeddings = embeddings.float()
+            backbone = torch.sigmoid(self.model.head(embeddings)).cpu().numpy() if self.grad_cam is not None else None
+        for i, row in zip(ok, embeddings.cpu().numpy(), strict=True):
+            results[i].embedding = row
+        if backbone is not None:
+            screened = [results[i] for i in ok]
+            for result, row in zip(screened, backbone, strict=True):
+                result.prediction = Prediction.from_probabilities(row, self.thresholds)
+            self._add_heatmaps(screened, batch)
+            for result in screened:
+                result.prediction = None
+        return results
+
+    def refine(self, series: Sequence[SliceResult]) -> None:
+        """A series-head model: predictions for the ``ok`` slices of one whole series (in
+        position order, each with its embedding from :meth:`screen`), refined by the
+        series, each with the series' own probability (``Prediction.series_any``).
+
+        A failure turns the series' slices into error rows, as a failed batch does.
+        """
+        members = [r for r in series if r.status == Status.OK and r.embedding is not None]
+        if not members:
+            return
+        try:
+            with torch.inference_mode():
+                embeddings = torch.from_numpy(np.stack([r.embedding for r in members])).to(self.device)[None]
+                refined, whole = self.model.refine(embeddings)
+                probs = torch.sigmoid(refined[0].float()).cpu().numpy()
+                series_any = float(torch.sigmoid(whole[0, LABELS.index("any")].float()))
+        except Exception as exc:  # noqa: BLE001 - the series becomes error rows, the run goes on
+            log.error("series head failed on a series of %d: %s: %s", len(members), type(exc).__name__, exc)
+            for result in members:
+                result.fail(f"model failed: {type(exc).__name__}: {exc}")
+                result.embedding = None
+            return
+        for result, row in zip(members, probs, strict=True):
+            result.prediction = Prediction.from_probabilities(row, self.thresholds, series_any=series_any)
+            result.embedding = None
+            if result.heatmap is not None and not result.is_positive:
+                result.heatmap = None
 
     def _add_heatmaps(self, screened: list[SliceResult], batch: torch.Tensor) -> None:
         """Heat maps for the positive ones of ``screened`` (row j of ``batch`` is result j)."""

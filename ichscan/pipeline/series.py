@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ichscan.records import DecodedSlice, Instance, ReadThrough, Status
+from ichscan.records import DecodedSlice, Instance, ReadThrough, SliceResult, Status
 
 
 _T = TypeVar("_T")
@@ -113,6 +113,8 @@ class SeriesAssembler:
         self._series: dict[str, _Series] = {}
         self._expected_in: dict[str, str] = {}  # path -> series key, for indexed instances
         self._through: list[ContextSlice] = []
+        #: Series announced from their headers (:meth:`expect`), kept after they are done.
+        self.indexed: set[str] = set()
 
     # -- input -----------------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class SeriesAssembler:
         """Announce an instance of a series before it is decoded (from its header)."""
         series = self._series.setdefault(series_uid, _Series())
         series.known = True
+        self.indexed.add(series_uid)
         series.expected[path] = position
         if spacing and not series.header_spacing:
             series.header_spacing = spacing
@@ -150,6 +153,10 @@ class SeriesAssembler:
     def __len__(self) -> int:
         """Slices held, not yet released."""
         return len(self._through) + sum(not m.released for s in self._series.values() for m in s.members)
+
+    def busy(self) -> set[str]:
+        """Series with a slice still to come here or not released yet."""
+        return {key for key, s in self._series.items() if s.expected or any(not m.released for m in s.members)}
 
     def due_in(self, now: float) -> float | None:
         """Seconds until a quiet series releases its waiting slices; ``None`` when none waits."""
@@ -239,3 +246,76 @@ def neighbour_indexes(instances: Sequence[Instance], context: int) -> list[tuple
         if ready.neighbours:
             result[where[id(ready.slice)]] = tuple(where[id(n)] for n in ready.neighbours)
     return result
+
+
+class WholeSeries:
+    """Holds a series-head model's screened slices until their series is whole, then hands
+    the series over (in position order) to be refined together.
+
+    A series is whole
+
+    * in a finite run whose source indexed the series from its headers (``batch``), once
+      nothing of it is still on its way: every indexed instance decoded and through series
+      context and batching (``busy`` says which series still have something there);
+    * live (``watch``, ``serve-scp``), once no slice of it has come for ``timeout``
+      seconds and nothing of it is on its way;
+    * at the end of a finite run (``flush``), whatever is held.
+
+    So ``batch`` and the live sources refine the same slices together for the same
+    files. A slice that comes after its series was refined (live, later than the
+    timeout) is refined with the others that come late. Slices that are not ``ok`` (and
+    any without an embedding) are not held. A slice without a series or a position is a
+    series of its own (:attr:`ichscan.records.Instance.series_key`).
+    """
+
+    def __init__(self, timeout: float = math.inf):
+        self.timeout = timeout
+        self._held: dict[str, list[SliceResult]] = {}
+        self._last: dict[str, float] = {}
+        self._through: list[SliceResult] = []
+
+    def __len__(self) -> int:
+        return len(self._through) + sum(len(members) for members in self._held.values())
+
+    def add(self, results: Iterable[SliceResult], now: float) -> None:
+        for result in results:
+            if result.status != Status.OK or result.embedding is None:
+                self._through.append(result)
+                continue
+            key = result.instance.series_key
+            self._held.setdefault(key, []).append(result)
+            self._last[key] = now
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until a held series goes quiet (live); ``None`` when none is held."""
+        if self._through:
+            return 0.0
+        if not self._held or math.isinf(self.timeout):
+            return None
+        return max(0.0, min(self._last.values()) + self.timeout - now)
+
+    def take(self, now: float, busy: set[str], indexed: set[str], flush: bool = False) -> list[list[SliceResult]]:
+        """The series that are whole now, each in position order; results that are not
+        held come as groups of one.
+
+        ``busy``: series keys with slices still on their way (decode, context, batching);
+        ``indexed``: series keys the source announced from their headers.
+        """
+        ready = [[result] for result in self._through]
+        self._through = []
+        for key in list(self._held):
+            if not flush:
+                if key in busy:
+                    continue
+                quiet = now - self._last[key] >= self.timeout
+                if not quiet and key not in indexed:
+                    continue
+            members = self._held.pop(key)
+            del self._last[key]
+            ready.append(sorted(members, key=_series_order))
+        return ready
+
+
+def _series_order(result: SliceResult) -> tuple[float, str]:
+    position = result.instance.position
+    return (-math.inf if position is None else position, result.path)

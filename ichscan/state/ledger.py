@@ -60,7 +60,7 @@ __all__ = [
 #: The ledger's errors are the state file's (watch and its tests know this name).
 LedgerError = StateError
 
-_P_COLUMNS = ", ".join(f"p_{label}" for label in LABELS)
+_P_COLUMNS = ", ".join([*(f"p_{label}" for label in LABELS), "p_series_any"])
 #: The done_seq of the next committed result: from the table, not a counter, because the
 #: outbox's :meth:`Ledger.record_screened` commits results through the same store.
 _NEXT_SEQ = "(SELECT COALESCE(MAX(done_seq), 0) + 1 FROM files)"
@@ -225,7 +225,7 @@ class Ledger:
                 self.store.execute(
                     f"""UPDATE files SET state = ?, done_seq = {_NEXT_SEQ}, done_at = ?, status = ?, error = ?,
                         sop_instance_uid = ?, study_instance_uid = ?, series_instance_uid = ?, sop_class_uid = ?,
-                        positive = ?, {", ".join(f"p_{label} = ?" for label in LABELS)}, csv_row = ?
+                        positive = ?, {", ".join(f"{column} = ?" for column in _P_COLUMNS.split(", "))}, csv_row = ?
                         WHERE id = ?""",
                     (DONE, now, *_result_values(result), json.dumps([_cell(c) for c in csv_row]), row_id),
                 )
@@ -253,7 +253,7 @@ class Ledger:
                 self.store.execute(
                     f"""INSERT INTO files (path, size, mtime_ns, state, queued_at, done_seq, done_at, status, error,
                         sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid, positive, {_P_COLUMNS})
-                        VALUES (?, ?, ?, ?, ?, {_NEXT_SEQ}, ?, {", ".join("?" * (7 + len(LABELS)))})""",
+                        VALUES (?, ?, ?, ?, ?, {_NEXT_SEQ}, ?, {", ".join("?" * (8 + len(LABELS)))})""",
                     (encode_path(path), size, mtime_ns, DONE, now, now, *_result_values(result)),
                 )
 
@@ -266,7 +266,8 @@ class Ledger:
         if row is None or row[0] != DONE:
             return False
         probs = result.probabilities or {}
-        return tuple(row[1:]) == (result.status, result.sop_instance_uid, *(probs.get(label) for label in LABELS))
+        series_any = result.prediction.series_any if result.prediction is not None else None
+        return tuple(row[1:]) == (result.status, result.sop_instance_uid, *(probs.get(label) for label in LABELS), series_any)
 
     def start_over(self) -> None:
         """A run that rewrites its outputs from scratch (``batch`` without ``--resume``):
@@ -308,15 +309,16 @@ class Ledger:
             (study_uid, DONE),
         )
         return [
-            InstanceResult(sop, decode_path(path), series, sop_class, dict(zip(LABELS, probs, strict=True)))
-            for sop, path, series, sop_class, *probs in rows
+            InstanceResult(sop, decode_path(path), series, sop_class, dict(zip(LABELS, probs, strict=True)), series_any)
+            for sop, path, series, sop_class, *probs, series_any in rows
         ]
 
     # -- studies -------------------------------------------------------------------
 
     def study_summaries(self, thresholds: dict[str, float]) -> dict[str, StudySummary]:
-        """Per-study maxima over the ``ok`` results, as :class:`ichscan.reporting.StudyTable` keeps them."""
-        cols = ", ".join(f"MAX(p_{label})" for label in LABELS)
+        """Per-study maxima over the ``ok`` results, as :class:`ichscan.reporting.StudyTable` keeps them
+        (``any``: the highest series probability where a series head gave one)."""
+        cols = ", ".join("COALESCE(MAX(p_series_any), MAX(p_any))" if label == "any" else f"MAX(p_{label})" for label in LABELS)
         rows = self.store.query(
             f"""SELECT COALESCE(NULLIF(study_instance_uid, ''), '(no study uid)'), COUNT(*), SUM(positive), {cols}
                 FROM files WHERE state = ? AND status = 'ok' GROUP BY 1""",
@@ -364,6 +366,7 @@ class InstanceResult:
     series_instance_uid: str
     sop_class_uid: str
     probabilities: dict[str, float]
+    series_any: float | None = None  # its series' probability, from a model with a series head
 
 
 def _result_values(result: SliceResult) -> tuple:
@@ -379,6 +382,7 @@ def _result_values(result: SliceResult) -> tuple:
         result.sop_class_uid,
         int(result.is_positive) if result.probabilities is not None else None,
         *(probs.get(label) for label in LABELS),
+        result.prediction.series_any if result.prediction is not None else None,
     )
 
 

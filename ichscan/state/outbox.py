@@ -208,7 +208,8 @@ class Outbox:
         if not rows:
             return []
         probabilities = {row.sop_instance_uid: row.probabilities for row in rows}
-        sr_key = self._content_key(probabilities)
+        series_any = [row.series_any for row in rows if row.series_any is not None]
+        sr_key = self._content_key(probabilities, max(series_any) if series_any else None)
         best_uid = max(probabilities, key=lambda uid: (probabilities[uid]["any"], uid))
         positive = probabilities[best_uid]["any"] >= self.model.thresholds["any"]
         # With --saliency the key image differs (a heat map on it): a run with it revises
@@ -261,8 +262,12 @@ class Outbox:
             instances.append(InstanceFinding(header, probs, positive))
         if gone == len(rows) or not instances:
             raise ValueError(f"study {study_uid}: none of its {len(rows)} screened files can be read any more")
-        # Every recorded result counts, read back or not: the same values as the study CSV.
+        # Every recorded result counts, read back or not: the same values as the study CSV
+        # (any: the highest series probability, where a model with a series head gave them).
         study_probs = {label: max(p[label] for p in probabilities.values()) for label in LABELS}
+        series_any = [row.series_any for row in rows if row.series_any is not None]
+        if series_any:
+            study_probs["any"] = max(series_any)
         return StudyFindings(
             instances=instances,
             probabilities=study_probs,
@@ -273,12 +278,14 @@ class Outbox:
             demo=self.model.demo,
         )
 
-    def _content_key(self, probabilities: dict[str, dict[str, float]]) -> str:
+    def _content_key(self, probabilities: dict[str, dict[str, float]], series_any: float | None = None) -> str:
         payload = {
             "instances": sorted((uid, [round(p[label], 5) for label in LABELS]) for uid, p in probabilities.items()),
             "thresholds": [round(self.model.thresholds[label], 6) for label in LABELS],
             "model": [self.model.name, self.model.version],
         }
+        if series_any is not None:  # only then: the keys of results without it stay as they were
+            payload["series_any"] = round(series_any, 5)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def _latest(self, study_uid: str, kind: str) -> dict[str, Any] | None:

@@ -158,4 +158,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("studies_to_complete", 1, "studies whose DICOM results are unfinished", _script(_STUDIES_TO_COMPLETE_V1)),
     Migration("deliveries", 1, "C-STORE deliveries per object and destination", _script(_DELIVERIES_V1)),
     Migration("files", 2, "results stored once: result_instances merged into files", _files_v2),
+    Migration("files", 3, "the series probability of a model with a series head", _script("ALTER TABLE files ADD COLUMN p_series_any REAL")),
 )

@@ -36,6 +36,41 @@ class ContextProbe(nn.Module):
         return logits
 
 
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-4, 1 - 1e-4)
+    return torch.log(p / (1 - p))
+
+
+class SeriesProbe(ContextProbe):
+    """``slice_context = 1`` and a series head that reports which slices it refined together.
+
+    Its embedding of a slice is the slice's index (read from its pixels). Refined, each
+    slice answers, in probabilities of ``(value + 1) / 100``: epidural its own index,
+    intraparenchymal the length of its series minus one, intraventricular its rank in the
+    series (0 for the lowest position); its p_any stays tiny. The series' own p_any is
+    ``(sum of its indexes + 1) / 100``, so a study's p_any says which series it took.
+    """
+
+    series_head = True
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        brain = x[:, 3].float().mean(dim=(1, 2)) * self.scale  # window 0 of the slice itself
+        index = ((brain * BRAIN_WIDTH - HU_OFFSET) / HU_STEP).round()
+        return torch.stack([index, torch.ones_like(index)], dim=1)
+
+    def refine(self, embeddings: torch.Tensor, lengths: torch.Tensor | None = None):
+        batch, length, _ = embeddings.shape
+        index = embeddings[..., 0]
+        logits = torch.full((batch, length, 6), -8.0)
+        logits[..., 0] = _logit((index + 1) / 100)
+        logits[..., 1] = _logit(torch.full_like(index, float(length)) / 100)
+        logits[..., 2] = _logit((torch.arange(length, dtype=torch.float32) + 1).expand(batch, length) / 100)
+        series = torch.full((batch, 6), -8.0)
+        series[:, 5] = _logit((index.sum(dim=1) + 1) / 100)
+        return logits, series
+
+
 @hookimpl
 def ichscan_register_models(register):
     register("context-probe", ContextProbe)
+    register("series-probe", SeriesProbe)
