@@ -23,6 +23,26 @@ CHECKPOINT_VERSION = 1
 DEFAULT_MODEL = "simplecnn"
 #: Demo weights shipped in the package (absent until trained ones are committed).
 BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "simplecnn_demo.pt"
+#: Every model's bundled demo weights, by model name: used when no ``--weights`` is given.
+BUNDLED: dict[str, Path] = {
+    DEFAULT_MODEL: BUNDLED_WEIGHTS,
+    "ichnet": Path(__file__).parent / "weights" / "ichnet_demo.pt",
+}
+
+
+def bundled_weights(model_name: str | None) -> Path | None:
+    """The demo weights shipped for ``model_name`` (the default model for None), if any."""
+    path = BUNDLED.get(model_name or DEFAULT_MODEL)
+    return path if path is not None and path.is_file() else None
+
+
+def is_bundled(weights: str | Path) -> bool:
+    """Whether ``weights`` is one of the demo weights shipped in the package."""
+    try:
+        target = Path(weights).resolve()
+    except (OSError, ValueError):
+        return False
+    return any(target == path.resolve() for path in BUNDLED.values())
 UNTRAINED_SEED = 20190923  # fixed, so the untrained stand-in is the same on every run
 
 
@@ -180,12 +200,13 @@ def load_model(
     model_name: str | None = None,
     thresholds: dict[str, float] | None = None,
 ) -> LoadedModel:
-    """Build the model from ``weights``, else the bundled weights, else an untrained one.
+    """Build the model from ``weights``, else the model's bundled demo weights
+    (:data:`BUNDLED`), else an untrained one.
 
     Thresholds: ``thresholds`` (command line) over the checkpoint's over 0.5.
     """
-    if weights is None and BUNDLED_WEIGHTS.exists() and model_name in (None, DEFAULT_MODEL):
-        weights = BUNDLED_WEIGHTS
+    if weights is None:
+        weights = bundled_weights(model_name)
     if weights is None:
         name = model_name or DEFAULT_MODEL
         torch.manual_seed(UNTRAINED_SEED)
@@ -216,7 +237,7 @@ def load_model(
             source=str(weights),
             trained=True,
             extra=dict(payload.get("extra", {})),
-            bundled=Path(weights) == BUNDLED_WEIGHTS,
+            bundled=is_bundled(weights),
         )
     loaded.model.eval()
     return loaded

@@ -167,12 +167,9 @@ class RunConfig:
     @property
     def bundled_weights(self) -> bool:
         """Whether ``weights`` names the demo weights shipped in the package."""
-        from ichscan.models import BUNDLED_WEIGHTS  # lazy: ichscan.models imports torch
+        from ichscan.models import is_bundled  # lazy: ichscan.models imports torch
 
-        try:
-            return Path(self.weights).resolve() == BUNDLED_WEIGHTS.resolve()
-        except (OSError, ValueError):  # "untrained (seed N)" or an unresolvable path
-            return False
+        return is_bundled(self.weights)  # False for "untrained (seed N)"
 
     @property
     def demo(self) -> bool:
