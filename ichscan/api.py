@@ -42,8 +42,8 @@ def screen_file(path, weights=None, thresholds=None, pm=None, device: str = "aut
         pm = pm or get_plugin_manager()
         screener = Screener(pm, load_model(pm, weights, thresholds=thresholds), device, saliency=saliency)
     # The same decode path as `ichscan batch` on this device, so the numbers agree.
-    resize_to = screener.settings.size if screener.device.type == "cpu" else None
-    [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True)
+    resize_to = screener.settings.size if screener.device.type == "cpu" or screener.settings.crop else None
+    [decoded] = decode_many([os.fspath(path)], resize_to=resize_to, display=True, crop=screener.settings.crop)
     if decoded.status != OK or decoded.pixels is None or decoded.display is None:
         raise ValueError(f"{path}: {decoded.status}: {decoded.error}")
     image = decoded.display

@@ -177,6 +177,7 @@ def decode_many(
     limits: DecodeLimits = DEFAULT_LIMITS,
     resize_to: int | None = None,
     display: bool = False,
+    crop: bool = False,
 ) -> list[DecodedSlice]:
     """Decode several files (the unit of work sent to a decode worker).
 
@@ -187,13 +188,16 @@ def decode_many(
         in the worker, instead of in the model process (the CPU path).
     display
         Also keep the full-resolution brain-window image (for overlays).
+    crop
+        With ``resize_to``: frame the head first (:func:`ichscan.imaging.frame_stored`),
+        the frame recorded in ``StoredImage.frame``.
 
     Notes
     -----
     It lives here, not in the engine, so that unpickling it in a worker imports only
     torch-free modules.
     """
-    from ichscan.imaging import brain_window_image, resize_stored
+    from ichscan.imaging import brain_window_image, frame_stored, resize_stored
 
     results = [decode_instance(path, limits) for path in paths]
     for result in results:
@@ -203,7 +207,11 @@ def decode_many(
         try:
             if display:
                 image.display = brain_window_image(image.pixels, image.slope, image.intercept)
-            if resize_to:
+            if resize_to and crop:
+                rows, cols = image.pixels.shape
+                image.pixels, (top, left, side) = frame_stored(image.pixels, image.slope, image.intercept, resize_to)
+                image.frame = (top, left, side, rows, cols)
+            elif resize_to:
                 image.pixels = resize_stored(image.pixels, resize_to)
         except FATAL_EXCEPTIONS:
             raise

@@ -34,16 +34,20 @@ class PreprocessSettings:
 
     windows: tuple[tuple[float, float], ...] = field(default=DEFAULT_WINDOWS)
     size: int = DEFAULT_SIZE
+    #: Frame the head before resizing (:func:`ichscan.imaging.frame_stored`): the head then
+    #: fills the model's input whatever the field of view. ``ichscan train`` turns it on;
+    #: off for checkpoints made before it existed (they say nothing about it).
+    crop: bool = False
 
     def to_dict(self) -> dict:
-        return {"windows": [list(w) for w in self.windows], "size": self.size}
+        return {"windows": [list(w) for w in self.windows], "size": self.size, "crop": self.crop}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> PreprocessSettings:
         if not data:
             return cls()
         windows = tuple((float(c), float(w)) for c, w in data.get("windows", DEFAULT_WINDOWS))
-        return cls(windows=windows, size=int(data.get("size", DEFAULT_SIZE)))
+        return cls(windows=windows, size=int(data.get("size", DEFAULT_SIZE)), crop=bool(data.get("crop", False)))
 
     def __post_init__(self) -> None:
         if not self.windows or any(w <= 0 for _, w in self.windows):

@@ -119,6 +119,9 @@ class StoredImage:
     intercept: float = 0.0
     display: np.ndarray | None = field(default=None, repr=False)
     rsna_fixed: bool = False
+    #: Framed on the head before resizing (:func:`ichscan.imaging.frame_stored`): the
+    #: square ``(top, left, side)`` taken, and the decoded image's ``(rows, cols)``.
+    frame: tuple[int, int, int, int, int] | None = None
 
     def hu(self) -> np.ndarray:
         """Hounsfield units as float32."""

@@ -150,9 +150,10 @@ def decode_into_slab(
     limits: DecodeLimits = DEFAULT_LIMITS,
     resize_to: int | None = None,
     display: bool = False,
+    crop: bool = False,
 ) -> tuple[list[DecodedSlice], list[Placed]]:
     """:func:`ichscan.dicom.decode_many`, handing the arrays over in the slab (worker side)."""
-    results = decode_many(paths, limits, resize_to, display)
+    results = decode_many(paths, limits, resize_to, display, crop)
     return results, pack(results, ticket)
 
 

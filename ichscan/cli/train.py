@@ -27,10 +27,11 @@ log = logging.getLogger("ichscan")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where decoded, windowed images are cached (uint8, about 150 KB per image).  [default: RUN_DIR/cache]")
 @click.option("--no-cache", is_flag=True, help="Decode the DICOM files again every epoch.")
 @click.option("--no-augment", is_flag=True, help="Turn off flips, rotations and shifts.")
+@click.option("--frame-head/--no-frame-head", default=True, help="Crop each slice to a square around the head before resizing, so the head fills the input whatever the field of view (saved in the checkpoint; screening does the same).  [default: on]")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt (saved every epoch and on Ctrl-C).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar per epoch.")
 @click.pass_context
-def train(ctx: click.Context, labels_csv: Path, no_cache: bool, no_augment: bool, **training: Any) -> None:
+def train(ctx: click.Context, labels_csv: Path, no_cache: bool, no_augment: bool, frame_head: bool, **training: Any) -> None:
     """Train a model on RSNA-layout data (ID_<image>.dcm files under DATA_DIR).
 
     Splits 80/10/10 by patient (PatientID, else StudyInstanceUID) into RUN_DIR/split.csv,
@@ -45,7 +46,9 @@ def train(ctx: click.Context, labels_csv: Path, no_cache: bool, no_augment: bool
     from ichscan.models import ModelError
 
     # The other options are named after the TrainOptions fields they set.
-    opts = TrainOptions(labels=labels_csv, cache=not no_cache, augment=not no_augment, **training)
+    from ichscan.preprocess import PreprocessSettings
+
+    opts = TrainOptions(labels=labels_csv, cache=not no_cache, augment=not no_augment, settings=PreprocessSettings(crop=frame_head), **training)
     try:
         summary = run_training(opts, plugin_manager(ctx))
     except Interrupted as exc:

@@ -91,13 +91,14 @@ class DecodePool:
         *,
         resize_to: int | None = None,
         display: bool = False,
+        crop: bool = False,
         transfer: str = PICKLE,
         max_slabs: int | None = None,
         batch_size: int | None = None,
     ):
         self.workers = workers
         self.limits = limits
-        self._work_args = (limits, resize_to, display)
+        self._work_args = (limits, resize_to, display, crop)
         self.chunk_size = max(1, chunk_size)
         self.max_in_flight = max_in_flight or default_in_flight(workers, batch_size, self.chunk_size)
         self._executor: cf.ProcessPoolExecutor | None = None

@@ -163,12 +163,14 @@ class Pipeline:
         # On the CPU the workers also resize to the model's input size: that balances the
         # cores (the model process is the slower side) and shrinks what crosses the pipe.
         # A GPU resizes faster itself, so there the workers hand over full-size pixels.
-        resize_to = screener.settings.size if screener.device.type == "cpu" else None
+        # Framing on the head happens before the resize: in the workers on any device.
+        resize_to = screener.settings.size if screener.device.type == "cpu" or screener.settings.crop else None
         self.pool = DecodePool(
             workers,
             limits,
             chunk_size=max(1, min(8, batch_size)) if self.live else 8,
             resize_to=resize_to,
+            crop=screener.settings.crop,
             display=overlays_dir is not None,
             transfer=transfer or default_transfer(screener.device.type),
             batch_size=batch_size,

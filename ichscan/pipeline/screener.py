@@ -248,4 +248,10 @@ class Screener:
             log.error("saliency failed on %d positive slices: %s: %s", len(rows), type(exc).__name__, exc)
             return
         for j, heatmap in zip(rows, maps, strict=True):
+            frame = screened[j].image.frame if screened[j].image is not None else None
+            if frame is not None:  # a framed input: the map goes back over the whole image
+                from ichscan.imaging import unframe_heatmap
+
+                top, left, side, image_rows, image_cols = frame
+                heatmap = unframe_heatmap(heatmap, (top, left, side), (image_rows, image_cols))
             screened[j].heatmap = heatmap

@@ -271,7 +271,7 @@ class RSNADataset(Dataset):
             if cached is not None:
                 return cached
         item = self.items[index]
-        [decoded] = decode_many([str(item.path)], resize_to=self.settings.size)
+        [decoded] = decode_many([str(item.path)], resize_to=self.settings.size, crop=self.settings.crop)
         self.decodes += 1
         if decoded.status != OK or decoded.pixels is None:
             raise UnreadableImage(f"{item.path}: {decoded.status}: {decoded.error}")

@@ -65,7 +65,8 @@ class TrainOptions:
     workers: int | None = None  # DataLoader workers; default: one per core
     warmup_fraction: float = 0.05
     progress: bool = True
-    settings: PreprocessSettings = field(default_factory=PreprocessSettings)
+    #: Framing on the head (``crop``) is on for new training runs; checkpoints record it.
+    settings: PreprocessSettings = field(default_factory=lambda: PreprocessSettings(crop=True))
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
