@@ -17,11 +17,12 @@ be rerun (``--resume`` after stage 1 finished) with the same result.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +149,21 @@ def _embed_dataset(model: nn.Module, dataset: RSNADataset, batch_size: int, work
     return _Embedded(embeddings, targets, ids, series_groups([instance_of[i] for i in ids]))
 
 
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """One CPU thread for the head: its matrices are tiny, and more threads only wait on
+    each other (on a busy 2-core machine, 100 times slower than one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _predict(model: nn.Module, data: _Embedded) -> SeriesPrediction:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), _single_thread():
         slice_logits, series_logits = refine_by_series(model, data.embeddings, data.groups)
         targets = torch.from_numpy(data.targets).to(slice_logits.device)
         loss = float(nn.functional.binary_cross_entropy_with_logits(slice_logits, targets))
@@ -222,25 +235,26 @@ def train_series_head(
     generator = torch.Generator().manual_seed(seed)
     best_loss, best_epoch, best_state, history = math.inf, 0, None, []
     try:
-        for epoch in range(1, epochs + 1):
-            model.eval()
-            model.sequence.train()  # dropout in the head only; the backbone is not run here
-            running = 0.0
-            for batch in torch.randperm(len(train.groups), generator=generator).split(SERIES_PER_BATCH):
-                groups = [train.groups[i] for i in batch.tolist()]
-                rows = torch.tensor([i for g in groups for i in g], device=device)
-                slice_logits, series_logits = refine_by_series(model, train.embeddings, groups, series_per_batch=len(groups))
-                loss = nn.functional.binary_cross_entropy_with_logits(slice_logits[rows], train_targets[rows])
-                loss = loss + nn.functional.binary_cross_entropy_with_logits(series_logits, train_series[batch.to(device)])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.item() * len(groups)
-            val_loss = _predict(model, val).loss
-            history.append({"epoch": epoch, "train_loss": running / max(1, len(train.groups)), "val_loss": val_loss})
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in model.sequence.state_dict().items()}
+        with _single_thread():
+            for epoch in range(1, epochs + 1):
+                model.eval()
+                model.sequence.train()  # dropout in the head only; the backbone is not run here
+                running = 0.0
+                for batch in torch.randperm(len(train.groups), generator=generator).split(SERIES_PER_BATCH):
+                    groups = [train.groups[i] for i in batch.tolist()]
+                    rows = torch.tensor([i for g in groups for i in g], device=device)
+                    slice_logits, series_logits = refine_by_series(model, train.embeddings, groups, series_per_batch=len(groups))
+                    loss = nn.functional.binary_cross_entropy_with_logits(slice_logits[rows], train_targets[rows])
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(series_logits, train_series[batch.to(device)])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    running += loss.item() * len(groups)
+                val_loss = _predict(model, val).loss
+                history.append({"epoch": epoch, "train_loss": running / max(1, len(train.groups)), "val_loss": val_loss})
+                if val_loss < best_loss:
+                    best_loss, best_epoch = val_loss, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.sequence.state_dict().items()}
     finally:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
