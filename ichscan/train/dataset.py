@@ -234,9 +234,17 @@ class RSNADataset(Dataset):
         self._unreadable: set[int] = set()
         #: ``neighbours[i]``: the ``2k + 1`` item indexes around item ``i`` (itself in the middle).
         self.neighbours: list[tuple[int, ...]] = [(i,) for i in range(len(self.items))]
+        self._instances: list[Instance] | None = None
         if self.context:
-            instances = [read_header_instance(item.path) or Instance(str(item.path)) for item in self.items]
-            self.neighbours = neighbour_indexes(instances, self.context)
+            self.neighbours = neighbour_indexes(self.instances, self.context)
+
+    @property
+    def instances(self) -> list[Instance]:
+        """Each item's header (series, position), read once on first use; a file whose
+        header cannot be read is an :class:`~ichscan.records.Instance` with its path only."""
+        if self._instances is None:
+            self._instances = [read_header_instance(item.path) or Instance(str(item.path)) for item in self.items]
+        return self._instances
 
     def __len__(self) -> int:
         return len(self.items)

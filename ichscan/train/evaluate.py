@@ -15,6 +15,7 @@ import torch
 
 from ichscan.pipeline.screener import slice_context
 from ichscan.pipeline.sizing import cpu_count, resolve_device
+from ichscan.default_plugins.ichnet import has_series_head
 from ichscan.dicom import read_header_instance
 from ichscan.labels import LABELS
 from ichscan.models import load_model
@@ -22,7 +23,9 @@ from ichscan.plugins import get_plugin_manager
 from ichscan.records import NO_STUDY_UID
 from ichscan.train.dataset import RSNADataset, read_rsna_labels
 from ichscan.train.loop import TrainingError, _loader, predict_loader
+from ichscan.train.series_head import predict_by_series
 from ichscan.train.metrics import (
+    STUDY_FROM_SERIES_HEAD,
     classification_report_text,
     per_label_metrics,
     plot_confusion_matrices,
@@ -85,14 +88,31 @@ def run_evaluation(opts: EvaluateOptions, pm: pluggy.PluginManager | None = None
     model = loaded.model.to(device).to(memory_format=torch.channels_last)
     workers = cpu_count() if opts.workers is None else opts.workers
     unreadable: set[str] = set()
-    probs, targets, image_ids, _ = predict_loader(model, _loader(dataset, opts.batch_size, workers), device, unreadable)
+    any_column = LABELS.index("any")
+    study_probabilities: dict[str, float] | None = None
+    if has_series_head(model):
+        # Slices refined by their series; a study's probability is its most likely series'.
+        by_series = predict_by_series(model, dataset, opts.batch_size, workers, device, unreadable)
+        probs, targets, image_ids = by_series.probabilities, by_series.targets, by_series.ids
+        instance_of = {item.image_id: instance for item, instance in zip(dataset.items, dataset.instances, strict=True)}
+        study_probabilities = {}
+        for rows, series_probs in zip(by_series.groups, by_series.series_probabilities, strict=True):
+            key = instance_of[image_ids[rows[0]]].study_key
+            study_probabilities[key] = max(study_probabilities.get(key, 0.0), float(series_probs[any_column]))
+    else:
+        probs, targets, image_ids, _ = predict_loader(model, _loader(dataset, opts.batch_size, workers), device, unreadable)
     thresholds = loaded.thresholds
     path_of = {item.image_id: item.path for item in dataset.items}
-    any_column = LABELS.index("any")
     # A study is positive when any of its slices is. Its probability is the maximum slice
-    # p_any, as in batch's studies CSV; a model with its own study-level output (a series
-    # head) is to pass it here as study_probabilities.
-    studies = study_outcomes(study_keys(path_of[i] for i in image_ids), targets[:, any_column], probs[:, any_column])
+    # p_any, as in batch's studies CSV, or, for a model with a series head, the maximum
+    # over its series of the head's series p_any.
+    studies = study_outcomes(
+        study_keys(path_of[i] for i in image_ids),
+        targets[:, any_column],
+        probs[:, any_column],
+        study_probabilities,
+        source=STUDY_FROM_SERIES_HEAD,
+    )
     metrics = {
         "weights": loaded.source,
         "model": loaded.name,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ichscan.default_plugins.ichnet import has_series_head
 from ichscan.durable import replacing
 from ichscan.pipeline.progress import Progress
 from ichscan.pipeline.screener import slice_context
@@ -343,7 +344,19 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
                 auc_text,
                 row["seconds"],
             )
-    return {"best_epoch": best_epoch, "best_val_loss": best_loss, "best": str(best_path), "history": history, "unreadable": len(unreadable)}
+    summary = {"best_epoch": best_epoch, "best_val_loss": best_loss, "best": str(best_path), "history": history, "unreadable": len(unreadable)}
+    if has_series_head(model):
+        # Stage 2: the head on the frozen backbone of best.pt. Rerun in full on --resume (it
+        # starts from best.pt's backbone and a fresh head, and takes seconds beyond the
+        # embedding pass). Imported here: series_head builds on this module's helpers.
+        from ichscan.train.series_head import train_series_head
+
+        if not best_path.exists():
+            raise TrainingError(f"no {best_path} to train the series head on (no epoch improved the validation loss)")
+        summary["series_head"] = train_series_head(
+            best_path, model, train_set, val_set, batch_size=opts.batch_size, workers=workers, device=device, seed=opts.seed
+        )
+    return summary
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

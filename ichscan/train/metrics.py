@@ -62,6 +62,8 @@ def aucs(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, float | No
 #: ``"probability"`` of study-level metrics: where each study's probability came from.
 STUDY_FROM_MAX_SLICE = "max slice p_any"
 STUDY_FROM_MODEL = "model"
+#: A series-head model's (``ichnet-series``): the highest series ``p_any`` of the study.
+STUDY_FROM_SERIES_HEAD = "series head (max series p_any)"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def study_outcomes(
     targets_any: Sequence[float] | np.ndarray,
     probabilities_any: Sequence[float] | np.ndarray,
     study_probabilities: Mapping[str, float] | None = None,
+    source: str = STUDY_FROM_MODEL,
 ) -> list[StudyOutcome]:
     """Slices grouped into studies (by UID), sorted by UID.
 
@@ -98,6 +101,9 @@ def study_outcomes(
     study_probabilities
         A model's own study-level probability (e.g. a series head's) by study; a study it
         names takes that value instead of its maximum slice probability.
+    source
+        What ``study_probabilities`` are, for :attr:`StudyOutcome.source` (e.g.
+        :data:`STUDY_FROM_SERIES_HEAD`).
     """
     if not len(study_keys) == len(targets_any) == len(probabilities_any):
         raise ValueError("study keys, targets and probabilities differ in length")
@@ -110,7 +116,7 @@ def study_outcomes(
         highest[key] = max(highest.get(key, 0.0), float(probability))
     given = study_probabilities or {}
     return [
-        StudyOutcome(key, slices[key], positive[key], float(given[key]), STUDY_FROM_MODEL)
+        StudyOutcome(key, slices[key], positive[key], float(given[key]), source)
         if key in given
         else StudyOutcome(key, slices[key], positive[key], highest[key])
         for key in sorted(slices)
