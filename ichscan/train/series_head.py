@@ -233,7 +233,9 @@ def train_series_head(
     train_targets = torch.from_numpy(train.targets).to(device)
     train_series = torch.from_numpy(series_targets(train.targets, train.groups)).to(device)
     generator = torch.Generator().manual_seed(seed)
-    best_loss, best_epoch, best_state, history = math.inf, 0, None, []
+    # Epoch 0 is the untrained head (the backbone's answers unchanged): a head is kept only
+    # if it lowers the validation loss below that.
+    best_loss, best_epoch, best_state, history = before.loss, 0, dict(initial_head), []
     try:
         with _single_thread():
             for epoch in range(1, epochs + 1):
@@ -298,8 +300,8 @@ def train_series_head(
         summary["seconds"],
         best_path,
     )
-    if after.loss > before.loss:
-        log.warning("the series head did not lower the validation loss (%.4f before, %.4f after)", before.loss, after.loss)
+    if best_epoch == 0:
+        log.warning("no head epoch lowered the validation loss (%.4f): the head stays at zero, as ichnet", before.loss)
     return summary
 
 
