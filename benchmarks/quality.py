@@ -53,7 +53,7 @@ def make_set(folder: Path, slices: int, per_study: int, size: int | None, seed: 
         part = folder / style
         records = generate(
             part, studies=share, slices=per_study, seed=seed * 100 + i, layout="rsna", size=size,
-            positive_fraction=0.8 if volumetric else 0.5, style=style, volumetric=volumetric,
+            positive_fraction=0.5, style=style, volumetric=volumetric,
         )
         positive += sum(bool(r.labels["any"]) for r in records)
         total += len(records)
