@@ -220,3 +220,35 @@ def test_ichnet_trains_under_autocast_on_a_gpu(ichnet_run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert load_model(get_plugin_manager(), tmp_path / "best.pt").trained
+
+
+def test_ichnet_without_weights_takes_its_bundled_demo_weights(tmp_path):
+    """`--model ichnet` alone screens with the shipped ichnet weights and says they are a demo;
+    simplecnn stays the default of batch."""
+    from ichscan.models import BUNDLED, BUNDLED_WEIGHTS, is_bundled
+
+    pm = get_plugin_manager()
+    weights = BUNDLED["ichnet"]
+    assert weights.is_file() and weights.stat().st_size <= 25 * 1024 * 1024
+    loaded = load_model(pm, model_name="ichnet")
+    assert loaded.name == "ichnet" and loaded.trained and loaded.bundled and is_bundled(loaded.source)
+    assert "demo weights" in loaded.notice() and "NOT for clinical use" in loaded.notice()
+    assert loaded.preprocessing.crop  # trained with framing, as ichscan train does
+    assert load_model(pm).source == str(BUNDLED_WEIGHTS)
+    untrained = load_model(pm, model_name="ichnet-2d")  # no weights ship for it
+    assert not untrained.trained and "UNTRAINED" in untrained.notice()
+
+
+@pytest.mark.slow
+def test_bundled_ichnet_weights_reach_auc_on_unseen_phantoms_of_every_style(tmp_path):
+    """The shipped ichnet weights on volumetric phantoms of seeds never used in training, one
+    set per style: AUC(any) >= 0.90 on each."""
+    from ichscan.models import BUNDLED
+    from ichscan.synth import generate
+    from ichscan.train.evaluate import EvaluateOptions, run_evaluation
+
+    for i, style in enumerate(("default", "small-faint", "sharp-large")):
+        data = tmp_path / style
+        generate(data, studies=4, slices=16, seed=9100 + i, layout="rsna", style=style, volumetric=True)
+        metrics = run_evaluation(EvaluateOptions(data, data / "stage_2_train.csv", tmp_path / f"eval-{style}", weights=BUNDLED["ichnet"], workers=0))
+        assert metrics["per_label"]["any"]["auc"] >= 0.90, (style, metrics["per_label"]["any"])

@@ -20,21 +20,14 @@ from ichscan.pipeline.series import WholeSeries
 from ichscan.plugins import get_plugin_manager
 from ichscan.records import Instance, SliceResult, Status
 from test_series import PLUGIN_DIR, make_series
+from test_series import common as series_common
 
 LABELS3 = ("epidural", "intraparenchymal", "intraventricular")
 
 
 def common(tmp_path: Path, name: str) -> dict:
-    return dict(
-        out=tmp_path / name / "results.csv",
-        model_name="series-probe",
-        overlays_for="none",
-        device="cpu",
-        workers=1,
-        batch_size=3,  # smaller than a series: a series spans several batches
-        threads=1,
-        progress=False,
-    )
+    # A batch smaller than a series: a series spans several batches.
+    return {**series_common(tmp_path, name), "model_name": "series-probe", "batch_size": 3}
 
 
 def expected(where: dict) -> tuple[dict, dict]:

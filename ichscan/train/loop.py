@@ -10,7 +10,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,11 +142,7 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, u
     probs, targets, ids = [], [], []
     total_loss, count = 0.0, 0
     with torch.inference_mode():
-        for inputs, target, batch_ids, bad in loader:
-            _note_unreadable(bad, unreadable)
-            if not batch_ids:
-                continue
-            inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
+        for inputs, target, batch_ids in readable_batches(loader, device, unreadable):
             target = target.to(device)
             with _autocast(device):
                 logits = model(inputs)
@@ -159,6 +155,15 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, u
     if not probs:
         raise TrainingError("no readable images to evaluate")
     return np.concatenate(probs), np.concatenate(targets), ids, total_loss / max(1, count)
+
+
+def readable_batches(loader: DataLoader, device: torch.device, unreadable: set[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """``(inputs on device, channels-last; targets; ids)`` per batch with readable images;
+    the unreadable ones are noted (and logged once)."""
+    for inputs, target, batch_ids, bad in loader:
+        _note_unreadable(bad, unreadable)
+        if batch_ids:
+            yield inputs.to(device).contiguous(memory_format=torch.channels_last), target, batch_ids
 
 
 def _note_unreadable(bad: list[str], unreadable: set[str]) -> None:

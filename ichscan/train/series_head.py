@@ -36,7 +36,7 @@ from ichscan.models import read_checkpoint, save_checkpoint
 from ichscan.pipeline.series import SeriesAssembler
 from ichscan.records import DecodedSlice, Instance, Status
 from ichscan.train.dataset import RSNADataset
-from ichscan.train.loop import TrainingError, _autocast, _loader, _note_unreadable
+from ichscan.train.loop import TrainingError, _autocast, _loader, readable_batches
 from ichscan.train.metrics import aucs, youden_thresholds
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,7 @@ def embed_loader(model: nn.Module, loader, device: torch.device, unreadable: set
     model.eval()
     parts, targets, ids = [], [], []
     with torch.inference_mode():
-        for inputs, target, batch_ids, bad in loader:
-            _note_unreadable(bad, unreadable)
-            if not batch_ids:
-                continue
-            inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
+        for inputs, target, batch_ids in readable_batches(loader, device, unreadable):
             with _autocast(device):
                 parts.append(model.embed(inputs).float())
             targets.append(target.numpy())
