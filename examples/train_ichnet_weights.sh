@@ -34,7 +34,9 @@ for set in train unseen; do
     if [ $first = 1 ]; then cat "$csv"; first=0; else tail -n +2 "$csv"; fi
   done > "$work/$set/labels.csv"
 done
-"$ichscan" train "$work/train" --labels "$work/train/labels.csv" --out "$work/run" --model "$model" --seed 0
+started=$SECONDS
+"$ichscan" train "$work/train" --labels "$work/train/labels.csv" --out "$work/run" --model "$model" --seed 0 --no-progress
+echo "ichscan train: $((SECONDS - started)) s"
 "$ichscan" evaluate "$work/unseen" --labels "$work/unseen/labels.csv" --weights "$work/run/best.pt" --out "$work/eval"
 for style in "${styles[@]}"; do  # each style on its own (volumetric series: the study AUC means most there)
   "$ichscan" evaluate "$work/unseen/$style-volumetric" --labels "$work/unseen/$style-volumetric/stage_2_train.csv" \
