@@ -87,22 +87,38 @@ _font_lock = threading.Lock()
 
 @lru_cache(maxsize=4096)
 def _text_mask(text: str, size: int) -> Image.Image:
-    """``text`` as a 1-bit mask, drawn as ``ImageDraw.text`` would at (0, 0)."""
+    """``text`` as a 1-bit mask holding every inked pixel, drawn as ``ImageDraw.text`` would
+    at (0, 0) (shifted right or down only where a glyph would ink left of or above it).
+
+    The mask is measured by the same drawing object, in the same font mode, that inks it:
+    a "1" image is drawn without anti-aliasing, with FreeType's monochrome hinting, whose
+    glyphs are wider than the anti-aliased ones ``font.getbbox(text)`` measures by default
+    (at size 17, "intraparenchymal" is 138 pixels wide, not 134), so a mask sized that way
+    cut off the end of the last glyph.
+    """
     with _font_lock:
         font = _font(size)
-        _, _, right, bottom = font.getbbox(text)
-        mask = Image.new("1", (max(1, int(right)), max(1, int(bottom))))
-        ImageDraw.Draw(mask).text((0, 0), text, fill=1, font=font)
+        draw = ImageDraw.Draw(Image.new("1", (1, 1)))
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        dx, dy = max(0, -int(left)), max(0, -int(top))
+        mask = Image.new("1", (max(1, int(right) + dx), max(1, int(bottom) + dy)))
+        ImageDraw.Draw(mask).text((dx, dy), text, fill=1, font=font)
     return mask
 
 
-@lru_cache(maxsize=8)
+#: Every probability as the legend writes it.
+_VALUES = tuple(f"{i / 100:.2f}" for i in range(101))
+
+
+@lru_cache(maxsize=64)
 def _layout(size: int) -> tuple[int, int, int, int]:
     """``(pad, line height, x of the values, narrowest box width)`` for a font size."""
     pad = max(2, size // 4)
     label_width = max(_text_mask(label, size).width for label in LABELS)
     value_x = pad + label_width + 2 * pad
-    return pad, size + pad, value_x, value_x + _text_mask("0.00", size).width + pad
+    values = [_text_mask(value, size) for value in _VALUES]  # hinted digits differ by a pixel at some sizes
+    tallest = max(_text_mask(text, size).height for text in (*LABELS, *_VALUES, _NOT_FOR_DIAGNOSIS))
+    return pad, max(size + pad, tallest), value_x, value_x + max(mask.width for mask in values) + pad
 
 
 def _display_grey(image: np.ndarray) -> Image.Image:
