@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 from ichscan.dicom import is_valid_uid
 from ichscan.durable import replacing
 from ichscan.imaging import brain_window_image
-from ichscan.labels import LABELS
-from ichscan.records import SliceResult, Status
+from ichscan.labels import LABELS, SUBTYPES
+from ichscan.records import NO_FINDING, SliceResult, Status
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +87,71 @@ _font_lock = threading.Lock()
 
 @lru_cache(maxsize=4096)
 def _text_mask(text: str, size: int) -> Image.Image:
-    """``text`` as a 1-bit mask, drawn as ``ImageDraw.text`` would at (0, 0)."""
+    """``text`` as a 1-bit mask holding every inked pixel, drawn as ``ImageDraw.text`` would
+    at (0, 0) (shifted right or down only where a glyph would ink left of or above it).
+
+    The mask is measured by the same drawing object, in the same font mode, that inks it:
+    a "1" image is drawn without anti-aliasing, with FreeType's monochrome hinting, whose
+    glyphs are wider than the anti-aliased ones ``font.getbbox(text)`` measures by default
+    (at size 17, "intraparenchymal" is 138 pixels wide, not 134), so a mask sized that way
+    cut off the end of the last glyph.
+    """
     with _font_lock:
         font = _font(size)
-        _, _, right, bottom = font.getbbox(text)
-        mask = Image.new("1", (max(1, int(right)), max(1, int(bottom))))
-        ImageDraw.Draw(mask).text((0, 0), text, fill=1, font=font)
+        draw = ImageDraw.Draw(Image.new("1", (1, 1)))
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        dx, dy = max(0, -int(left)), max(0, -int(top))
+        mask = Image.new("1", (max(1, int(right) + dx), max(1, int(bottom) + dy)))
+        ImageDraw.Draw(mask).text((dx, dy), text, fill=1, font=font)
     return mask
 
 
-@lru_cache(maxsize=8)
+#: The smallest font size of the legend that reads (pixels); below it only where an image
+#: narrower than 256 pixels (or a headline no model here writes) leaves no room.
+_READABLE_SIZE = 12
+_SMALLEST_SIZE = 8
+#: The widest headlines a model writes: the top label and its probability.
+_HEADLINES = tuple(f"{label} 1.00" for label in (*SUBTYPES, NO_FINDING))
+#: Every probability as the legend writes it.
+_VALUES = tuple(f"{i / 100:.2f}" for i in range(101))
+
+
+@lru_cache(maxsize=64)
 def _layout(size: int) -> tuple[int, int, int, int]:
     """``(pad, line height, x of the values, narrowest box width)`` for a font size."""
     pad = max(2, size // 4)
     label_width = max(_text_mask(label, size).width for label in LABELS)
     value_x = pad + label_width + 2 * pad
-    return pad, size + pad, value_x, value_x + _text_mask("0.00", size).width + pad
+    values = [_text_mask(value, size) for value in _VALUES]  # hinted digits differ by a pixel at some sizes
+    tallest = max(_text_mask(text, size).height for text in (*LABELS, *_VALUES, _NOT_FOR_DIAGNOSIS))
+    return pad, max(size + pad, tallest), value_x, value_x + max(mask.width for mask in values) + pad
+
+
+def _frame_width(height: int) -> int:
+    return max(2, height // 128)
+
+
+def _fits(size: int, width: int, height: int, headline: str) -> bool:
+    """Whether the legend at ``size`` lies whole inside a ``width`` x ``height`` canvas,
+    clear of the frame: the box (with ``headline``) and the notice across, the box above
+    the notice."""
+    pad, line_height, _, box_w = _layout(size)
+    edge = _frame_width(height)
+    box_w = max(box_w, _text_mask(headline, size).width + 2 * pad)
+    notice = _text_mask(_NOT_FOR_DIAGNOSIS, size).width
+    across = edge + max(box_w, pad + notice) < width - edge
+    down = edge + line_height * (len(LABELS) + 1) + pad < height - edge - line_height - pad
+    return across and down
+
+
+@lru_cache(maxsize=256)
+def _legend_size(width: int, height: int) -> int:
+    """The legend's font size on a ``width`` x ``height`` canvas: 1/36 of the height (at
+    least :data:`_READABLE_SIZE`), smaller where the widest headline would not fit across."""
+    size = max(_READABLE_SIZE, height // 36)
+    while size > _SMALLEST_SIZE and not all(_fits(size, width, height, headline) for headline in _HEADLINES):
+        size -= 1
+    return size
 
 
 def _display_grey(image: np.ndarray) -> Image.Image:
@@ -183,8 +232,6 @@ def _paint(canvas: Image.Image, index: int) -> int | tuple[int, int, int]:
 
 def _annotate(canvas: Image.Image, result: SliceResult) -> None:
     """Draw the label box, the probabilities, the frame and the notice onto ``canvas``."""
-    size = max(12, canvas.height // 36)
-    pad, line_height, value_x, box_w = _layout(size)
     positive = result.is_positive
     colour = _paint(canvas, _RED if positive else _GREEN)
     black, text, yellow = _paint(canvas, _BLACK), _paint(canvas, _TEXT), _paint(canvas, _YELLOW)
@@ -193,9 +240,13 @@ def _annotate(canvas: Image.Image, result: SliceResult) -> None:
         headline = f"{result.top_label} {result.top_probability:.2f}"
     else:
         headline = result.top_label
+    size = _legend_size(canvas.width, canvas.height)
+    while size > _SMALLEST_SIZE and not _fits(size, canvas.width, canvas.height, headline):
+        size -= 1  # a top label wider than any model here writes
+    pad, line_height, value_x, box_w = _layout(size)
     box_w = max(box_w, _text_mask(headline, size).width + 2 * pad)
     # Box and text sit inside the border's width on every slice, so the border never covers them.
-    edge = max(2, canvas.height // 128)
+    edge = _frame_width(canvas.height)
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((edge, edge, edge + box_w, edge + line_height * (len(LABELS) + 1) + pad), fill=black)
     x = edge + pad
