@@ -1,5 +1,6 @@
 """What the DICOM result objects report: the findings of a study and its instances,
-the codes and UIDs both objects use, and the checks of the source headers they copy from.
+the codes and UIDs both objects use, the checks of the source headers they copy from, and
+the checks and content-item readers both SR templates (TID 1500, comprehensive) share.
 """
 
 from __future__ import annotations
