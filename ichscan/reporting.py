@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: ``--sr-template``: the study report's SR template, the default first (TID 1500 Imaging
+#: Measurement Report, or ichscan's own Comprehensive SR tree; see ichscan.dicom_results).
+SR_TEMPLATES = ("tid1500", "comprehensive")
+
 
 @dataclass
 class StudySummary:
@@ -87,10 +91,11 @@ class StudyTable:
 
 @dataclass
 class ResultsOutput:
-    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--forward``."""
+    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``."""
 
     html: Path | None = None
     dicom_out: Path | None = None
+    sr_template: str = SR_TEMPLATES[0]
     forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
     calling_ae: str = "ICHSCAN"
     forward_wait: float = 30.0
@@ -104,6 +109,7 @@ class ResultsOutput:
         return {
             "html": self.html,
             "dicom_out": self.dicom_out,
+            "sr_template": self.sr_template,
             "forward": tuple(self.forward),
             "calling_ae": self.calling_ae,
             "forward_wait": self.forward_wait,
@@ -140,6 +146,8 @@ class RunConfig:
     html: Path | None = None
     #: DICOM results (SR, key images): written to ``dicom_out`` and/or sent to ``forward``.
     dicom_out: Path | None = None
+    #: The SR's template: one of :data:`SR_TEMPLATES`.
+    sr_template: str = SR_TEMPLATES[0]
     forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
     calling_ae: str = "ICHSCAN"
     #: At the end of a run, seconds to wait for pending deliveries.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ichscan.labels import parse_thresholds
+from ichscan.reporting import SR_TEMPLATES
 
 if TYPE_CHECKING:
     import pluggy
@@ -138,6 +139,13 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
             folder=True,
         ),
         click.Option(
+            ["--sr-template"],
+            type=click.Choice(SR_TEMPLATES),
+            default=SR_TEMPLATES[0],
+            help="The SR's template: a TID 1500 Imaging Measurement Report (what viewers such as OHIF display), "
+            "or ichscan's own Comprehensive SR tree (with per-slice probabilities).",
+        ),
+        click.Option(
             ["--forward"],
             metavar="AE@HOST:PORT",
             multiple=True,
@@ -221,7 +229,7 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     """The options every screening command shares, passed to it as one ``settings`` argument.
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
-    --dicom-out, --forward, --forward-wait and, unless ``calling_ae`` is False,
+    --dicom-out, --sr-template, --forward, --forward-wait and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency) and,

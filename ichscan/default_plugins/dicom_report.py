@@ -43,7 +43,9 @@ class DicomResultsReporter(Reporter):
             thresholds=dict(config.thresholds),
         )
         self.config = config
-        self.outbox = Outbox(config.store, outbox_folder(config), config.forward, model, saliency=config.saliency)
+        self.outbox = Outbox(
+            config.store, outbox_folder(config), config.forward, model, saliency=config.saliency, sr_template=config.sr_template
+        )
         self.forwarder = None
         unfinished = self.outbox.unfinished()
         if unfinished:

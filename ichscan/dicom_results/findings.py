@@ -1,11 +1,12 @@
 """What the DICOM result objects report: the findings of a study and its instances,
-the codes and UIDs both objects use, and the checks of the source headers they copy from.
+the codes and UIDs both objects use, the checks of the source headers they copy from, and
+the checks and content-item readers both SR templates (TID 1500, comprehensive) share.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pydicom
@@ -155,3 +156,91 @@ def with_study_attributes(header: pydicom.Dataset) -> pydicom.Dataset:
     for keyword in missing:
         setattr(patched, keyword, None)
     return patched
+
+
+# --------------------------------------------------------------------------------------------
+# Checks both report templates make
+# --------------------------------------------------------------------------------------------
+
+
+def report_instances(
+    findings: StudyFindings, previous: pydicom.Dataset | None, series_uid: str, instance_number: int
+) -> list[InstanceFinding]:
+    """The instances a report lists (one per SOP Instance UID, by Instance Number), after the
+    checks every report makes: UIDs present, one study, a predecessor it may revise."""
+    for inst in findings.instances:
+        check_identity(inst.dataset)
+    instances = sorted(unique_instances(findings.instances), key=instance_sort_key)
+    check_previous(previous, study_uid_of(instances), series_uid, instance_number)
+    return instances
+
+
+def unique_instances(instances: Sequence[InstanceFinding]) -> list[InstanceFinding]:
+    """One finding per SOP Instance UID (a file sent twice keeps its higher ``any``)."""
+    if not instances:
+        raise ValueError("no screened instances in the study")
+    best: dict[str, InstanceFinding] = {}
+    for inst in instances:
+        uid = str(inst.dataset.SOPInstanceUID)
+        kept = best.get(uid)
+        if kept is None or probability_value(inst.probabilities, "any") > probability_value(kept.probabilities, "any"):
+            best[uid] = inst
+    return list(best.values())
+
+
+def study_uid_of(instances: Sequence[InstanceFinding]) -> str:
+    uids = {str(inst.dataset.StudyInstanceUID) for inst in instances}
+    if len(uids) != 1:
+        raise ValueError(f"instances belong to {len(uids)} studies; a report covers one")
+    return uids.pop()
+
+
+def check_previous(previous: pydicom.Dataset | None, study_uid: str, series_uid: str, instance_number: int) -> None:
+    if previous is None:
+        return
+    if str(previous.StudyInstanceUID) != study_uid:
+        raise ValueError("the previous report belongs to another study")
+    if str(previous.SeriesInstanceUID) != str(series_uid):
+        raise ValueError("a revised report goes into the series of the report it revises")
+    if int(previous.InstanceNumber) >= instance_number:
+        raise ValueError(
+            f"instance number {instance_number} must exceed the previous report's {previous.InstanceNumber}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading either report back
+# --------------------------------------------------------------------------------------------
+
+
+def concept_of(item: pydicom.Dataset) -> pydicom.Dataset | None:
+    sequence = item.get("ConceptNameCodeSequence")
+    return sequence[0] if sequence else None
+
+
+def is_code(coded: pydicom.Dataset, code: Code) -> bool:
+    return coded.get("CodeValue") == code.value and coded.get("CodingSchemeDesignator") == code.scheme_designator
+
+
+def label_for(coded: pydicom.Dataset) -> str | None:
+    for label, code in LABEL_CODES.items():
+        if is_code(coded, code):
+            return label
+    return None
+
+
+def num_value(measured: pydicom.Dataset) -> float:
+    # FloatingPointValue (FD) is exact; NumericValue (DS) is limited to 16 characters.
+    if "FloatingPointValue" in measured:
+        return float(measured.FloatingPointValue)
+    return float(measured.NumericValue)
+
+
+def referenced_uids(sequence: Sequence[pydicom.Dataset]) -> list[str]:
+    """SOP Instance UIDs in a Hierarchical SOP Instance Reference sequence (study/series/instance)."""
+    return [
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sequence
+        for series in study.get("ReferencedSeriesSequence", [])
+        for instance in series.get("ReferencedSOPSequence", [])
+    ]

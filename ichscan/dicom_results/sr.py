@@ -1,18 +1,14 @@
-"""The structured report of a screened study, and reading it back.
+"""The Comprehensive SR tree of a screened study (``--sr-template comprehensive``), and
+the SR document both templates share.
 
-Why Comprehensive SR with an ichscan content tree (and not TID 1500)
---------------------------------------------------------------------
-TID 1500 (*Imaging Measurement Report*, highdicom ``MeasurementReport``) is made for
-measurements of regions and images, grouped under tracking identifiers. A slice classifier's
-output fits it only loosely: TID 1500 has no place for the decision thresholds or for a free
-text usage restriction ("not for diagnostic use"), and each probability would still need a
-private concept name. Comprehensive SR (not Comprehensive 3D SR: there are no 3-D coordinates)
-takes any tree of CONTAINER, TEXT, CODE, NUM and IMAGE items, so the whole result is coded
-items, and it is the SR storage class that PACS and viewers support most widely. The tree
-uses DICOM (DCM), LOINC (LN) and SNOMED CT (SCT) concepts wherever pydicom's code dictionary
-has one, and the private scheme :data:`PRIVATE_SCHEME` (declared in the Coding Scheme
-Identification Sequence) for the rest. It declares no template identifier because it follows
-no DICOM template; its structure is::
+The default report is TID 1500 (:mod:`ichscan.dicom_results.tid1500`), the template viewers
+such as OHIF interpret. This tree came first and stays as an option for receivers that
+read it: ichscan's own content tree of CONTAINER, TEXT, CODE, NUM and IMAGE items, with the
+thresholds and the usage restriction as items of their own and the probabilities of every
+positive slice. It uses DICOM (DCM), LOINC (LN) and SNOMED CT (SCT) concepts wherever
+pydicom's code dictionary has one, and the private scheme :data:`PRIVATE_SCHEME` (declared
+in the Coding Scheme Identification Sequence) for the rest. It declares no template
+identifier because it follows no DICOM template; its structure is::
 
     CONTAINER  (LN 18748-4 "Diagnostic Imaging Report")
       HAS CONCEPT MOD  CODE  Language of Content Item and Descendants = English
@@ -71,9 +67,13 @@ from ichscan.dicom_results.findings import (
     SR_SOP_CLASS_UID,
     InstanceFinding,
     StudyFindings,
-    check_identity,
-    instance_sort_key,
+    concept_of,
+    is_code,
+    label_for,
+    num_value,
     probability_value,
+    referenced_uids,
+    report_instances,
     with_study_attributes,
 )
 from ichscan.labels import LABELS
@@ -124,11 +124,7 @@ def build_sr(
         threshold is missing or outside [0, 1], or ``previous`` belongs to another study or
         series or has an Instance Number not below ``instance_number``.
     """
-    for inst in findings.instances:
-        check_identity(inst.dataset)
-    instances = sorted(_unique_instances(findings.instances), key=instance_sort_key)
-    study_uid = _study_uid(instances)
-    _check_previous(previous, study_uid, series_instance_uid, instance_number)
+    instances = report_instances(findings, previous, series_instance_uid, instance_number)
 
     root = ContainerContentItem(name=_TITLE)
     root.ContentSequence = ContentSequence()
@@ -177,12 +173,38 @@ def build_sr(
         )
         root.ContentSequence.append(group)
 
+    return sr_document(
+        findings,
+        instances,
+        root,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        previous=previous,
+        series_number=series_number,
+    )
+
+
+def sr_document(
+    findings: StudyFindings,
+    instances: Sequence[InstanceFinding],
+    content: ContainerContentItem | Sequence[pydicom.Dataset],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int,
+    previous: pydicom.Dataset | None,
+    series_number: int,
+) -> ComprehensiveSR:
+    """The Comprehensive SR document around a content tree, the same for both templates:
+    patient and study modules from the screened instances, every instance as evidence,
+    ichscan as manufacturer, preliminary and unverified, the private scheme declared."""
     description = _SR_DESCRIPTION + (DEMO_SUFFIX if findings.demo else "")
     # highdicom takes the patient and study attributes from the first piece of evidence.
     evidence = [with_study_attributes(instances[0].dataset)] + [inst.dataset for inst in instances[1:]]
-    sr = ComprehensiveSR(
+    return ComprehensiveSR(
         evidence=evidence,
-        content=root,
+        content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -207,11 +229,10 @@ def build_sr(
             )
         ],
     )
-    return sr
 
 
-def read_sr_findings(ds: pydicom.Dataset) -> dict[str, Any]:
-    """Read back a report made by :func:`build_sr`.
+def read_comprehensive_sr(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Read back a report made by :func:`build_sr` (``--sr-template comprehensive``).
 
     Parameters
     ----------
@@ -236,7 +257,7 @@ def read_sr_findings(ds: pydicom.Dataset) -> dict[str, Any]:
     """
     if ds.get("SOPClassUID") != SR_SOP_CLASS_UID or not ds.get("ConceptNameCodeSequence"):
         raise ValueError("not a Comprehensive SR")
-    if not _is_code(ds.ConceptNameCodeSequence[0], _TITLE):
+    if not is_code(ds.ConceptNameCodeSequence[0], _TITLE):
         raise ValueError("not an ichscan screening report (unexpected document title)")
     result: dict[str, Any] = {
         "probabilities": {},
@@ -244,27 +265,27 @@ def read_sr_findings(ds: pydicom.Dataset) -> dict[str, Any]:
         "thresholds": {},
         "positive_instances": [],
         "instance_probabilities": {},
-        "referenced_instances": _referenced_uids(ds.get("CurrentRequestedProcedureEvidenceSequence", [])),
-        "predecessors": _referenced_uids(ds.get("PredecessorDocumentsSequence", [])),
+        "referenced_instances": referenced_uids(ds.get("CurrentRequestedProcedureEvidenceSequence", [])),
+        "predecessors": referenced_uids(ds.get("PredecessorDocumentsSequence", [])),
         "model": {"name": None, "version": None},
         "not_for_diagnostic_use": False,
     }
     for item in ds.get("ContentSequence", []):
-        name = _concept(item)
+        name = concept_of(item)
         if name is None:
             continue
-        if _is_code(name, _USAGE):
+        if is_code(name, _USAGE):
             result["not_for_diagnostic_use"] |= NOT_FOR_DIAGNOSTIC_USE in str(item.get("TextValue", "")).lower()
-        elif _is_code(name, codes.DCM.AlgorithmName):
+        elif is_code(name, codes.DCM.AlgorithmName):
             result["model"]["name"] = str(item.TextValue)
-        elif _is_code(name, codes.DCM.AlgorithmVersion):
+        elif is_code(name, codes.DCM.AlgorithmVersion):
             result["model"]["version"] = str(item.TextValue)
-        elif _is_code(name, codes.DCM.Findings):
+        elif is_code(name, codes.DCM.Findings):
             for label, present, properties in _read_label_items(item):
                 result["positive"][label] = present
                 result["probabilities"][label] = properties[codes.DCM.Probability.value]
                 result["thresholds"][label] = properties[codes.DCM.ThresholdValue.value]
-        elif _is_code(name, _POSITIVE_IMAGE):
+        elif is_code(name, _POSITIVE_IMAGE):
             images = [child for child in item.get("ContentSequence", []) if child.get("ValueType") == "IMAGE"]
             if len(images) != 1:
                 raise ValueError(f"a positive-image group holds {len(images)} image references, not 1")
@@ -328,90 +349,19 @@ def _observation_context(findings: StudyFindings) -> ObservationContext:
     )
 
 
-def _unique_instances(instances: Sequence[InstanceFinding]) -> list[InstanceFinding]:
-    """One finding per SOP Instance UID (a file sent twice keeps its higher ``any``)."""
-    if not instances:
-        raise ValueError("no screened instances in the study")
-    best: dict[str, InstanceFinding] = {}
-    for inst in instances:
-        uid = str(inst.dataset.SOPInstanceUID)
-        kept = best.get(uid)
-        if kept is None or probability_value(inst.probabilities, "any") > probability_value(kept.probabilities, "any"):
-            best[uid] = inst
-    return list(best.values())
-
-
-def _study_uid(instances: Sequence[InstanceFinding]) -> str:
-    uids = {str(inst.dataset.StudyInstanceUID) for inst in instances}
-    if len(uids) != 1:
-        raise ValueError(f"instances belong to {len(uids)} studies; a report covers one")
-    return uids.pop()
-
-
-def _check_previous(previous: pydicom.Dataset | None, study_uid: str, series_uid: str, instance_number: int) -> None:
-    if previous is None:
-        return
-    if str(previous.StudyInstanceUID) != study_uid:
-        raise ValueError("the previous report belongs to another study")
-    if str(previous.SeriesInstanceUID) != str(series_uid):
-        raise ValueError("a revised report goes into the series of the report it revises")
-    if int(previous.InstanceNumber) >= instance_number:
-        raise ValueError(
-            f"instance number {instance_number} must exceed the previous report's {previous.InstanceNumber}"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Reading helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _concept(item: pydicom.Dataset) -> pydicom.Dataset | None:
-    sequence = item.get("ConceptNameCodeSequence")
-    return sequence[0] if sequence else None
-
-
-def _is_code(coded: pydicom.Dataset, code: Code) -> bool:
-    return coded.get("CodeValue") == code.value and coded.get("CodingSchemeDesignator") == code.scheme_designator
-
-
-def _label_for(coded: pydicom.Dataset) -> str | None:
-    for label, code in LABEL_CODES.items():
-        if _is_code(coded, code):
-            return label
-    return None
-
-
 def _read_label_items(container: pydicom.Dataset) -> list[tuple[str, bool, dict[str, float]]]:
     """``(label, present, {concept code value: number})`` for each label item in a container."""
     found = []
     for item in container.get("ContentSequence", []):
-        name = _concept(item)
-        label = _label_for(name) if name is not None and item.ValueType == "CODE" else None
+        name = concept_of(item)
+        label = label_for(name) if name is not None and item.ValueType == "CODE" else None
         if label is None:
             continue
-        present = _is_code(item.ConceptCodeSequence[0], codes.DCM.Present)
+        present = is_code(item.ConceptCodeSequence[0], codes.DCM.Present)
         properties: dict[str, float] = {}
         for child in item.get("ContentSequence", []):
-            child_name = _concept(child)
+            child_name = concept_of(child)
             if child.ValueType == "NUM" and child_name is not None and child.get("MeasuredValueSequence"):
-                properties[str(child_name.CodeValue)] = _num_value(child.MeasuredValueSequence[0])
+                properties[str(child_name.CodeValue)] = num_value(child.MeasuredValueSequence[0])
         found.append((label, present, properties))
     return found
-
-
-def _num_value(measured: pydicom.Dataset) -> float:
-    # FloatingPointValue (FD) is exact; NumericValue (DS) is limited to 16 characters.
-    if "FloatingPointValue" in measured:
-        return float(measured.FloatingPointValue)
-    return float(measured.NumericValue)
-
-
-def _referenced_uids(sequence: Sequence[pydicom.Dataset]) -> list[str]:
-    """SOP Instance UIDs in a Hierarchical SOP Instance Reference sequence (study/series/instance)."""
-    return [
-        str(instance.ReferencedSOPInstanceUID)
-        for study in sequence
-        for series in study.get("ReferencedSeriesSequence", [])
-        for instance in series.get("ReferencedSOPSequence", [])
-    ]

@@ -36,7 +36,7 @@ from typing import Any
 from ichscan.dicom import OK, decode_instance, is_valid_uid
 from ichscan.durable import fsync_file, rename_durably
 from ichscan.labels import LABELS
-from ichscan.reporting import SliceResult
+from ichscan.reporting import SR_TEMPLATES, SliceResult
 from ichscan.state.forwarder import FAILED, PENDING, Destination
 from ichscan.state.ledger import InstanceResult, Ledger, decode_path, encode_path
 from ichscan.state.store import StateStore
@@ -95,11 +95,23 @@ class Outbox:
         Where each object is to be sent (a pending delivery per destination).
     model
         Model name, version, demo flag and thresholds, for the SR.
+    sr_template
+        The SR's template, one of :data:`ichscan.reporting.SR_TEMPLATES`.
     """
 
     def __init__(
-        self, store: StateStore, folder: Path, destinations: Sequence[Destination], model: ModelInfo, *, saliency: bool = False
+        self,
+        store: StateStore,
+        folder: Path,
+        destinations: Sequence[Destination],
+        model: ModelInfo,
+        *,
+        saliency: bool = False,
+        sr_template: str = SR_TEMPLATES[0],
     ):
+        if sr_template not in SR_TEMPLATES:
+            raise ValueError(f"unknown SR template {sr_template!r}; choose one of {', '.join(SR_TEMPLATES)}")
+        self.sr_template = sr_template
         self.store = store
         #: ``--saliency``: key images show the heat map of their slice (when this process
         #: screened it: heat maps are kept in memory, one per study, not in the state file).
@@ -286,6 +298,10 @@ class Outbox:
         }
         if series_any is not None:  # only then: the keys of results without it stay as they were
             payload["series_any"] = round(series_any, 5)
+        if self.sr_template != SR_TEMPLATES[1]:  # comprehensive
+            # The template is content too (a run in the other one revises the report), and
+            # keys of reports made before there was a choice (all comprehensive) stay as they were.
+            payload["sr_template"] = self.sr_template
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def _latest(self, study_uid: str, kind: str) -> dict[str, Any] | None:
@@ -301,7 +317,7 @@ class Outbox:
         from pydicom.errors import InvalidDicomError
         from pydicom.uid import generate_uid
 
-        from ichscan.dicom_results import build_sr
+        from ichscan.dicom_results import build_report
 
         previous = None
         if previous_row is not None:
@@ -313,8 +329,9 @@ class Outbox:
                 )
         series = previous_row["series_instance_uid"] if previous_row is not None else generate_uid()
         revision = previous_row["revision"] + 1 if previous_row is not None else 1
-        ds = build_sr(
+        ds = build_report(
             findings,
+            template=self.sr_template,
             series_instance_uid=series,
             sop_instance_uid=generate_uid(),
             instance_number=revision,
