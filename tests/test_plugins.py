@@ -109,7 +109,7 @@ def test_plugins_command_lists_dir_plugin_and_hooks():
     assert result.exit_code == 0, result.output
     assert "jsonl_report  [" in result.output
     assert "ichscan_register_reporters" in result.output
-    assert "models: ichnet, ichnet-2d, simplecnn" in result.output
+    assert "models: ichnet, ichnet-2d, ichnet-series, simplecnn" in result.output
 
 
 def test_hook_name_typo_is_an_error_at_start_up(tmp_path):
