@@ -145,12 +145,16 @@ def test_curl_stores_and_gets_the_dicom_json_answer(receiver, tmp_path):
     assert len(receiver.received) == 1
 
 
-def test_refusals_are_answered_per_instance_and_nothing_is_written(receiver):
+def test_refusals_are_answered_per_instance_and_nothing_is_written(receiver, monkeypatch):
+    # As serve-scp does: ichscan refuses bad UIDs itself; pydicom need not warn about them.
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
     good = pydicom.dcmread(CT_SMALL)
     bad_uid = pydicom.dcmread(CT_SMALL)
     bad_uid.SOPInstanceUID = "1.2.3.4.5"
     bad_uid.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
-    bad_uid.SeriesInstanceUID = "../../x"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on setting the invalid UID
+        bad_uid.SeriesInstanceUID = "../../x"
     other_study = pydicom.dcmread(CT_SMALL)
     other_study.StudyInstanceUID = "1.2.3.999"
     other_study.SOPInstanceUID = other_study.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.6"
@@ -248,6 +252,27 @@ def test_size_limits(tmp_path, tokens):
     assert stored_files(rcv.store) == []
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--no-dimse"], "--no-dimse needs --dicomweb-port"), (["--dicomweb-token-file", "TOKENS"], "--dicomweb-token-file needs --dicomweb-port")],
+)
+def test_serve_scp_dicomweb_usage_errors(tmp_path, tokens, args, message):
+    from click.testing import CliRunner
+
+    from ichscan.cli import cli
+
+    args = [str(tokens) if a == "TOKENS" else a for a in args]
+    result = CliRunner().invoke(cli, ["serve-scp", "--port", "0", "--store", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_a_token_file_without_tokens_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# no token yet\n\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        Receiver(tmp_path / "store", empty)
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_with_a_self_signed_certificate(tmp_path, tokens):
     from test_scp import make_certificates
@@ -307,17 +332,13 @@ def test_serve_scp_screens_stow_instances_like_c_store_ones(tmp_path, tokens):
 @pytest.mark.slow
 def test_dicomweb_only(tmp_path):
     web = free_port()
-    srv = ServerProcess.__new__(ServerProcess)
-    srv.work, srv.port = tmp_path, web
-    srv.store, srv.out, srv.log = tmp_path / "store", tmp_path / "results.csv", tmp_path / "serve.log"
-    from helpers import start_ichscan
-
-    srv.proc = start_ichscan(srv.log, "serve-scp", "--no-dimse", "--dicomweb-port", str(web), "--store", str(srv.store), "--out", str(srv.out), "--overlays-for", "none")
-    wait_for(lambda: port_open(web), 120, "the DICOMweb port", srv.proc, srv.log)
+    # --port is unused with --no-dimse: ServerProcess waits for the DICOMweb port instead.
+    srv = ServerProcess(tmp_path, web, "--no-dimse", "--dicomweb-port", str(web))
     assert stow_one(f"http://127.0.0.1:{web}/dicom-web/studies", CT_SMALL) == 200
     wait_for(lambda: read_csv(srv.out, missing_ok=True), 60, "the row", srv.proc, srv.log)
     assert srv.stop() == 0
-    assert "serving C-STORE" not in srv.log.read_text()
+    log = srv.log.read_text()
+    assert "serving C-STORE" not in log and "without authentication" in log
 
 
 @pytest.mark.slow
