@@ -16,7 +16,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from helpers import CT_SMALL, MR_SMALL, ServerProcess, free_port, port_open, read_csv, wait_for
-from ichscan.sources.scp import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, StoreHandler, tls_context, ScpOptions
+from ichscan.sources.scp import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, ScpOptions, StoreHandler, tls_context
 from ichscan.sources.stow import (
     SOP_CLASS_NOT_SUPPORTED,
     STUDY_UID_MISMATCH,
@@ -210,7 +210,7 @@ def test_missing_or_bad_token_is_401_and_nothing_written(receiver, token):
 def test_bad_token_is_answered_before_the_body_is_sent(receiver, tmp_path):
     """With Expect: 100-continue, the 401 comes instead of the go-ahead."""
     body = tmp_path / "body"
-    body.write_bytes(multipart(CT_SMALL.read_bytes()) * 1)
+    body.write_bytes(multipart(CT_SMALL.read_bytes()))
     proc = subprocess.run(
         ["curl", "-sS", "-v", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect: 100-continue", "-H", f"Content-Type: {RELATED}",
          "-H", "Authorization: Bearer nope", "--data-binary", f"@{body}", receiver.studies],
