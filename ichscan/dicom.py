@@ -257,6 +257,22 @@ def _read_file(path: str, limits: DecodeLimits) -> bytes:
     return data
 
 
+def parse_dicom_bytes(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> pydicom.FileDataset:
+    """Parse a whole DICOM file held in memory (a STOW-RS part), under the same checks as
+    a file read from disk: the 'DICM' marker, a deflate bomb, truncated values.
+
+    Raises
+    ------
+    Refused
+        With the reason, as a file's ``error`` row would give it.
+    """
+    if len(data) > limits.max_file_bytes:
+        raise Refused(f"file is {len(data)} bytes, over the {limits.max_file_bytes} byte limit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _parse(data, limits)
+
+
 def _looks_like_bare_dataset(data: bytes) -> bool:
     """A file without preamble may still be DICOM if it starts with group 0002 or 0008."""
     if len(data) < 8:

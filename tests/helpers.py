@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -135,3 +136,23 @@ def save(ds: pydicom.Dataset, path: Path) -> Path:
     """Write ``ds`` as a proper DICOM file (preamble and file meta) at ``path``; returns ``path``."""
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+class ServerProcess:
+    """``ichscan serve-scp`` as a subprocess on ``port`` (C-STORE), storing under ``work/store``,
+    rows in ``work/results.csv``; ``extra`` options are passed on. Waits until it listens."""
+
+    def __init__(self, work: Path, port: int, *extra: str):
+        self.work, self.port = work, port
+        self.out = work / "results.csv"
+        self.store = work / "store"
+        work.mkdir(parents=True, exist_ok=True)
+        self.log = work / f"serve-{time.monotonic_ns()}.log"
+        self.proc = start_ichscan(
+            self.log, "serve-scp", "--port", str(port), "--store", str(self.store), "--out", str(self.out), "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", *extra
+        )
+        wait_for(lambda: port_open(port), 120, "the server to listen", self.proc, self.log)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=120)

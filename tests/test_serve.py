@@ -11,26 +11,9 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from helpers import DCMTK, MR_SMALL, free_port, needs_dcmtk, port_open, read_csv, run_ichscan, start_ichscan, wait_for
+from helpers import DCMTK, MR_SMALL, ServerProcess, free_port, needs_dcmtk, read_csv, run_ichscan, wait_for
 from ichscan.sources.scp import CT_IMAGE_STORAGE, decodable_transfer_syntaxes
 from ichscan.synth import generate
-
-
-class ServerProcess:
-    def __init__(self, work: Path, port: int, *extra: str):
-        self.work, self.port = work, port
-        self.out = work / "results.csv"
-        self.store = work / "store"
-        work.mkdir(parents=True, exist_ok=True)
-        self.log = work / f"serve-{time.monotonic_ns()}.log"
-        self.proc = start_ichscan(
-            self.log, "serve-scp", "--port", str(port), "--store", str(self.store), "--out", str(self.out), "--overlays-for", "none", "--study-timeout", "1", "--max-latency", "0.2", *extra
-        )
-        wait_for(lambda: port_open(port), 120, "the server to listen", self.proc, self.log)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=120)
 
 
 def send_files(port: int, paths: list[Path], results: dict | None = None, ae_title="SENDER") -> dict:

@@ -185,9 +185,24 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CA certificate (PEM): require client certificates it signed.")
 @click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=30.0, help="On SIGINT/SIGTERM, seconds open associations get to finish.")
+@click.option("--dimse/--no-dimse", default=True, help="Listen for C-STORE on --port; --no-dimse: DICOMweb only (needs --dicomweb-port).")
+@click.option("--dicomweb-port", type=click.IntRange(0, 65535), default=None, help="Also receive by DICOMweb STOW-RS on this HTTP port (same --bind, store, ledger and TLS).  [default: off]")
+@click.option("--dicomweb-base", default="/dicom-web", show_default=True, help="URL path under which STOW-RS is served: POST BASE/studies[/{StudyInstanceUID}].")
+@click.option("--dicomweb-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Bearer tokens allowed to store, one a line; a request without one of them gets 401.  [default: no authentication]")
+@click.option("--dicomweb-max-request", type=click.IntRange(1024, 2**40), default=2 * 1024**3, show_default=True, help="Largest STOW-RS request body, in bytes (each part: 256 MiB, the decoder's file size cap).")
 @click.pass_context
-def serve_command(ctx: click.Context, settings: ScreeningSettings, drain_timeout: float, **listening: Any) -> None:
-    """Receive CT images by DICOM C-STORE and screen them.
+def serve_command(
+    ctx: click.Context,
+    settings: ScreeningSettings,
+    drain_timeout: float,
+    dimse: bool,
+    dicomweb_port: int | None,
+    dicomweb_base: str,
+    dicomweb_token_file: Path | None,
+    dicomweb_max_request: int,
+    **listening: Any,
+) -> None:
+    """Receive CT images by DICOM C-STORE (and DICOMweb STOW-RS) and screen them.
 
     Each instance is written to --store durably (temporary file, fsync, rename, fsync of
     the folder) before Success is returned; a write failure answers 0xA700 and leaves
@@ -197,9 +212,14 @@ def serve_command(ctx: click.Context, settings: ScreeningSettings, drain_timeout
     SOPInstanceUID keeps the first copy (answered Success, one result row). Stop with
     Ctrl-C or SIGTERM: no new associations, open ones get --drain-timeout seconds, what
     was received is screened, exit status 0.
+
+    With --dicomweb-port, STOW-RS requests (multipart/related; type="application/dicom")
+    are stored the same way, each instance durably before the response, which names each
+    instance stored or failed (HTTP 200, 202 some failed, 409 all failed).
     """
     from ichscan.pipeline import ServeOptions, WatchOptions, run_serve
     from ichscan.sources.scp import ScpOptions
+    from ichscan.sources.stow import StowOptions
 
     # The options above, but for the shared ones and --drain-timeout, are named after ScpOptions' fields.
     scp = ScpOptions(**listening)
@@ -213,8 +233,23 @@ def serve_command(ctx: click.Context, settings: ScreeningSettings, drain_timeout
     # Results go out under our own AE title.
     settings["results"].calling_ae = scp.ae_title.strip()
     watch = WatchOptions(input_dir=scp.store, **settings)
+    if not dimse and dicomweb_port is None:
+        raise click.UsageError("--no-dimse needs --dicomweb-port")
+    if dicomweb_token_file is not None and dicomweb_port is None:
+        raise click.UsageError("--dicomweb-token-file needs --dicomweb-port")
+    stow = None
+    if dicomweb_port is not None:
+        stow = StowOptions(
+            port=dicomweb_port,
+            bind=scp.bind,
+            base=dicomweb_base,
+            token_file=dicomweb_token_file,
+            max_request_bytes=dicomweb_max_request,
+            idle_timeout=scp.idle_timeout,
+            accept_all_storage=scp.accept_all_storage,
+        )
     try:
-        summary = run_serve(ServeOptions(scp=scp, watch=watch, drain_timeout=drain_timeout), pm)
+        summary = run_serve(ServeOptions(scp=scp, watch=watch, drain_timeout=drain_timeout, stow=stow, dimse=dimse), pm)
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
     log.info("screened %d instances: %s", summary.files, _status_counts(summary))

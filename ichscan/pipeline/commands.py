@@ -37,6 +37,7 @@ from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunMode, RunSumm
 from ichscan.sources.base import Source
 from ichscan.sources.folder import FolderSource, check_input_folder, count_folder
 from ichscan.sources.scp import ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
+from ichscan.sources.stow import StowOptions, start_stow_server
 from ichscan.sources.watch import WatchSource
 
 log = logging.getLogger(__name__)
@@ -296,19 +297,25 @@ class ServeOptions:
     scp: ScpOptions = field(default_factory=ScpOptions)
     watch: WatchOptions | None = None  # the screening settings; input_dir is set to scp.store
     drain_timeout: float = 30.0
+    stow: StowOptions | None = None  # also receive by STOW-RS (DICOMweb)
+    dimse: bool = True  # listen for C-STORE (off: DICOMweb only)
 
 
 def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> LiveSummary:
     """Serve until SIGINT/SIGTERM (or ``stop``); return the screening counts.
 
-    On a stop: no new associations, open ones get ``drain_timeout`` seconds to finish
-    (then they are aborted), what was received is screened, files are flushed.
+    On a stop: no new associations or connections, open ones get ``drain_timeout`` seconds
+    to finish (then associations are aborted), what was received is screened, files are
+    flushed. C-STORE and STOW-RS share one :class:`StoreHandler`: the same checks, the
+    same durable write, the same hand-over to the pipeline.
     """
     import ssl
 
     import pydicom.config
     from pynetdicom import evt
 
+    if not opts.dimse and opts.stow is None:
+        raise RunError("nothing to serve: without C-STORE, a DICOMweb port is needed")
     store = Path(os.path.abspath(opts.scp.store))
     prepare_folder(store, "--store")
     watch_opts = opts.watch or WatchOptions(input_dir=store)
@@ -328,31 +335,53 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
     ae = build_ae(opts.scp)
     # Signals first: a SIGTERM while the model loads must still mean "stop cleanly".
     with stop_on_signals(stop, "no new associations; finishing what was received, then stopping"):
+        # Listen first: a port in use fails at once, before the model loads. What
+        # arrives before the pipeline is up is stored durably and handed over.
+        server = web = None
         try:
-            # Listen first: a port in use fails at once, before the model loads. What
-            # arrives before the pipeline is up is stored durably and handed over.
-            server = ae.start_server(
-                (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
-            )
-        except OSError as exc:
-            raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
-        source.server = server
-        try:
+            if opts.dimse:
+                try:
+                    server = ae.start_server(
+                        (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
+                    )
+                except OSError as exc:
+                    raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
+                source.server = server
+            if opts.stow is not None:
+                try:
+                    web = start_stow_server(opts.stow, handler, ssl_context)
+                except OSError as exc:
+                    raise RunError(f"cannot listen for DICOMweb on {opts.stow.bind}:{opts.stow.port}: {exc.strerror or exc}") from None
+                except ValueError as exc:
+                    raise RunError(f"--dicomweb-token-file: {exc}") from None
+                source.web = web
             pipeline, ledger = open_pipeline(
                 watch_opts, RunMode.SERVE, source, pm, input_root=store, outputs=outputs, stop=stop, **_live(watch_opts)
             )
         except BaseException:
-            server.shutdown()
+            if server is not None:
+                server.shutdown()
+            if web is not None:
+                web.shutdown()
+                web.server_close()
             raise
-        log.info(
-            "serving C-STORE as %s on %s:%d%s -> %s (transfer syntaxes: %s)",
-            opts.scp.ae_title,
-            opts.scp.bind,
-            server.server_address[1],
-            " with TLS" if ssl_context else "",
-            store,
-            ", ".join(uid.name for uid in decodable_transfer_syntaxes()),
-        )
+        if server is not None:
+            log.info(
+                "serving C-STORE as %s on %s:%d%s -> %s (transfer syntaxes: %s)",
+                opts.scp.ae_title,
+                opts.scp.bind,
+                server.server_address[1],
+                " with TLS" if ssl_context else "",
+                store,
+                ", ".join(uid.name for uid in decodable_transfer_syntaxes()),
+            )
+        if web is not None:
+            log.info(
+                "serving STOW-RS at %s/studies%s -> %s",
+                web.url,
+                " (bearer tokens required)" if web.tokens else " without authentication (no --dicomweb-token-file)",
+                store,
+            )
         try:
             summary = pipeline.run()
         finally:

@@ -79,6 +79,9 @@ class StoreStats:
 class StoreHandler:
     """The C-STORE handler: validate, store durably, hand the path on.
 
+    :meth:`store_instance` is the part every receiver shares (the STOW-RS one in
+    :mod:`ichscan.sources.stow` too): UID checks, the durable write, the hand-over.
+
     Parameters
     ----------
     store
@@ -117,11 +120,33 @@ class StoreHandler:
                 request.AffectedSOPInstanceUID,
             )
             return DATASET_MISMATCH
+        return self.store_instance(ds, lambda: event.encoded_dataset(include_meta=True), f"C-STORE from {peer}")
+
+    def store_instance(self, ds, encoded: Callable[[], bytes], sender: str) -> int:
+        """Check the UIDs, write the instance durably, hand its path on; the one store path
+        of every receiver (C-STORE and STOW-RS).
+
+        Parameters
+        ----------
+        ds
+            The instance's data set (read for its Study, Series and SOP Instance UIDs).
+        encoded
+            Returns the instance as a DICOM file (file meta included), as received;
+            called only once the instance is to be written.
+        sender
+            Who sent it, for log lines (``"C-STORE from AE@host"``).
+
+        Returns
+        -------
+        int
+            A C-STORE status: ``SUCCESS`` once the file is durably on disk (or was already
+            stored), ``INVALID_UID`` (nothing written) or ``OUT_OF_RESOURCES`` (no file left).
+        """
         uids = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         bad = [u for u in uids if not is_valid_uid(u)]
         if bad:
             self.stats.add("refused")
-            log.warning("C-STORE from %s refused: invalid UID %r (nothing written)", peer, bad[0][:80])
+            log.warning("%s refused: invalid UID %r (nothing written)", sender, bad[0][:80])
             return INVALID_UID
         study, series, sop = uids
         target = self.store / study / series / f"{sop}.dcm"
@@ -129,7 +154,7 @@ class StoreHandler:
             # Keep the first copy: a re-send after a lost response is answered as stored
             # and screened once (the ledger knows the file).
             self.stats.add("duplicates")
-            log.info("C-STORE from %s: %s already stored; kept the first copy", peer, sop)
+            log.info("%s: %s already stored; kept the first copy", sender, sop)
             return SUCCESS
         try:
             folder = target.parent
@@ -138,10 +163,10 @@ class StoreHandler:
                 fsync_dir(folder.parent)
                 fsync_dir(folder.parent.parent)
                 self._dirs_made.add(folder)
-            write_durably(target, event.encoded_dataset(include_meta=True))
+            write_durably(target, encoded())
         except OSError as exc:
             self.stats.add("failed")
-            log.error("C-STORE from %s: cannot store %s: %s (answered 0xA700)", peer, sop, exc.strerror or exc)
+            log.error("%s: cannot store %s: %s (answered as out of resources)", sender, sop, exc.strerror or exc)
             return OUT_OF_RESOURCES
         self.stats.add("stored")
         self.on_stored(str(target))
@@ -204,13 +229,13 @@ def build_ae(opts: ScpOptions):
 
 
 class ScpSource:
-    """The C-STORE receiver as a live source (``ichscan serve-scp``).
+    """The C-STORE receiver, and the STOW-RS one beside it, as a live source (``ichscan serve-scp``).
 
-    The :class:`StoreHandler` hands each durably stored instance straight over
+    The :class:`StoreHandler` (shared by both) hands each durably stored instance straight over
     (:meth:`received`, from the association's thread); a scan of the store at start
     finds what was stored but not screened before a crash. On :meth:`stop` no new
     associations are accepted and open ones get ``drain_timeout`` seconds to finish;
-    what they store is still screened.
+    what they store is still screened; so do STOW-RS requests being stored.
     """
 
     live = True
@@ -219,6 +244,7 @@ class ScpSource:
         self.store = Path(store)
         self.drain_timeout = drain_timeout
         self.server = None  # set by the caller once it listens
+        self.web = None  # the STOW-RS server (ichscan.sources.stow.StowServer), when there is one
         self._received: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._backlog: dict[str, None] = {}
@@ -271,11 +297,15 @@ class ScpSource:
         threading.Thread(target=self._drain, name="ichscan-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        server = self.server
+        server, web = self.server, self.web
+        deadline = time.monotonic() + self.drain_timeout
+        if web is not None:
+            # Stop accepting connections; requests being stored finish (below).
+            web.shutdown()
+            web.server_close()
         if server is not None:
             log.warning("stopping: no new associations; waiting up to %.0f s for open ones", self.drain_timeout)
             server.shutdown()
-            deadline = time.monotonic() + self.drain_timeout
             # Only established associations are waited for: a connection that never
             # sent an association request (a port check, a stalled peer) is not work.
             while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
@@ -284,6 +314,10 @@ class ScpSource:
                 if assoc.is_established:
                     log.warning("aborting association with %s after the drain timeout", assoc.requestor.ae_title)
                 assoc.abort()
+        while web is not None and web.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if web is not None and web.busy:
+            log.warning("%d STOW-RS requests still storing after the drain timeout; what they store is screened at the next start", web.busy)
         self._drained.set()
         self._wakeup.set()
 
@@ -295,8 +329,13 @@ class ScpSource:
         pass
 
     def close(self) -> None:
-        if self.server is not None and not self._drained.is_set():
+        if self._drained.is_set():
+            return
+        if self.server is not None:
             self.server.shutdown()
+        if self.web is not None:
+            self.web.shutdown()
+            self.web.server_close()
 
 
 def _stored_entry(path: str) -> Entry | None:
