@@ -153,11 +153,12 @@ def explain(exc: BaseException, url: str, what: str) -> DicomWebError:
             )
         if status == 403:
             return DicomWebError(f"{url} refused {what} with HTTP 403 Forbidden: the token lacks the permission", retry=True, status=status)
-        if status in (404, 405, 406, 415):
+        if status in (400, 404, 405, 406, 415):
+            # A web server's root, or Orthanc's own REST API, answers a DICOMweb path like this.
             return DicomWebError(
                 f"{url} does not answer {what} (HTTP {status} {reason}): is it the DICOMweb base URL, "
                 "e.g. http://host:8042/dicom-web?",
-                retry=status != 415,
+                retry=status in (404, 405, 406),
                 status=status,
             )
         retry = status >= 500 or status in (408, 429)
