@@ -61,6 +61,20 @@ def test_forward_accepts_dicomweb_urls_and_refuses_credentials(tmp_path):
     assert proc.returncode == 2 and "DICOMweb destinations" in proc.stderr
 
 
+def test_pull_filters_are_checked():
+    from ichscan.sources.dicomweb import PullQuery, _when
+
+    for good in (PullQuery(study_date="20240101-20240131"), PullQuery(study_date="-20240131"), PullQuery(since="last"), PullQuery(since="20240101123000")):
+        good.check()
+    for bad in (PullQuery(study_date="2024-01-01"), PullQuery(study_date="-"), PullQuery(study_uid="1.2.x"), PullQuery(since="yesterday"), PullQuery(accession="A" * 17)):
+        with pytest.raises(ValueError):
+            bad.check()
+    assert not PullQuery(since="last").filtered and PullQuery(accession="A1").filtered
+    # StudyDate + StudyTime as one sortable stamp; TM may be short or carry fractions.
+    assert _when("20240101", "0930") == "20240101093000" and _when("20240101", "093015.123") == "20240101093015"
+    assert _when("", "0930") == ""
+
+
 class _Unauthorized(http.server.BaseHTTPRequestHandler):
     """Answers every request 401 and remembers the Authorization headers it saw."""
 
