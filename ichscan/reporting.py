@@ -96,7 +96,7 @@ class ResultsOutput:
     html: Path | None = None
     dicom_out: Path | None = None
     sr_template: str = SR_TEMPLATES[0]
-    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
+    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.AnyDestination (C-STORE or DICOMweb)
     calling_ae: str = "ICHSCAN"
     forward_wait: float = 30.0
 
@@ -148,7 +148,7 @@ class RunConfig:
     dicom_out: Path | None = None
     #: The SR's template: one of :data:`SR_TEMPLATES`.
     sr_template: str = SR_TEMPLATES[0]
-    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.Destination
+    forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.AnyDestination (C-STORE or DICOMweb)
     calling_ae: str = "ICHSCAN"
     #: At the end of a run, seconds to wait for pending deliveries.
     forward_wait: float = 30.0

@@ -8,6 +8,8 @@ set-up and tear-down, live in ``conftest.py``.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -41,6 +44,11 @@ needs_dciodvfy = pytest.mark.skipif(
     not os.access(DCIODVFY, os.X_OK), reason="dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)"
 )
 needs_orthanc = pytest.mark.skipif(not ORTHANC.exists(), reason="Orthanc is not installed (.ci/run installs it)")
+#: Orthanc's DICOMweb plugin, as the Debian package orthanc-dicomweb installs it.
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+needs_orthanc_dicomweb = pytest.mark.skipif(
+    not (ORTHANC.exists() and ORTHANC_DICOMWEB.exists()), reason="Orthanc's DICOMweb plugin is not installed (.ci/run installs orthanc-dicomweb)"
+)
 
 #: A file name that is not valid UTF-8, and one for a file that is not DICOM either.
 ODD = b"bad\xff.dcm"
@@ -156,3 +164,80 @@ class ServerProcess:
     def stop(self, sig=signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=120)
+
+
+class Orthanc:
+    """A real Orthanc on loopback with a generated configuration.
+
+    ``ichscan_port``: a DICOM modality "ichscan" (AE ICHSCAN) it can send to;
+    ``dicomweb``: load the DICOMweb plugin (root ``/dicom-web/``, at :attr:`dicomweb_url`);
+    ``http_port``: reuse a port (a restarted Orthanc at the same URL).
+    """
+
+    def __init__(self, work: Path, ichscan_port: int | None = None, *, dicomweb: bool = False, http_port: int | None = None):
+        self.http_port, self.dicom_port = http_port or free_port(), free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "ichscan-test",
+            "StorageDirectory": str(work / "db"),
+            "IndexDirectory": str(work / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "Plugins": [str(ORTHANC_DICOMWEB)] if dicomweb else [],
+            "DicomModalities": {"ichscan": ["ICHSCAN", "127.0.0.1", ichscan_port]} if ichscan_port else {},
+        }
+        if dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        path = work / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = work / "orthanc.log"
+        with open(self.log, "a") as fh:
+            self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=fh, stderr=subprocess.STDOUT)
+        wait_for(self._up, 60, "Orthanc to start", self.proc, self.log)
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+        return json.loads(data) if resp.headers.get_content_type() in ("application/json", "application/dicom+json") else data
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def upload(self, path: Path) -> dict:
+        return self.request("POST", "/instances", path.read_bytes(), "application/dicom")
+
+    def send_to_ichscan(self, resources: list[str]) -> None:
+        body = json.dumps({"Resources": resources, "Synchronous": True}).encode()
+        self.request("POST", "/modalities/ichscan/store", body)
+
+    def instances_of_class(self, study_id: str, sop_class: str) -> list[pydicom.Dataset]:
+        out = []
+        for instance in self.get(f"/studies/{study_id}/instances"):
+            tags = self.get(f"/instances/{instance['ID']}/simplified-tags")
+            if tags.get("SOPClassUID") == sop_class:
+                raw = self.request("GET", f"/instances/{instance['ID']}/file")
+                out.append(pydicom.dcmread(io.BytesIO(raw)))
+        return out
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -145,7 +145,7 @@ def cli_section(command: str) -> str:
     return match.group(0)
 
 
-@pytest.mark.parametrize("command", ["batch", "watch", "serve-scp"])
+@pytest.mark.parametrize("command", ["batch", "watch", "serve-scp", "pull"])
 def test_every_option_is_in_the_cli_reference(command):
     options = help_long_options(command)
     assert "--out" in options, "the --help parsing found no options"

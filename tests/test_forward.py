@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -19,8 +18,8 @@ import pytest
 
 from helpers import (
     DCIODVFY,
-    ORTHANC,
     STORESCP,
+    Orthanc,
     dicom_files,
     free_port,
     needs_orthanc,
@@ -220,72 +219,6 @@ def test_restart_sends_pending_results_once_with_the_same_uids(phantoms, tmp_pat
 
 
 # -- Orthanc ---------------------------------------------------------------------------------
-
-
-class Orthanc:
-    """A real Orthanc on loopback with a generated configuration."""
-
-    def __init__(self, work: Path, ichscan_port: int):
-        self.http_port, self.dicom_port = free_port(), free_port()
-        work.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "ichscan-test",
-            "StorageDirectory": str(work / "db"),
-            "IndexDirectory": str(work / "db"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "DicomServerEnabled": True,
-            "Plugins": [],
-            "DicomModalities": {"ichscan": ["ICHSCAN", "127.0.0.1", ichscan_port]},
-        }
-        path = work / "orthanc.json"
-        path.write_text(json.dumps(config))
-        self.log = work / "orthanc.log"
-        with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=fh, stderr=subprocess.STDOUT)
-        wait_for(self._up, 60, "Orthanc to start", self.proc, self.log)
-
-    def _up(self) -> bool:
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            data = resp.read()
-        return json.loads(data) if resp.headers.get_content_type() == "application/json" else data
-
-    def get(self, path: str):
-        return self.request("GET", path)
-
-    def upload(self, path: Path) -> dict:
-        return self.request("POST", "/instances", path.read_bytes(), "application/dicom")
-
-    def send_to_ichscan(self, resources: list[str]) -> None:
-        body = json.dumps({"Resources": resources, "Synchronous": True}).encode()
-        self.request("POST", "/modalities/ichscan/store", body)
-
-    def instances_of_class(self, study_id: str, sop_class: str) -> list[pydicom.Dataset]:
-        out = []
-        for instance in self.get(f"/studies/{study_id}/instances"):
-            tags = self.get(f"/instances/{instance['ID']}/simplified-tags")
-            if tags.get("SOPClassUID") == sop_class:
-                raw = self.request("GET", f"/instances/{instance['ID']}/file")
-                out.append(pydicom.dcmread(__import__("io").BytesIO(raw)))
-        return out
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -345,4 +345,4 @@ def test_hook_ichscan_register_sources(tmp_path, ct_folder):
     assert rows["a.dcm"]["status"] == "ok"
     assert (rows["gone.dcm"]["status"], rows["gone.dcm"]["error"]) == ("error", "listed but missing")
     unknown = subprocess.run([str(ichscan), "screen", "nosuch", str(listing)], capture_output=True, text=True, timeout=300)
-    assert unknown.returncode == 1 and "unknown source 'nosuch'; registered: folder, watch" in unknown.stderr
+    assert unknown.returncode == 1 and "unknown source 'nosuch'; registered: dicomweb, folder, watch" in unknown.stderr

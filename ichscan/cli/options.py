@@ -114,12 +114,28 @@ def _output_options(out_help: str) -> list[click.Option]:
 
 
 def _destinations(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Any, ...]:
-    from ichscan.state.forwarder import Destination
+    from ichscan.state.forwarder import parse_destination
 
     try:
-        return tuple(dict.fromkeys(Destination.parse(text) for text in value))  # a repeat is one destination
+        return tuple(dict.fromkeys(parse_destination(text) for text in value))  # a repeat is one destination
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def with_token(destinations: tuple[Any, ...], token_file: Path | None) -> tuple[Any, ...]:
+    """The DICOMweb destinations of ``--forward`` with the bearer token of ``--forward-token-file``."""
+    from ichscan.dicomweb import WebDestination, read_token
+
+    web = [d for d in destinations if isinstance(d, WebDestination)]
+    if token_file is None:
+        return destinations
+    if not web:
+        raise click.BadParameter("is for DICOMweb destinations: give --forward http(s)://.../dicom-web", param_hint="--forward-token-file")
+    try:
+        token = read_token(token_file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--forward-token-file") from None
+    return tuple(WebDestination(d.url, token) if isinstance(d, WebDestination) else d for d in destinations)
 
 
 def _ae_title(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -147,11 +163,18 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
         ),
         click.Option(
             ["--forward"],
-            metavar="AE@HOST:PORT",
+            metavar="AE@HOST:PORT|URL",
             multiple=True,
             callback=_destinations,
-            help="Send the SR and key images by C-STORE (repeatable). Retried with back-off; deliveries are kept in the "
-            "state file, so a restart neither loses nor duplicates one.",
+            help="Send the SR and key images by C-STORE to AE@HOST:PORT, or by STOW-RS to a DICOMweb base URL "
+            "(http(s)://host:8042/dicom-web; no credentials in it) (repeatable). Retried with back-off; deliveries are "
+            "kept in the state file, so a restart neither loses nor duplicates one.",
+        ),
+        click.Option(
+            ["--forward-token-file"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="A file holding the bearer token sent to the DICOMweb destinations of --forward.  [default: no token]",
         ),
         click.Option(
             ["--forward-wait"],
@@ -229,7 +252,7 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     """The options every screening command shares, passed to it as one ``settings`` argument.
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
-    --dicom-out, --sr-template, --forward, --forward-wait and, unless ``calling_ae`` is False,
+    --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency) and,
@@ -251,7 +274,10 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
             from ichscan.reporting import ResultsOutput
 
             settings: ScreeningSettings = {name: kwargs.pop(name) for name in names - result_names}
-            settings["results"] = ResultsOutput(**{name: kwargs.pop(name) for name in result_names})
+            token_file = kwargs.pop("forward_token_file")
+            chosen = {name: kwargs.pop(name) for name in result_names - {"forward_token_file"}}
+            chosen["forward"] = with_token(chosen["forward"], token_file)
+            settings["results"] = ResultsOutput(**chosen)
             return f(*args, settings=settings, **kwargs)
 
         return with_options(*options)(wrapper)

@@ -6,10 +6,13 @@ The entry points of the three screening commands, each a source plus a stop cond
 from __future__ import annotations
 
 from ichscan.pipeline.commands import (
+    PullOptions,
+    PullResult,
     ServeOptions,
     WatchSummary,
     collect_reporters,
     run_batch,
+    run_pull,
     run_serve,
     run_source,
     run_watch,
@@ -19,6 +22,8 @@ from ichscan.pipeline.options import BatchOptions, RunError, ScreeningOptions, W
 
 __all__ = [
     "BatchOptions",
+    "PullOptions",
+    "PullResult",
     "RunError",
     "ScreeningOptions",
     "ServeOptions",
@@ -26,6 +31,7 @@ __all__ = [
     "WatchSummary",
     "collect_reporters",
     "run_batch",
+    "run_pull",
     "run_serve",
     "run_source",
     "run_watch",

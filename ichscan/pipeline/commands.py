@@ -1,9 +1,9 @@
-"""The three screening commands: each is a source and a stop condition on the same pipeline.
+"""The screening commands: each is a source and a stop condition on the same pipeline.
 
 :func:`open_pipeline` does what they share: resolve and check the outputs, open the state
 file (ledger and outbox), restore what a previous run left, load and size the model,
-collect the reporters. :func:`run_batch`, :func:`run_watch` and :func:`run_serve` add
-their source and run it under the same signal handling.
+collect the reporters. :func:`run_batch`, :func:`run_watch`, :func:`run_serve` and
+:func:`run_pull` add their source and run it under the same signal handling.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ichscan.plugins import get_plugin_manager
 from ichscan.records import SliceResult
 from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunMode, RunSummary, StudyTable
 from ichscan.sources.base import Source
+from ichscan.sources.dicomweb import DicomWebSource, PullQuery, PullStats
 from ichscan.sources.folder import FolderSource, check_input_folder, count_folder
 from ichscan.sources.scp import ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
 from ichscan.sources.stow import StowOptions, start_stow_server
@@ -389,3 +390,62 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
     stats = handler.stats
     log.info("received %d instances (%d duplicates, %d refused, %d failed to store)", stats.stored, stats.duplicates, stats.refused, stats.failed)
     return summary
+
+
+@dataclass(kw_only=True)
+class PullOptions(ScreeningOptions):
+    """Settings of ``ichscan pull`` (see ``ichscan pull --help``)."""
+
+    url: str
+    query: PullQuery = field(default_factory=PullQuery)
+    store: Path = Path("ichscan-store")
+    #: Bearer token for the server pulled from (``--token-file``).
+    token: str | None = None
+    progress: bool = False
+
+
+@dataclass
+class PullResult:
+    summary: RunSummary
+    stats: PullStats
+
+
+def run_pull(opts: PullOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> PullResult:
+    """Screen the CT studies a DICOMweb server lists (and the filters allow) that are not
+    screened yet; forward the results; return the counts and the studies that failed.
+
+    Runs like ``batch --resume`` on the store: rows are appended, nothing screened twice.
+    The server is asked once before the model loads, so a wrong URL or token fails at once.
+
+    Raises
+    ------
+    RunError, ValueError, ichscan.models.ModelError, ichscan.plugins.PluginError
+        When the run cannot happen (the server unreachable, a 401, not DICOMweb...); each
+        carries a one-line message.
+    """
+    from ichscan.dicomweb import DicomWebError, explain
+
+    store = Path(os.path.abspath(opts.store))
+    try:
+        source = DicomWebSource(opts.url, store, opts.query, opts.token)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        source.client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"}, limit=1)
+    except Exception as exc:  # noqa: BLE001 - requests and dicomweb-client errors alike
+        error = exc if isinstance(exc, DicomWebError) else explain(exc, source.url, "QIDO-RS")
+        raise RunError(str(error)) from None
+    prepare_folder(store, "--store")
+    outputs = RunOutputs.resolve(opts)
+    stop = stop or threading.Event()
+    pipeline, ledger = open_pipeline(opts, RunMode.BATCH, source, pm, input_root=store, outputs=outputs, stop=stop, resume=True)
+    summary = _run(pipeline, ledger, stop)
+    stats = source.stats
+    log.info(
+        "pulled from %s: %d studies looked at, %d instances fetched%s",
+        source.url,
+        len(source.studies or []),
+        stats.fetched,
+        f", {len(stats.failed)} studies failed" if stats.failed else "",
+    )
+    return PullResult(summary, stats)

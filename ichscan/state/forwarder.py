@@ -1,8 +1,11 @@
-"""Delivery of DICOM result objects by C-STORE: destinations and the forwarder thread.
+"""Delivery of DICOM result objects by C-STORE or STOW-RS: destinations and the forwarder thread.
 
 The outbox (:mod:`ichscan.state.outbox`) records each object with a pending delivery per
 destination in the state file; :class:`Forwarder` sends them, with back-off, and marks a
-delivery sent only once the destination answered Success.
+delivery sent only once the destination answered Success (C-STORE) or listed the object
+as stored (STOW-RS). A destination is a :class:`Destination` (``AE@HOST:PORT``) or a
+:class:`~ichscan.dicomweb.WebDestination` (a DICOMweb base URL); both go through the
+same table, the same rounds and the same retry rules.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ichscan.dicomweb import WebDestination, is_web_url
 from ichscan.state.ledger import decode_path, printable
 from ichscan.state.store import StateStore
 
@@ -60,6 +64,17 @@ class Destination:
         return cls(ae.strip(), host, port)
 
 
+#: Where results go: C-STORE to an AE, or STOW-RS to a DICOMweb server.
+AnyDestination = Destination | WebDestination
+
+
+def parse_destination(text: str, token: str | None = None) -> AnyDestination:
+    """``AE@HOST:PORT`` or a DICOMweb base URL (``http(s)://...``, with ``token`` for it);
+    raises ValueError with a one-line reason."""
+    if is_web_url(text):
+        return WebDestination.parse(text, token)
+    return Destination.parse(text)
+
 
 #: Refusals (a failure status, SOP class not accepted, file unreadable) before a delivery
 #: is given up; an unreachable destination is retried without limit.
@@ -69,10 +84,12 @@ _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
 
 
 class Forwarder(threading.Thread):
-    """Sends pending deliveries by C-STORE until stopped; one association per round.
+    """Sends pending deliveries until stopped: per round one association per C-STORE
+    destination, one STOW-RS request per object to a DICOMweb one.
 
     Each round proposes only the SOP classes of the objects it sends. A failure (no
-    connection, association rejected or aborted, a failure status) is retried with
+    connection, association rejected or aborted, a failure status; for DICOMweb no
+    answer, HTTP 401/403, 5xx, or the object listed as failed) is retried with
     exponential back-off from ``min_backoff`` to ``max_backoff`` seconds, for as long as
     the process runs; what is still pending at exit is sent by the next run.
     """
@@ -80,7 +97,7 @@ class Forwarder(threading.Thread):
     def __init__(
         self,
         store: StateStore,
-        destinations: Sequence[Destination],
+        destinations: Sequence[AnyDestination],
         calling_ae: str = "ICHSCAN",
         *,
         min_backoff: float = 1.0,
@@ -90,7 +107,8 @@ class Forwarder(threading.Thread):
         super().__init__(name="ichscan-forwarder", daemon=True)
         self.store = store
         # Only this run's destinations: one dropped from the command line gets nothing more.
-        self.destinations = list(dict.fromkeys(str(d) for d in destinations))
+        self.targets = {str(d): d for d in destinations}
+        self.destinations = list(self.targets)
         marks = ", ".join("?" * len(self.destinations))
         self._where = f"d.state = ? AND d.destination IN ({marks})"
         self.calling_ae = calling_ae
@@ -149,7 +167,11 @@ class Forwarder(threading.Thread):
         for destination, items in due.items():
             if self._stop_event.is_set():
                 break
-            self._send(Destination.parse(destination), items)
+            target = self.targets[destination]
+            if isinstance(target, WebDestination):
+                self._send_web(target, items)
+            else:
+                self._send(target, items)
         (next_due,) = self.store.query_one(
             f"SELECT MIN(next_try) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations)
         ) or (None,)
@@ -222,6 +244,41 @@ class Forwarder(threading.Thread):
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _send_web(self, destination: WebDestination, items: list[tuple]) -> None:
+        """STOW-RS, one request per object: the answer to a request is about that object."""
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        from ichscan.dicomweb import explain, make_client, stored_by_stow
+
+        key = str(destination)
+        client = make_client(destination.url, destination.token)
+        for n, (_, sop_uid, _sop_class, file, _attempts, _) in enumerate(items):
+            if self._stop_event.is_set():
+                break
+            try:
+                ds = pydicom.dcmread(file)
+            except (OSError, InvalidDicomError) as exc:
+                self._refused(key, items[n], f"cannot read {file}: {exc}", retry_in=self.min_backoff)
+                continue
+            try:
+                answer = client.store_instances([ds], study_instance_uid=str(ds.StudyInstanceUID))
+                refusal = stored_by_stow(answer, sop_uid)
+            except Exception as exc:  # noqa: BLE001 - requests, dicomweb-client and parsing errors alike
+                error = explain(exc, key, "STOW-RS")
+                if error.retry:
+                    # Unreachable, busy, or our token refused: this object and the rest wait.
+                    self._unreachable(key, items[n:], str(error))
+                    return
+                self._refused(key, items[n], str(error))
+                continue
+            if refusal:
+                self._refused(key, items[n], refusal)
+                continue
+            self._mark(key, sop_uid, SENT, "")
+            self._failures.pop(key, None)
+            log.info("forwarded %s to %s (STOW-RS)", file, key)
 
     def _backoff(self, key: str) -> float:
         n = self._failures.get(key, 0) + 1

@@ -297,6 +297,14 @@ class Ledger:
             # Rows are recorded printable; printable() again for any recorded otherwise.
             yield [printable(cell) for cell in json.loads(raw)]
 
+    def screened_instances(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs of a study with a current result of any status (not superseded)."""
+        rows = self.store.query(
+            "SELECT DISTINCT sop_instance_uid FROM files WHERE study_instance_uid = ? AND state = ? AND sop_instance_uid IS NOT NULL",
+            (study_uid, DONE),
+        )
+        return {str(uid) for (uid,) in rows}
+
     def instance_results(self, study_uid: str) -> list[InstanceResult]:
         """The latest ``ok`` result of each instance of a study, by SOP Instance UID."""
         rows = self.store.query(

@@ -37,7 +37,7 @@ from ichscan.dicom import OK, decode_instance, is_valid_uid
 from ichscan.durable import fsync_file, rename_durably
 from ichscan.labels import LABELS
 from ichscan.reporting import SR_TEMPLATES, SliceResult
-from ichscan.state.forwarder import FAILED, PENDING, Destination
+from ichscan.state.forwarder import FAILED, PENDING, AnyDestination
 from ichscan.state.ledger import InstanceResult, Ledger, decode_path, encode_path
 from ichscan.state.store import StateStore
 
@@ -103,7 +103,7 @@ class Outbox:
         self,
         store: StateStore,
         folder: Path,
-        destinations: Sequence[Destination],
+        destinations: Sequence[AnyDestination],
         model: ModelInfo,
         *,
         saliency: bool = False,

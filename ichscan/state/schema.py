@@ -109,6 +109,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+_WATERMARKS_V1 = """
+CREATE TABLE IF NOT EXISTS watermarks (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
 def _files_v2(db: sqlite3.Connection) -> None:
     """Per-instance results live in ``files`` only: it gains the two columns the outbox's
     ``result_instances`` had, and that table's rows move in.
@@ -159,4 +168,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("deliveries", 1, "C-STORE deliveries per object and destination", _script(_DELIVERIES_V1)),
     Migration("files", 2, "results stored once: result_instances merged into files", _files_v2),
     Migration("files", 3, "the series probability of a model with a series head", _script("ALTER TABLE files ADD COLUMN p_series_any REAL")),
+    Migration("watermarks", 1, "where a source resumes (pull --since last: StudyDate/StudyTime per server)", _script(_WATERMARKS_V1)),
 )

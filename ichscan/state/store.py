@@ -168,6 +168,21 @@ class StateStore:
                 raise
             db.execute("COMMIT")
 
+    def watermark(self, name: str) -> str | None:
+        """The watermark recorded under ``name`` (e.g. where ``pull --since last`` resumes)."""
+        row = self.query_one("SELECT value FROM watermarks WHERE name = ?", (name,))
+        return None if row is None else str(row[0])
+
+    def set_watermark(self, name: str, value: str) -> None:
+        import time
+
+        with self.transaction():
+            self.execute(
+                "INSERT INTO watermarks (name, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (name, value, time.time()),
+            )
+
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             raise StateError(f"state file {self.path} is closed")
