@@ -15,10 +15,12 @@ import pydicom
 import pytest
 from highdicom import UID
 from highdicom.sr.utils import find_content_items
+from pydicom.sr import _concepts_dict
 from pydicom.sr.codedict import codes
 
 from helpers import ROOT, dicom_files, needs_dciodvfy, read_csv, run_ichscan, save
 from ichscan.dicom_results import (
+    GROUP_CODES,
     LABEL_CODES,
     NOT_FOR_DIAGNOSTIC_USE,
     PRIVATE_SCHEME,
@@ -48,6 +50,22 @@ def positive_by_label(phantom: Phantom) -> dict[str, list[str]]:
     return {label: [str(i.dataset.SOPInstanceUID) for i in ordered if i.positive[label]] for label in LABELS}
 
 
+#: Per label, the (finding, finding site) of its group, written out: SNOMED CT wherever
+#: pydicom's dictionary can say it, the private codes for the epidural and subdural labels.
+EXPECTED_GROUP_CODES = {
+    "epidural": (("99ICHSCAN", "EDH"), None),
+    "intraparenchymal": (("SCT", "50960005"), ("SCT", "12738006")),
+    "intraventricular": (("SCT", "50960005"), ("SCT", "35764002")),
+    "subarachnoid": (("SCT", "50960005"), ("SCT", "33930006")),
+    "subdural": (("99ICHSCAN", "SDH"), None),
+    "any": (("SCT", "1386000"), None),
+}
+
+
+def scheme_value(code) -> tuple[str, str] | None:
+    return None if code is None else (code.scheme_designator, code.value)
+
+
 def only_private_scheme_warnings(warnings: list[str]) -> list[str]:
     # dciodvfy knows only the standard coding scheme designators; the private one is declared.
     return [w for w in warnings if f"<{PRIVATE_SCHEME}>" not in w]
@@ -56,6 +74,21 @@ def only_private_scheme_warnings(warnings: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Built from phantom headers
 # --------------------------------------------------------------------------------------------
+
+
+def test_group_codes_are_dictionary_snomed_where_it_has_them() -> None:
+    # The standard codes come from pydicom's dictionary, never typed from memory; the pairs
+    # tell the labels apart; only the labels without a SNOMED site keep private codes.
+    snomed = {value for entry in _concepts_dict.concepts["SCT"].values() for value in entry}
+    coded = {label: (scheme_value(c.finding), scheme_value(c.site)) for label, c in GROUP_CODES.items()}
+    assert coded == EXPECTED_GROUP_CODES
+    for coding in GROUP_CODES.values():
+        for code in (coding.finding, coding.site):
+            if code is not None and code.scheme_designator == "SCT":
+                assert code.value in snomed
+    assert GROUP_CODES["epidural"].finding == LABEL_CODES["epidural"]
+    assert GROUP_CODES["subdural"].finding == LABEL_CODES["subdural"]
+    assert len(set(EXPECTED_GROUP_CODES.values())) == len(LABELS)
 
 
 def test_tid1500_round_trip(phantom: Phantom, tmp_path: Path) -> None:
@@ -86,6 +119,17 @@ def test_tid1500_round_trip(phantom: Phantom, tmp_path: Path) -> None:
     assert read["conclusion"].startswith("Intracranial hemorrhage suspected")
 
 
+def test_a_hemorrhage_group_without_its_site_is_no_label(phantom: Phantom) -> None:
+    # Three groups share the finding "Hemorrhage": only the site tells them apart, so a group
+    # that lost its site is not read as any of them.
+    ds = new_report(phantom.findings)
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    group = measurements.ContentSequence[LABELS.index("subarachnoid")]
+    group.ContentSequence = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue != "363698007"]
+    with pytest.raises(ValueError, match="lacks complete measurement groups for: subarachnoid$"):
+        read_sr_findings(ds)
+
+
 @needs_dciodvfy
 def test_tid1500_passes_dciodvfy(phantom: Phantom, tmp_path: Path) -> None:
     errors, warnings = dciodvfy(save(new_report(phantom.findings), tmp_path / "sr.dcm"))
@@ -103,7 +147,13 @@ def test_highdicom_reads_the_measurement_groups(phantom: Phantom, tmp_path: Path
     assert (device.name, device.model_name, device.serial_number) == ("ichscan", findings.model_name, findings.model_version)
 
     groups = report.get_image_measurement_groups()
-    assert [group.finding_type for group in groups] == [LABEL_CODES[label] for label in LABELS]
+    assert [group.finding_type for group in groups] == [GROUP_CODES[label].finding for label in LABELS]
+    for label, group in zip(LABELS, groups, strict=True):
+        (finding, site) = EXPECTED_GROUP_CODES[label]
+        assert scheme_value(group.finding_type) == finding, label
+        sites = [scheme_value(s.value) for s in group.finding_sites]
+        assert sites == ([site] if site is not None else []), label
+        assert all(s.name == codes.SCT.FindingSite for s in group.finding_sites)
     expected_sources = positive_by_label(phantom)
     for label, group in zip(LABELS, groups, strict=True):
         (probability,) = group.get_measurements(name=codes.DCM.Probability)
@@ -111,7 +161,7 @@ def test_highdicom_reads_the_measurement_groups(phantom: Phantom, tmp_path: Path
         assert probability.value == pytest.approx(findings.probabilities[label], rel=1e-12)
         assert threshold.value == pytest.approx(THRESHOLDS[label], rel=1e-12)
         assert probability.unit.value == "1" and probability.unit.scheme_designator == "UCUM"
-        (evaluation,) = group.get_qualitative_evaluations(name=LABEL_CODES[label])
+        (evaluation,) = group.get_qualitative_evaluations(name=GROUP_CODES[label].finding)
         assert evaluation.value == (codes.DCM.Present if findings.positive[label] else codes.DCM.Absent)
         assert [s.referenced_sop_instance_uid for s in group.source_images] == expected_sources[label]
         algorithm = {
@@ -203,9 +253,14 @@ def test_dcmjs_reads_the_screened_report(screened: Screened) -> None:
     (study,) = read_csv(screened.work / "results_studies.csv")
     assert len(read["measurementGroups"]) == len(LABELS)
     for label, items in zip(LABELS, read["measurementGroups"], strict=True):
-        finding = next(i for i in items if i["name"]["value"] == "121071")
-        code = LABEL_CODES[label]
-        assert (finding["value"]["value"], finding["value"]["scheme"]) == (code.value, code.scheme_designator)
+        (expected_finding, expected_site) = EXPECTED_GROUP_CODES[label]
+        (finding,) = [i for i in items if i["name"] == {"value": "121071", "scheme": "DCM", "meaning": "Finding"}]
+        assert (finding["value"]["scheme"], finding["value"]["value"]) == expected_finding, label
+        sites = [i for i in items if (i["name"]["scheme"], i["name"]["value"]) == ("SCT", "363698007")]
+        assert [(i["valueType"], i["relationship"]) for i in sites] == [("CODE", "HAS CONCEPT MOD")] * len(sites)
+        site_codes = [(i["value"]["scheme"], i["value"]["value"]) for i in sites]
+        assert site_codes == ([expected_site] if expected_site else []), label
+        code = GROUP_CODES[label].finding
         nums = {i["name"]["value"]: i for i in items if i["valueType"] == "NUM"}
         # The CSVs round to 6 decimals; the report keeps the full value.
         probability = nums["122157"]["value"]
@@ -213,7 +268,8 @@ def test_dcmjs_reads_the_screened_report(screened: Screened) -> None:
         assert round(probability, 6) == pytest.approx(max(float(r[f"p_{label}"]) for r in rows), abs=1e-9)
         assert nums["122157"]["unit"] == {"value": "1", "scheme": "UCUM", "meaning": "no units"}
         threshold = nums["122411"]["value"]
-        (evaluation,) = [i for i in items if i["valueType"] == "CODE" and i["name"]["value"] == code.value]
+        named = (code.scheme_designator, code.value)
+        (evaluation,) = [i for i in items if i["valueType"] == "CODE" and (i["name"]["scheme"], i["name"]["value"]) == named]
         assert evaluation["value"]["value"] == ("121053" if probability >= threshold else "121054")
         sources = [i["value"]["sopInstanceUID"] for i in items if i["valueType"] == "IMAGE"]
         assert set(sources) == {r["sop_instance_uid"] for r in rows if r[label] == "1"}, label
@@ -236,6 +292,9 @@ def test_screened_report_passes_dciodvfy_and_highdicom_reads_it(screened: Screen
     groups = highdicom.sr.srread(sr_path).content.get_image_measurement_groups()
     (study,) = read_csv(screened.work / "results_studies.csv")
     for label, group in zip(LABELS, groups, strict=True):
+        (finding, site) = EXPECTED_GROUP_CODES[label]
+        assert scheme_value(group.finding_type) == finding, label
+        assert [scheme_value(s.value) for s in group.finding_sites] == ([site] if site else []), label
         (probability,) = group.get_measurements(name=codes.DCM.Probability)
         assert round(probability.value, 6) == pytest.approx(float(study[f"p_{label}"]), abs=1e-9)
 

@@ -27,10 +27,11 @@ from ichscan.dicom_results.findings import (
 from ichscan.dicom_results.key_image import build_key_image
 from ichscan.dicom_results.report import COMPREHENSIVE, SR_TEMPLATES, TID1500, build_report, read_sr_findings
 from ichscan.dicom_results.sr import build_sr
-from ichscan.dicom_results.tid1500 import build_measurement_report
+from ichscan.dicom_results.tid1500 import GROUP_CODES, build_measurement_report
 
 __all__ = [
     "COMPREHENSIVE",
+    "GROUP_CODES",
     "KEY_IMAGE_SERIES_NUMBER",
     "LABEL_CODES",
     "NOT_FOR_DIAGNOSTIC_USE",

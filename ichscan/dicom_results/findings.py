@@ -29,7 +29,11 @@ PRIVATE_SCHEME = "99ICHSCAN"
 
 #: Concept per label. ``any`` is SNOMED CT "Intracranial hemorrhage" (checked against
 #: pydicom's code dictionary); pydicom has no SNOMED concept for the five subtypes, so they
-#: use the private scheme rather than codes typed in from memory.
+#: use the private scheme rather than codes typed in from memory. The comprehensive tree
+#: uses these as they are; the TID 1500 report codes subarachnoid, intraventricular and
+#: intraparenchymal the standard way, as SNOMED "Hemorrhage" with a SNOMED finding site
+#: (:data:`ichscan.dicom_results.tid1500.GROUP_CODES`), and keeps the private codes only for
+#: epidural and subdural, whose spaces the dictionary lacks.
 LABEL_CODES: Mapping[str, Code] = {
     "epidural": Code("EDH", PRIVATE_SCHEME, "Epidural hemorrhage"),
     "intraparenchymal": Code("IPH", PRIVATE_SCHEME, "Intraparenchymal hemorrhage"),

@@ -219,7 +219,11 @@ def sr_document(
         series_description=description,
         software_versions=__version__,
         manufacturer_model_name=ICHSCAN_MANUFACTURER,
-        # Declares the private scheme, so a receiver can tell whose codes these are.
+        # Declares the private scheme, so a receiver can tell whose codes these are. It holds
+        # only what pydicom's dictionary has no standard code for: in TID 1500 the epidural
+        # and subdural findings (no SNOMED concept for their spaces; the other labels are
+        # SNOMED findings and sites), in the comprehensive tree the five subtypes and its
+        # own items (USAGE, POSIMG).
         coding_schemes=[
             CodingSchemeIdentificationItem(
                 designator=PRIVATE_SCHEME,

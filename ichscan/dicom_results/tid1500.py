@@ -22,27 +22,36 @@ Comprehensive SR (as the other template's: no 3-D coordinates), built with highd
         CONTAINS  CONTAINER  (DCM 125007 "Measurement Group")       x 6, one per label
           HAS OBS CONTEXT  TEXT    Tracking Identifier = "ichscan <label>"
           HAS OBS CONTEXT  UIDREF  Tracking Unique Identifier (the same for a study's revisions)
-          CONTAINS  CODE           Finding = <label concept>
+          CONTAINS  CODE           Finding = <label's finding>
+          HAS CONCEPT MOD  CODE    Finding Site = <label's site>    [SAH, IVH, IPH only]
           HAS CONCEPT MOD  TEXT    Algorithm Name = model name; TEXT Algorithm Version = weights
           CONTAINS  IMAGE  (DCM 121112 "Source of Measurement") -> each slice positive for the label
           CONTAINS  NUM    (DCM 122157 "Probability")       value, unit UCUM "1"
           CONTAINS  NUM    (DCM 122411 "Threshold Value")   value, unit UCUM "1"
-          CONTAINS  CODE   <label concept> = (DCM 121053 "Present" | DCM 121054 "Absent")
+          CONTAINS  CODE   <label's finding> = (DCM 121053 "Present" | DCM 121054 "Absent")
       CONTAINS  CONTAINER  (UMLS C0034375 "Qualitative Evaluations")
         CONTAINS  CODE  (SCT 1386000 "Intracranial hemorrhage") = Present | Absent   study conclusion
         CONTAINS  TEXT  (DCM 121077 "Conclusion") = the same in words, with probability and threshold
         CONTAINS  TEXT  (DCM 121106 "Comment") = "not for diagnostic use: ..."       [demo weights]
 
-The label concepts are :data:`~ichscan.dicom_results.findings.LABEL_CODES` (SNOMED CT where
-pydicom's dictionary has the concept, else the private scheme, declared in the Coding Scheme
-Identification Sequence). Every screened instance, series by series, is in the Current
+Each group's finding and finding site are :data:`GROUP_CODES`: SNOMED CT wherever pydicom's
+code dictionary can express the label, as the finding "Intracranial hemorrhage" (``any``) or
+as "Hemorrhage" with the SNOMED CT site (subarachnoid space of brain, brain ventricle, brain:
+``subarachnoid``, ``intraventricular``, ``intraparenchymal``), the standard TID 1501 way
+of making a finding specific. The dictionary has no concept for the epidural or the subdural
+space (only the dura mater, which is not the site), so ``epidural`` and ``subdural`` keep
+their private codes (:data:`~ichscan.dicom_results.findings.LABEL_CODES`, scheme
+:data:`~ichscan.dicom_results.findings.PRIVATE_SCHEME`, declared in the Coding Scheme
+Identification Sequence). The (finding, site) pairs are distinct, so reading a report back
+maps each group to its label. Every screened instance, series by series, is in the Current
 Requested Procedure Evidence Sequence; a revision names its predecessor as the other
 template's does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import pydicom
 from highdicom.sr import (
@@ -51,6 +60,7 @@ from highdicom.sr import (
     ContainerContentItem,
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -90,6 +100,26 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 #: The procedure reported (CID 100 is extensible; pydicom's dictionary has this SNOMED CT concept).
 PROCEDURE = codes.SCT.ComputedTomographyOfHead
 _UNIT = codes.UCUM.NoUnits  # UCUM "1": a probability is a dimensionless number
+
+
+class GroupCoding(NamedTuple):
+    """How a label's measurement group is coded: its finding and, if any, its finding site."""
+
+    finding: Code
+    site: Code | None
+
+
+#: Per label, the group's finding (also the name of its Present/Absent evaluation) and finding
+#: site. SNOMED CT from pydicom's dictionary where it can express the label; epidural and
+#: subdural have no space concept there, so they keep the private codes of ``LABEL_CODES``.
+GROUP_CODES: Mapping[str, GroupCoding] = {
+    "epidural": GroupCoding(LABEL_CODES["epidural"], None),
+    "intraparenchymal": GroupCoding(codes.SCT.Hemorrhage, codes.SCT.Brain),
+    "intraventricular": GroupCoding(codes.SCT.Hemorrhage, codes.SCT.BrainVentricle),
+    "subarachnoid": GroupCoding(codes.SCT.Hemorrhage, codes.SCT.CranialSubarachnoidSpace),
+    "subdural": GroupCoding(LABEL_CODES["subdural"], None),
+    "any": GroupCoding(LABEL_CODES["any"], None),
+}
 
 
 def build_measurement_report(
@@ -206,8 +236,9 @@ def _label_group(
     study_uid: str,
     algorithm: AlgorithmIdentification,
 ) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one label: probability and threshold as NUM, the decision as CODE, the
-    slices positive for the label as source images."""
+    """TID 1501 for one label: its finding and site (:data:`GROUP_CODES`), probability and
+    threshold as NUM, the decision as CODE, the slices positive for the label as source images."""
+    coding = GROUP_CODES[label]
     present = findings.positive.get(label)
     if present is None:
         raise ValueError(f"no decision for label {label!r}")
@@ -230,11 +261,12 @@ def _label_group(
         tracking_identifier=TrackingIdentifier(
             uid=generate_uid(entropy_srcs=["ichscan finding", study_uid, label]), identifier=f"ichscan {label}"
         ),
-        finding_type=LABEL_CODES[label],
+        finding_type=coding.finding,
         algorithm_id=algorithm,
+        finding_sites=[FindingSite(anatomic_location=coding.site)] if coding.site is not None else None,
         measurements=measurements,
         qualitative_evaluations=[
-            QualitativeEvaluation(name=LABEL_CODES[label], value=codes.DCM.Present if present else codes.DCM.Absent)
+            QualitativeEvaluation(name=coding.finding, value=codes.DCM.Present if present else codes.DCM.Absent)
         ],
         source_images=sources or None,
     )
@@ -301,13 +333,19 @@ def _qualitative_evaluations(findings: StudyFindings) -> ContainerContentItem:
 def _read_group(group: pydicom.Dataset, result: dict[str, Any]) -> None:
     """One label's measurement group into ``result``."""
     items = list(group.get("ContentSequence", []))
-    label = None
+    finding = site = None
     for item in items:
         name = concept_of(item)
-        if item.ValueType == "CODE" and name is not None and is_code(name, codes.DCM.Finding):
-            label = label_for(item.ConceptCodeSequence[0])
+        if item.ValueType != "CODE" or name is None:
+            continue
+        if is_code(name, codes.DCM.Finding):
+            finding = item.ConceptCodeSequence[0]
+        elif is_code(name, codes.SCT.FindingSite):
+            site = item.ConceptCodeSequence[0]
+    label = _label_of(finding, site)
     if label is None:
         return
+    evaluation = GROUP_CODES[label].finding
     sources = []
     for item in items:
         name = concept_of(item)
@@ -317,7 +355,7 @@ def _read_group(group: pydicom.Dataset, result: dict[str, Any]) -> None:
                 result["probabilities"][label] = value
             elif is_code(name, codes.DCM.ThresholdValue):
                 result["thresholds"][label] = value
-        elif item.ValueType == "CODE" and name is not None and label_for(name) == label:
+        elif item.ValueType == "CODE" and name is not None and (is_code(name, evaluation) or label_for(name) == label):
             result["positive"][label] = is_code(item.ConceptCodeSequence[0], codes.DCM.Present)
         elif item.ValueType == "IMAGE":
             sources.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
@@ -326,3 +364,16 @@ def _read_group(group: pydicom.Dataset, result: dict[str, Any]) -> None:
         elif item.ValueType == "TEXT" and name is not None and is_code(name, codes.DCM.AlgorithmVersion):
             result["model"]["version"] = str(item.TextValue)
     result["positive_instances_by_label"][label] = sources
+
+
+def _label_of(finding: pydicom.Dataset | None, site: pydicom.Dataset | None) -> str | None:
+    """The label whose (finding, site) pair :data:`GROUP_CODES` holds; a group without a site
+    whose finding is a label's own concept (reports written before the sites) is that label."""
+    if finding is None:
+        return None
+    for label, coding in GROUP_CODES.items():
+        if not is_code(finding, coding.finding):
+            continue
+        if site is None if coding.site is None else site is not None and is_code(site, coding.site):
+            return label
+    return label_for(finding) if site is None else None
