@@ -262,7 +262,8 @@ class Pipeline:
         # waiting would hold their shared-memory slabs (and memory) for nothing.
         while batch := self.batcher.take(now, force=final):
             self.screen(batch)
-        if self.whole is not None:
+        if self.whole is not None and len(self.whole):
+            # Only while slices wait: the busy set walks what the assembler and batcher hold.
             busy = self.series.busy() | self.batcher.series() if not final else set()
             for series in self.whole.take(now, busy, self.series.indexed, flush=final):
                 self.screener.refine(series)

@@ -8,6 +8,8 @@ C-STORE receiver (``serve-scp``). A plugin adds one with ``ichscan_register_sour
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -29,6 +31,15 @@ class Entry:
     refusal: str = ""
     size: int = -1
     mtime_ns: int = -1
+
+
+def stored_entry(path: str) -> Entry | None:
+    """An entry with the identity (size, mtime) of a file a receiver stored; None if it is gone."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return Entry(path, "", st.st_size, st.st_mtime_ns)
 
 
 #: The former name of :class:`Entry`.

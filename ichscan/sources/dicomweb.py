@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ichscan.dicom import is_valid_uid
 from ichscan.dicomweb import DicomWebError, explain, make_client, parse_base_url
 from ichscan.durable import fsync_dir, write_durably
-from ichscan.sources.base import Entry
+from ichscan.sources.base import Entry, stored_entry
 
 if TYPE_CHECKING:
     from ichscan.pipeline.run import Pipeline
@@ -113,14 +113,6 @@ def _when(date: str, time: str) -> str:
     digits = "".join(ch for ch in time.split(".")[0] if ch.isdigit())
     return (date + (digits + "000000")[:6]) if _DATE_RE.match(date) else ""
 
-
-def _stored_entry(path: str) -> Entry | None:
-    """An entry with the identity (size, mtime) of a stored file; None if it is gone."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return Entry(path, "", st.st_size, st.st_mtime_ns)
 
 
 def _dicom_json(answer: Any, url: str) -> list[dict[str, Any]]:
@@ -224,7 +216,7 @@ class DicomWebSource:
         ledger = pipeline.ledger
         left = [
             e
-            for e in map(_stored_entry, scan_tree(str(self.store)))
+            for e in map(stored_entry, scan_tree(str(self.store)))
             if e is not None and (ledger is None or ledger.is_done(FileIdentity(e.path, e.size, e.mtime_ns)) is None)
         ]
         if left:
@@ -259,7 +251,7 @@ class DicomWebSource:
             except queue.Empty:
                 return
             block = False
-            entries = [e for e in map(_stored_entry, paths) if e is not None and e.path not in self.pipeline.in_flight]
+            entries = [e for e in map(stored_entry, paths) if e is not None and e.path not in self.pipeline.in_flight]
             if self.pipeline.series.context > 0:
                 entries = order_by_series(entries, self.pipeline.series)
             self._ready.extend(entries)

@@ -10,7 +10,6 @@ and leaves no file behind.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import ssl
 import threading
@@ -28,7 +27,7 @@ from pydicom.uid import (
 )
 
 from ichscan.dicom import is_valid_uid
-from ichscan.sources.base import Entry
+from ichscan.sources.base import Entry, stored_entry
 from ichscan.durable import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
@@ -262,7 +261,7 @@ class ScpSource:
         self.pipeline = pipeline
         ledger = pipeline.ledger
         for path in scan_tree(str(self.store)):
-            entry = _stored_entry(path)
+            entry = stored_entry(path)
             if entry is not None and (ledger is None or ledger.is_done(_identity(entry)) is None):
                 self._backlog[path] = None
 
@@ -278,7 +277,7 @@ class ScpSource:
             if len(out) >= limit:
                 break
             del self._backlog[path]
-            entry = _stored_entry(path)
+            entry = stored_entry(path)
             if entry is None or path in self.pipeline.in_flight:
                 continue
             if ledger is not None and ledger.is_done(_identity(entry)) is not None:
@@ -337,13 +336,6 @@ class ScpSource:
             self.web.shutdown()
             self.web.server_close()
 
-
-def _stored_entry(path: str) -> Entry | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return Entry(path, "", st.st_size, st.st_mtime_ns)
 
 
 def _identity(entry: Entry):

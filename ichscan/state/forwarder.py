@@ -178,8 +178,6 @@ class Forwarder(threading.Thread):
         return 3600.0 if next_due is None else max(0.05, next_due - time.time())
 
     def _send(self, destination: Destination, items: list[tuple]) -> None:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
         from pydicom.uid import UID
         from pynetdicom import AE
 
@@ -216,11 +214,8 @@ class Forwarder(threading.Thread):
                 if sop_class not in accepted:
                     self._refused(key, items[n], f"{key} does not accept {UID(sop_class).name}")
                     continue
-                try:
-                    ds = pydicom.dcmread(file)
-                except (OSError, InvalidDicomError) as exc:
-                    # Recorded a moment before its rename, or damaged: a few more tries.
-                    self._refused(key, items[n], f"cannot read {file}: {exc}", retry_in=self.min_backoff)
+                ds = self._read_object(key, items[n], file)
+                if ds is None:
                     continue
                 try:
                     status = assoc.send_c_store(ds)
@@ -245,11 +240,20 @@ class Forwarder(threading.Thread):
             if assoc.is_established:
                 assoc.release()
 
-    def _send_web(self, destination: WebDestination, items: list[tuple]) -> None:
-        """STOW-RS, one request per object: the answer to a request is about that object."""
+    def _read_object(self, key: str, item: tuple, file: str):
+        """The result object to send, or None (refused with a retry soon: recorded a moment
+        before its rename, or damaged)."""
         import pydicom
         from pydicom.errors import InvalidDicomError
 
+        try:
+            return pydicom.dcmread(file)
+        except (OSError, InvalidDicomError) as exc:
+            self._refused(key, item, f"cannot read {file}: {exc}", retry_in=self.min_backoff)
+            return None
+
+    def _send_web(self, destination: WebDestination, items: list[tuple]) -> None:
+        """STOW-RS, one request per object: the answer to a request is about that object."""
         from ichscan.dicomweb import explain, make_client, stored_by_stow
 
         key = str(destination)
@@ -257,10 +261,8 @@ class Forwarder(threading.Thread):
         for n, (_, sop_uid, _sop_class, file, _attempts, _) in enumerate(items):
             if self._stop_event.is_set():
                 break
-            try:
-                ds = pydicom.dcmread(file)
-            except (OSError, InvalidDicomError) as exc:
-                self._refused(key, items[n], f"cannot read {file}: {exc}", retry_in=self.min_backoff)
+            ds = self._read_object(key, items[n], file)
+            if ds is None:
                 continue
             try:
                 answer = client.store_instances([ds], study_instance_uid=str(ds.StudyInstanceUID))
