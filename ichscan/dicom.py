@@ -382,11 +382,11 @@ def _read_identity(ds: pydicom.Dataset, instance: Instance) -> None:
         ("StudyInstanceUID", "study_instance_uid"),
         ("SeriesInstanceUID", "series_instance_uid"),
     ):
-        value = _text(ds, keyword)
+        value = text_value(ds, keyword)
         if value and not is_valid_uid(value):
             raise Refused(f"invalid {keyword} {value[:80]!r}")
         setattr(instance, attr, value)
-    sop_class = _text(ds, "SOPClassUID") or _text(ds.get("file_meta", {}), "MediaStorageSOPClassUID")
+    sop_class = text_value(ds, "SOPClassUID") or text_value(ds.get("file_meta", {}), "MediaStorageSOPClassUID")
     instance.sop_class_uid = sop_class if is_valid_uid(sop_class) else ""
     try:
         number = ds.get("InstanceNumber")
@@ -439,14 +439,14 @@ def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> list[float] | None
 
 def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: bool = False) -> None:
     meta = getattr(ds, "file_meta", None) or {}
-    media_class = _text(meta, "MediaStorageSOPClassUID")
+    media_class = text_value(meta, "MediaStorageSOPClassUID")
     if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         raise NotScreenable("DICOMDIR (media storage directory), not an image")
-    if _text(ds, "Manufacturer") == ICHSCAN_MANUFACTURER:
+    if text_value(ds, "Manufacturer") == ICHSCAN_MANUFACTURER:
         raise NotScreenable("written by ichscan (a screening result), not screened again")
-    sop_class = _text(ds, "SOPClassUID") or media_class
+    sop_class = text_value(ds, "SOPClassUID") or media_class
     pixel_keyword = next((k for k in _PIXEL_DATA_TAGS if k in ds), None)
-    modality = _text(ds, "Modality")
+    modality = text_value(ds, "Modality")
     class_name = UID(sop_class).name if sop_class else "unknown SOP class"
     if pixel_keyword is None and sop_class == CT_IMAGE_STORAGE:
         raise Refused("CT image without pixel data (file truncated?)")
@@ -460,7 +460,7 @@ def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: b
     if frames != 1:
         raise NotScreenable(f"multi-frame image ({frames} frames)")
     samples = _int(ds, "SamplesPerPixel", 1)
-    photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
+    photometric = text_value(ds, "PhotometricInterpretation") or "MONOCHROME2"
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise NotScreenable(f"colour image ({photometric}, {samples} samples per pixel), not greyscale")
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
@@ -484,9 +484,9 @@ def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: b
 
 def _is_ct(ds: pydicom.Dataset) -> bool:
     """Modality CT, or no modality and the CT Image Storage SOP class."""
-    modality = _text(ds, "Modality")
+    modality = text_value(ds, "Modality")
     meta = getattr(ds, "file_meta", None) or {}
-    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
+    sop_class = text_value(ds, "SOPClassUID") or text_value(meta, "MediaStorageSOPClassUID")
     return modality == "CT" or (not modality and sop_class == CT_IMAGE_STORAGE)
 
 
@@ -514,7 +514,7 @@ def _decode_pixels(ds: pydicom.Dataset, limits: DecodeLimits) -> np.ndarray:
 
 def _transfer_syntax(meta: object) -> UID:
     """The file's transfer syntax (Implicit VR Little Endian when absent); refused when unknown."""
-    value = _text(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2"
+    value = text_value(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2"
     uid = UID(value)
     if not uid.is_transfer_syntax:
         shown = value if is_valid_uid(value) else repr(value[:80])
@@ -559,7 +559,23 @@ def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
     return slope, intercept
 
 
-def _text(ds: object, keyword: str) -> str:
+def read_header(path: str | os.PathLike[str]) -> pydicom.Dataset | None:
+    """A file's header (no pixel data), or ``None`` when it cannot be read; never raises."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - gone, damaged or not DICOM: no header
+        log.debug("cannot read the header of %s: %s", path, exc)
+        return None
+
+
+def text_value(ds: object, keyword: str) -> str:
+    """An element's value as stripped text; empty when absent or malformed (``ds`` may be None)."""
+    if ds is None:
+        return ""
     try:
         value = ds.get(keyword)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - a malformed element reads as missing

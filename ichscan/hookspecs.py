@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from ichscan.events import StudyResult
     from ichscan.preprocess import PreprocessSettings
     from ichscan.reporting import Reporter, RunConfig
     from ichscan.sources.base import Source
@@ -115,4 +116,22 @@ def ichscan_register_commands(cli: click.Group) -> None:
     has is ignored with a warning. Called for every hook implementation (not first-result).
 
     :param cli: the Click group to add commands to.
+    """
+
+
+@hookspec
+def ichscan_study_result(result: StudyResult, config: RunConfig) -> None:
+    """A study is complete: act on its result (notify, file it, raise a worklist priority).
+
+    Called once per completed study: in ``batch`` at the end of the run, in ``watch`` and
+    ``serve-scp`` when the study has been quiet for ``--study-timeout`` seconds, and
+    again when late instances revise it (the same study, new values). After a crash the
+    same study may be completed again with the same values: make repeats harmless (the
+    built-in notifiers keep a durable record and send each distinct result once). Called
+    for every hook implementation; one that raises is logged and the others still run.
+    The DICOM results the run made for the study are in ``result.dicom_results``.
+
+    :param result: the study's probabilities, top finding, accession number, best slice,
+        overlay and DICOM results (see :class:`ichscan.events.StudyResult`).
+    :param config: the run's settings (``config.store`` is the open state file).
     """

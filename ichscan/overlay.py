@@ -51,7 +51,12 @@ _NOT_FOR_DIAGNOSIS = "not for diagnostic use"
 
 def overlay_name(result: SliceResult) -> str | None:
     """File name from validated UIDs only; None when the slice has no usable UIDs."""
-    uids = (result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
+    return overlay_file_name(result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
+
+
+def overlay_file_name(study_uid: str, series_uid: str, sop_uid: str) -> str | None:
+    """``<study>_<series>_<sop>.png``, from validated UIDs only (None otherwise)."""
+    uids = (study_uid, series_uid, sop_uid)
     if not all(is_valid_uid(uid) for uid in uids):
         return None
     return "_".join(uids) + ".png"

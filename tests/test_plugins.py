@@ -15,6 +15,7 @@ from ichscan import hookspecs
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.cli import cli
 from ichscan.plugins import PluginError, describe_plugins, get_plugin_manager
+from ichscan.reporting import ResultsOutput
 
 HOOK_NAMES = sorted(name for name in dir(hookspecs) if name.startswith("ichscan_"))
 
@@ -213,6 +214,61 @@ def test_hook_ichscan_register_reporters_sees_config(tmp_path, ct_folder):
     assert seen["thresholds"]["any"] == 0.25
     assert seen["thresholds"]["subdural"] == load_model(pm).thresholds["subdural"]
     assert seen["out"] == tmp_path / "r.csv"
+
+
+STUDY_SPY = """
+import ichscan
+RESULTS = []
+
+@ichscan.hookimpl
+def ichscan_study_result(result, config):
+    RESULTS.append(result)
+"""
+
+STUDY_BROKEN = """
+import ichscan
+
+@ichscan.hookimpl
+def ichscan_study_result(result, config):
+    raise RuntimeError("pager down")
+"""
+
+
+def test_hook_ichscan_study_result(tmp_path, make_phantoms):
+    """Every completed study reaches every implementation once, with the values of the
+    studies CSV, its accession number and its SR; one failing implementation is logged and
+    counted, and does not stop the other."""
+    folder, records = make_phantoms("study-events", studies=2, slices=3, seed=5, size=64, transfer_syntaxes="ExplicitVRLittleEndian")
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "a_broken.py").write_text(STUDY_BROKEN)
+    (plugins / "spy.py").write_text(STUDY_SPY)
+    pm = get_plugin_manager([plugins])
+    summary = run_batch(
+        BatchOptions(
+            input_dir=folder, out=tmp_path / "r.csv", workers=0, progress=False, overlays_for="all",
+            results=ResultsOutput(dicom_out=tmp_path / "dicom"),
+        ),
+        pm,
+    )
+    results = pm.get_plugin("spy").RESULTS
+    studies = {row["study_instance_uid"]: row for row in read_csv(tmp_path / "r_studies.csv")}
+    assert sorted(r.study_instance_uid for r in results) == sorted(studies) and len(studies) == 2
+    import pydicom
+
+    accessions = {r.study_instance_uid: str(pydicom.dcmread(r.path, stop_before_pixels=True).AccessionNumber) for r in records}
+    for result in results:
+        row = studies[result.study_instance_uid]
+        assert result.slices == int(row["slices"]) == 3
+        assert abs(result.probabilities["any"] - float(row["p_any"])) < 1e-5
+        assert result.top_label == row["top_label"]
+        assert result.accession_number == accessions[result.study_instance_uid] != ""
+        assert result.source == "batch" and result.model_name == "simplecnn"
+        assert [obj.kind for obj in result.dicom_results][:1] == ["sr"]
+        assert Path(result.dicom_results[0].file).is_file()
+        assert result.overlay is not None and Path(result.overlay).is_file()
+        assert json.dumps(result.to_dict())  # plain values, ready for a webhook body
+    assert summary.reporter_errors == {"study-events": 1}
 
 
 COMMAND_PLUGIN = """

@@ -20,6 +20,7 @@ import pluggy
 import torch
 
 from ichscan.state.ledger import Ledger, LedgerError
+from ichscan.events import study_event_reporters
 from ichscan.pipeline.options import (
     BatchOptions,
     RunError,
@@ -107,7 +108,8 @@ def open_pipeline(
             options=dict(opts.options),
         )
         try:
-            reporters = ReporterSet(collect_reporters(pm, config))
+            # Study events last: they see the DICOM results the reporters before them made.
+            reporters = ReporterSet([*collect_reporters(pm, config), *study_event_reporters(pm, config)])
         except (OSError, ValueError, sqlite3.Error, LedgerError) as exc:
             raise RunError(f"cannot open output: {exc}") from None
         log.debug("reporters: %s", ", ".join(r.name for r in reporters.reporters) or "none")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ichscan.dicom import OK, decode_instance, is_valid_uid
+from ichscan.dicom import OK, decode_instance, is_valid_uid, read_header
 from ichscan.durable import fsync_file, rename_durably
 from ichscan.labels import LABELS
 from ichscan.reporting import SR_TEMPLATES, SliceResult
@@ -261,7 +261,7 @@ class Outbox:
             sop_uid, path, series_uid, sop_class = row.sop_instance_uid, row.path, row.series_instance_uid, row.sop_class_uid
             probs = probabilities[sop_uid]
             positive = {label: probs[label] >= thresholds[label] for label in LABELS}
-            header = _read_header(path)
+            header = read_header(path)
             if header is None or str(header.get("SOPInstanceUID", "")) != sop_uid:
                 if not (is_valid_uid(series_uid) and is_valid_uid(sop_class)):
                     log.warning("study %s: %s is gone or changed; it is left out of the report's references", study_uid, path)
@@ -441,16 +441,3 @@ def _compact(heatmap):
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".ichscan-{path.name}.tmp")
-
-
-def _read_header(path: str):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, InvalidDicomError, ValueError) as exc:
-        log.debug("cannot read %s: %s", path, exc)
-        return None
-
-
