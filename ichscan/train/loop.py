@@ -30,6 +30,7 @@ from ichscan.models import DEFAULT_MODEL, create_model, save_checkpoint, train_d
 from ichscan.plugins import get_plugin_manager
 from ichscan.preprocess import PreprocessSettings
 from ichscan.train.dataset import RSNADataset, SafeView, collate_skipping, match_items, read_rsna_labels
+from ichscan.train.distributed import RankBatches, Ranks, barrier, gather, init_distributed, shard, shutdown, step_totals
 from ichscan.train.metrics import aucs, plot_history, weighted_log_loss, youden_thresholds
 from ichscan.train.sampler import BalancedSampler
 from ichscan.train.split import images_in, patient_key, read_split, split_by_patient, write_split
@@ -102,7 +103,9 @@ def _cache_key(split: str, ids: list[str], settings: PreprocessSettings) -> str:
     return f"{split}-{digest}"
 
 
-def _loader(dataset: RSNADataset, batch_size: int, workers: int, sampler=None) -> DataLoader:
+def _loader(dataset: RSNADataset, batch_size: int, workers: int, sampler=None, batch_sampler=None) -> DataLoader:
+    if batch_sampler is not None:  # batches chosen by the sampler (training: this rank's share of each step)
+        return DataLoader(SafeView(dataset), batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_skipping)
     return DataLoader(
         SafeView(dataset),
         batch_size=batch_size,
@@ -137,6 +140,14 @@ class _StopFlag:
 
 def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, unreadable: set[str]) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """Probabilities, targets, ids and mean BCE loss over a loader (no gradients)."""
+    probs, targets, ids, total_loss, count = _predict(model, loader, device, unreadable)
+    if not ids:
+        raise TrainingError("no readable images to evaluate")
+    return probs, targets, ids, total_loss / max(1, count)
+
+
+def _predict(model: nn.Module, loader: DataLoader, device: torch.device, unreadable: set[str]) -> tuple[np.ndarray, np.ndarray, list[str], float, int]:
+    """Probabilities, targets, ids, summed BCE loss and its count (empty arrays for no images)."""
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     model.eval()
     probs, targets, ids = [], [], []
@@ -153,8 +164,22 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, u
             targets.append(target.cpu().numpy())
             ids.extend(batch_ids)
     if not probs:
+        return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, len(LABELS)), np.float32), [], 0.0, 0
+    return np.concatenate(probs), np.concatenate(targets), ids, total_loss, count
+
+
+def _validate(model: nn.Module, val_set: RSNADataset, batch_size: int, workers: int, device: torch.device, unreadable: set[str], ranks: Ranks):
+    """:func:`predict_loader` on the validation set, split across the ranks and gathered on
+    every rank (each then takes the same decisions from the same numbers)."""
+    if not ranks.enabled:
+        return predict_loader(model, _loader(val_set, batch_size, workers), device, unreadable)
+    parts = gather(ranks, _predict(model, _loader(val_set, batch_size, workers, sampler=shard(range(len(val_set)), ranks)), device, unreadable))
+    ids = [i for part in parts for i in part[2]]
+    if not ids:
         raise TrainingError("no readable images to evaluate")
-    return np.concatenate(probs), np.concatenate(targets), ids, total_loss / max(1, count)
+    probs = np.concatenate([part[0] for part in parts])
+    targets = np.concatenate([part[1] for part in parts])
+    return probs, targets, ids, sum(part[3] for part in parts) / max(1, sum(part[4] for part in parts))
 
 
 def readable_batches(loader: DataLoader, device: torch.device, unreadable: set[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -173,7 +198,9 @@ def _note_unreadable(bad: list[str], unreadable: set[str]) -> None:
             log.warning("left out: %s", message)
 
 
-def prepare_split(opts: TrainOptions, labels: dict[str, np.ndarray]) -> dict[str, str]:
+def prepare_split(opts: TrainOptions, labels: dict[str, np.ndarray], write: bool = True) -> dict[str, str]:
+    """The 80/10/10 split by patient (``split.csv`` on --resume); every rank of a
+    distributed run computes the same one, rank 0 writes it (``write``)."""
     split_path = opts.out_dir / "split.csv"
     if opts.resume and split_path.exists():
         return read_split(split_path)
@@ -182,12 +209,16 @@ def prepare_split(opts: TrainOptions, labels: dict[str, np.ndarray]) -> dict[str
         raise TrainingError(f"no labelled images found under {opts.data_dir}")
     patients = {item.image_id: patient_key(item.path) for item in items}
     assignment = split_by_patient(patients, opts.seed)
-    write_split(split_path, assignment, patients)
+    if write:
+        write_split(split_path, assignment, patients)
     return assignment
 
 
 def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> dict:
     """Train; returns a summary (best epoch, its validation loss and AUCs, paths).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this, as one distributed
+    data-parallel run (see :mod:`ichscan.train.distributed`); rank 0 writes the run folder.
 
     Raises
     ------
@@ -197,15 +228,26 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
         After Ctrl-C, once ``last.pt`` (resumable) is saved.
     """
     pm = pm or get_plugin_manager()
+    ranks, device = init_distributed(resolve_device(opts.device))
+    try:
+        return _train(opts, pm, ranks, device)
+    finally:
+        shutdown(ranks)
+
+
+def _train(opts: TrainOptions, pm: pluggy.PluginManager, ranks: Ranks, device: torch.device) -> dict:
     log.info("%s", resolve_train_defaults(opts, pm))
     assert opts.epochs is not None and opts.batch_size is not None and opts.lr is not None
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed % (2**32))
-    device = resolve_device(opts.device)
-    workers = cpu_count() if opts.workers is None else opts.workers
+    # The ranks on one node share its cores: threads and loader workers divided among them.
+    cores = max(1, cpu_count() // ranks.local_world)
+    if ranks.enabled and device.type == "cpu":
+        torch.set_num_threads(cores)
+    workers = (cores if ranks.enabled else cpu_count()) if opts.workers is None else opts.workers
     labels = read_rsna_labels(opts.labels)
-    assignment = prepare_split(opts, labels)
+    assignment = prepare_split(opts, labels, write=ranks.main)
     train_ids, val_ids = images_in(assignment, "train"), images_in(assignment, "validation")
     if not train_ids or not val_ids:
         raise TrainingError(f"too few patients to split: {len(train_ids)} training and {len(val_ids)} validation images")
@@ -213,11 +255,15 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
     settings = opts.settings
     model = create_model(pm, opts.model_name).to(device).to(memory_format=torch.channels_last)
     context = slice_context(model)
+    if not ranks.main:
+        barrier(ranks)  # rank 0 creates the cache files first (their sizing truncates them)
     # The cache holds single slices, whatever the context: its key needs no k.
     train_set = RSNADataset(
         opts.data_dir, labels, train_ids, settings, cache_dir, augment=opts.augment, cache_key=_cache_key("train", train_ids, settings), context=context
     )
     val_set = RSNADataset(opts.data_dir, labels, val_ids, settings, cache_dir, cache_key=_cache_key("validation", val_ids, settings), context=context)
+    if ranks.main:
+        barrier(ranks)
     log.info(
         "training on %d images, validating on %d (split by patient: %s)%s",
         len(train_set),
@@ -232,7 +278,9 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
     total_steps = steps_per_epoch * opts.epochs
     warmup = int(opts.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
-    loss_fn = nn.BCEWithLogitsLoss()
+    # Summed, then divided by the step's image count over all ranks: the mean over the
+    # global batch, however the images fall between the ranks.
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     # fp16 autocast needs loss scaling against underflowing gradients; bf16 and float32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
@@ -267,8 +315,17 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
             "torch_rng": torch.get_rng_state(),
             "options": {"model": opts.model_name, "epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "seed": opts.seed},
         }
-        with replacing(last_path) as tmp:
-            torch.save(payload, tmp)
+        if ranks.main:
+            with replacing(last_path) as tmp:
+                torch.save(payload, tmp)
+
+    net: nn.Module = model
+    if ranks.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    batches = RankBatches(sampler, opts.batch_size, ranks)
+    idle_input: torch.Tensor | None = None  # a rank with no images in a step still takes part
 
     unreadable: set[str] = set()
     with _StopFlag() as stop:
@@ -276,41 +333,50 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
             started = time.monotonic()
             sampler.set_epoch(epoch, skip=skip_steps * opts.batch_size)
             model.train()
-            progress = Progress(total=len(sampler), enabled=opts.progress, label=f"epoch {epoch}/{opts.epochs}", unit="images")
-            running, seen, step = 0.0, 0, skip_steps
+            progress = Progress(total=len(sampler), enabled=opts.progress and ranks.main, label=f"epoch {epoch}/{opts.epochs}", unit="images")
+            running, seen, step, stopping = 0.0, 0, skip_steps, False
             try:
-                for inputs, targets, ids, bad in _loader(train_set, opts.batch_size, workers, sampler):
+                for inputs, targets, ids, bad in _loader(train_set, opts.batch_size, workers, batch_sampler=batches):
                     _note_unreadable(bad, unreadable)
-                    if ids:
-                        inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                        targets = targets.to(device, non_blocking=True)
+                    total, stopping = step_totals(ranks, len(ids), stop.set, device)
+                    if total:
+                        if ids:
+                            inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                            targets = targets.to(device, non_blocking=True)
+                            idle_input = torch.zeros_like(inputs[:1])
+                        else:  # nothing readable here this step: a zero loss, so the gradients still meet
+                            inputs = idle_input if idle_input is not None else _first_input(train_set, device)
+                            targets = torch.zeros((inputs.shape[0], len(LABELS)), device=device)
                         optimizer.zero_grad(set_to_none=True)
                         with _autocast(device):
-                            logits = model(inputs)
-                        loss = loss_fn(logits.float(), targets)
+                            logits = net(inputs)
+                        summed = loss_fn(logits.float(), targets) * (1.0 if ids else 0.0)
+                        # DDP averages the ranks' gradients: times world, the global batch's mean.
+                        loss = summed * (ranks.world / (total * len(LABELS)))
                         scaler.scale(loss).backward()
                         scaler.step(optimizer)
                         scaler.update()
-                        running += loss.item() * len(ids)
+                        running += summed.item() / len(LABELS)
                         seen += len(ids)
                     scheduler.step()
                     step += 1
                     progress.update(len(ids) + len(bad))
-                    if stop.set:
+                    if stopping:
                         break
             except RuntimeError:
                 if not stop.set:  # a DataLoader worker killed by the same Ctrl-C
                     raise
             progress.close()
-            if stop.set:
+            if stopping or stop.set:
                 save_last(epoch, step)
                 raise Interrupted(f"interrupted in epoch {epoch}; resume with --resume (saved {last_path})")
             skip_steps = 0
-            probs, targets_np, _, val_loss = predict_loader(model, _loader(val_set, opts.batch_size, workers), device, unreadable)
+            probs, targets_np, _, val_loss = _validate(model, val_set, opts.batch_size, workers, device, unreadable, ranks)
             val_aucs = aucs(targets_np, probs)
+            trained = gather(ranks, (running, seen))
             row = {
                 "epoch": epoch,
-                "train_loss": running / max(1, seen),
+                "train_loss": sum(t[0] for t in trained) / max(1, sum(t[1] for t in trained)),
                 "val_loss": val_loss,
                 "val_weighted_log_loss": weighted_log_loss(targets_np, probs),
                 **{f"val_auc_{label}": val_aucs[label] for label in LABELS},
@@ -321,6 +387,7 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
             improved = val_loss < best_loss
             if improved:
                 best_loss, best_epoch = val_loss, epoch
+            if improved and ranks.main:
                 save_checkpoint(
                     best_path,
                     model,
@@ -336,8 +403,9 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
                     },
                 )
             save_last(epoch + 1, 0)
-            _write_history(opts.out_dir / "history.csv", history)
-            plot_history(opts.out_dir / "loss_curve.png", history)
+            if ranks.main:
+                _write_history(opts.out_dir / "history.csv", history)
+                plot_history(opts.out_dir / "loss_curve.png", history)
             auc_text = ", ".join(f"{k} {v:.3f}" for k, v in val_aucs.items() if v is not None)
             log.info(
                 "epoch %d/%d: train loss %.4f, validation loss %.4f%s, AUC %s (%.0f s)",
@@ -350,7 +418,9 @@ def run_training(opts: TrainOptions, pm: pluggy.PluginManager | None = None) -> 
                 row["seconds"],
             )
     summary = {"best_epoch": best_epoch, "best_val_loss": best_loss, "best": str(best_path), "history": history, "unreadable": len(unreadable)}
-    if has_series_head(model):
+    if ranks.enabled:
+        barrier(ranks)  # best.pt is written
+    if has_series_head(model) and ranks.main:
         # Stage 2: the head on the frozen backbone of best.pt. Rerun in full on --resume (it
         # starts from best.pt's backbone and a fresh head, and takes seconds beyond the
         # embedding pass). Imported here: series_head builds on this module's helpers.
@@ -370,3 +440,9 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer.writeheader()
         for row in history:
             writer.writerow({k: ("" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)) for k, v in row.items()})
+
+
+def _first_input(dataset: RSNADataset, device: torch.device) -> torch.Tensor:
+    """A zero input of the model's shape (for a step where this process has no image)."""
+    shape = (1, len(dataset.settings.windows) * (2 * dataset.context + 1), dataset.settings.size, dataset.settings.size)
+    return torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
