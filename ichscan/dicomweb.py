@@ -74,21 +74,24 @@ class WebDestination:
         return cls(parse_base_url(text), token)
 
 
-def read_token(path: str | os.PathLike[str]) -> str:
-    """The bearer token in ``path`` (one line, surrounding white space dropped); raises ValueError."""
+def read_token(path: str | os.PathLike[str], what: str = "token") -> str:
+    """The bearer token in ``path`` (one line, surrounding white space dropped); raises ValueError.
+
+    ``what`` names it in the messages (``"secret"`` for ``--notify-secret-file``).
+    """
     try:
         with open(path, "rb") as fh:
             data = fh.read(_MAX_TOKEN_BYTES + 1)
     except OSError as exc:
-        raise ValueError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     if len(data) > _MAX_TOKEN_BYTES:
-        raise ValueError(f"token file {path} is larger than {_MAX_TOKEN_BYTES} bytes")
+        raise ValueError(f"{what} file {path} is larger than {_MAX_TOKEN_BYTES} bytes")
     try:
         token = data.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise ValueError(f"token file {path} is not ASCII text") from None
+        raise ValueError(f"{what} file {path} is not ASCII text") from None
     if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
-        raise ValueError(f"token file {path} must hold one token: printable characters, no spaces")
+        raise ValueError(f"{what} file {path} must hold one {what}: printable characters, no spaces")
     return token
 
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: ``--sr-template``: the study report's SR template, the default first (TID 1500 Imaging
 #: Measurement Report, or ichscan's own Comprehensive SR tree; see ichscan.dicom_results).
 SR_TEMPLATES = ("tid1500", "comprehensive")
+#: ``--notify-on``: which study results make a webhook event, the default first.
+NOTIFY_ON = ("positive", "all")
 
 
 @dataclass
@@ -91,7 +93,7 @@ class StudyTable:
 
 @dataclass
 class ResultsOutput:
-    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``."""
+    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``, ``--notify``."""
 
     html: Path | None = None
     dicom_out: Path | None = None
@@ -99,6 +101,8 @@ class ResultsOutput:
     forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.AnyDestination (C-STORE or DICOMweb)
     calling_ae: str = "ICHSCAN"
     forward_wait: float = 30.0
+    notify: tuple[Any, ...] = ()  # ichscan.state.messages.HttpDestination (with its token and secret)
+    notify_on: str = NOTIFY_ON[0]
 
     @property
     def wants_dicom(self) -> bool:
@@ -113,6 +117,8 @@ class ResultsOutput:
             "forward": tuple(self.forward),
             "calling_ae": self.calling_ae,
             "forward_wait": self.forward_wait,
+            "notify": tuple(self.notify),
+            "notify_on": self.notify_on,
         }
 
 
@@ -166,6 +172,10 @@ class RunConfig:
     saliency: bool = False
     #: Free-form settings for third-party plugins (ichscan itself sets none).
     options: dict[str, Any] = field(default_factory=dict)
+    #: ``--notify``: webhook URLs (:class:`ichscan.state.messages.HttpDestination`) that get
+    #: a JSON event per study result, as ``notify_on`` (one of :data:`NOTIFY_ON`) says.
+    notify: tuple[Any, ...] = ()
+    notify_on: str = NOTIFY_ON[0]
 
     @property
     def append(self) -> bool:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ichscan.labels import parse_thresholds
-from ichscan.reporting import SR_TEMPLATES
+from ichscan.reporting import NOTIFY_ON, SR_TEMPLATES
 
 if TYPE_CHECKING:
     import pluggy
@@ -138,6 +138,36 @@ def with_token(destinations: tuple[Any, ...], token_file: Path | None) -> tuple[
     return tuple(WebDestination(d.url, token) if isinstance(d, WebDestination) else d for d in destinations)
 
 
+def _notify_urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Any, ...]:
+    from ichscan.state.messages import HttpDestination
+
+    try:
+        return tuple(dict.fromkeys(HttpDestination.parse(text) for text in value))  # a repeat is one destination
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def with_notify_credentials(destinations: tuple[Any, ...], secret_file: Path | None, token_file: Path | None) -> tuple[Any, ...]:
+    """The ``--notify`` URLs with the signing secret of ``--notify-secret-file`` and the bearer
+    token of ``--notify-token-file`` (each read once; a bad file is a one-line error)."""
+    from dataclasses import replace
+
+    from ichscan.dicomweb import read_token
+
+    credentials: dict[str, Any] = {}
+    for path, name, what in ((secret_file, "secret", "--notify-secret-file"), (token_file, "token", "--notify-token-file")):
+        if path is None:
+            continue
+        if not destinations:
+            raise click.BadParameter("is for webhooks: give --notify http(s)://...", param_hint=what)
+        try:
+            text = read_token(path, name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=what) from None
+        credentials[name] = text.encode("ascii") if name == "secret" else text
+    return tuple(replace(d, **credentials) for d in destinations)
+
+
 def _ae_title(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if not value.strip() or len(value) > 16 or "\\" in value:
         raise click.BadParameter("1-16 characters, no backslash", ctx, param)
@@ -180,7 +210,35 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
             ["--forward-wait"],
             type=click.FloatRange(0, 86400),
             default=30.0,
-            help="At the end of a run, seconds to wait for pending deliveries (the rest go with the next run).",
+            help="At the end of a run, seconds to wait for pending deliveries and notifications (the rest go with the next run).",
+        ),
+        click.Option(
+            ["--notify"],
+            metavar="URL",
+            multiple=True,
+            callback=_notify_urls,
+            help="POST a JSON event about study results to this http(s) URL (repeatable; a webhook). Recorded in the state "
+            "file before it is sent, retried with back-off, the same event id on every try; no patient names in it.",
+        ),
+        click.Option(
+            ["--notify-on"],
+            type=click.Choice(NOTIFY_ON),
+            default=NOTIFY_ON[0],
+            help="positive: an event when a study becomes positive (its first result, or a revision of a negative one); "
+            "all: an event for every new study result.",
+        ),
+        click.Option(
+            ["--notify-secret-file"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="A file holding the secret that signs each --notify body: X-Ichscan-Signature: sha256=<HMAC-SHA256 hex>.  "
+            "[default: unsigned]",
+        ),
+        click.Option(
+            ["--notify-token-file"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="A file holding a bearer token sent (Authorization: Bearer) with each --notify request.  [default: no token]",
         ),
     ]
     if calling_ae:
@@ -252,7 +310,8 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     """The options every screening command shares, passed to it as one ``settings`` argument.
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
-    --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait and, unless ``calling_ae`` is False,
+    --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait, --notify,
+    --notify-on, --notify-secret-file, --notify-token-file and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency) and,
@@ -275,8 +334,10 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
 
             settings: ScreeningSettings = {name: kwargs.pop(name) for name in names - result_names}
             token_file = kwargs.pop("forward_token_file")
-            chosen = {name: kwargs.pop(name) for name in result_names - {"forward_token_file"}}
+            notify_files = kwargs.pop("notify_secret_file"), kwargs.pop("notify_token_file")
+            chosen = {name: kwargs.pop(name) for name in result_names - {"forward_token_file", "notify_secret_file", "notify_token_file"}}
             chosen["forward"] = with_token(chosen["forward"], token_file)
+            chosen["notify"] = with_notify_credentials(chosen["notify"], *notify_files)
             settings["results"] = ResultsOutput(**chosen)
             return f(*args, settings=settings, **kwargs)
 

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ichscan.dicomweb import WebDestination, is_web_url
-from ichscan.state.ledger import decode_path, printable
+from ichscan.state.ledger import decode_path
+from ichscan.state.rounds import FAILED, PENDING, SENT, DeliveryRounds, Due
 from ichscan.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"
-SENT = "sent"
-FAILED = "failed"
+__all__ = ["FAILED", "PENDING", "SENT", "AnyDestination", "Destination", "Forwarder", "parse_destination"]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 
@@ -76,14 +73,11 @@ def parse_destination(text: str, token: str | None = None) -> AnyDestination:
     return Destination.parse(text)
 
 
-#: Refusals (a failure status, SOP class not accepted, file unreadable) before a delivery
-#: is given up; an unreachable destination is retried without limit.
-_MAX_REFUSALS = 8
 #: C-STORE statuses that mean the object is stored (Success and the storage Warnings).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
 
 
-class Forwarder(threading.Thread):
+class Forwarder(DeliveryRounds):
     """Sends pending deliveries until stopped: per round one association per C-STORE
     destination, one STOW-RS request per object to a DICOMweb one.
 
@@ -91,8 +85,14 @@ class Forwarder(threading.Thread):
     connection, association rejected or aborted, a failure status; for DICOMweb no
     answer, HTTP 401/403, 5xx, or the object listed as failed) is retried with
     exponential back-off from ``min_backoff`` to ``max_backoff`` seconds, for as long as
-    the process runs; what is still pending at exit is sent by the next run.
+    the process runs; what is still pending at exit is sent by the next run (the rounds,
+    back-off and bookkeeping are :class:`~ichscan.state.rounds.DeliveryRounds`').
     """
+
+    table = "deliveries"
+    key_column = "sop_instance_uid"
+    activity = "forwarding"
+    things = "objects"
 
     def __init__(
         self,
@@ -104,80 +104,30 @@ class Forwarder(threading.Thread):
         max_backoff: float = 60.0,
         timeout: float = 30.0,
     ):
-        super().__init__(name="ichscan-forwarder", daemon=True)
-        self.store = store
         # Only this run's destinations: one dropped from the command line gets nothing more.
         self.targets = {str(d): d for d in destinations}
-        self.destinations = list(self.targets)
-        marks = ", ".join("?" * len(self.destinations))
-        self._where = f"d.state = ? AND d.destination IN ({marks})"
+        super().__init__(store, list(self.targets), name="ichscan-forwarder", min_backoff=min_backoff, max_backoff=max_backoff)
         self.calling_ae = calling_ae
-        self.min_backoff = min_backoff
-        self.max_backoff = max_backoff
         self.timeout = timeout
-        self.wake = threading.Event()
-        self._stop_event = threading.Event()
-        self._idle = threading.Event()
-        self._failures: dict[str, int] = {}
 
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.wake.set()
-
-    def drain(self, timeout: float) -> int:
-        """Wait up to ``timeout`` s for every pending delivery to go out; return how many are left."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.wake.set()
-            left = self._pending_count()
-            if left == 0 or time.monotonic() >= deadline or not self.is_alive():
-                return left
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-
-    def _pending_count(self) -> int:
-        row = self.store.query_one(f"SELECT COUNT(*) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations))
-        return int(row[0]) if row else 0
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                delay = self._round()
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one bad round
-                log.error("forwarding round failed: %s: %s; trying again in %.0f s", type(exc).__name__, exc, self.max_backoff)
-                delay = self.max_backoff
-            self.wake.wait(delay)
-            self.wake.clear()
-
-    def _round(self) -> float:
-        """Send what is due; return how long to sleep before the next round."""
-        now = time.time()
+    def _pending(self) -> list[Due]:
         rows = self.store.query(
-            "SELECT d.destination, d.sop_instance_uid, o.sop_class_uid, o.file, d.attempts, d.next_try "
+            "SELECT d.destination, d.sop_instance_uid, d.attempts, d.next_try, o.sop_class_uid, o.file "
             "FROM deliveries d JOIN result_objects o USING (sop_instance_uid) "
             f"WHERE {self._where} ORDER BY o.created_at",
-            (PENDING, *self.destinations),
+            self._where_params,
         )
-        if not rows:
-            return 3600.0
-        rows = [(*row[:3], decode_path(row[3]), *row[4:]) for row in rows]
-        due: dict[str, list[tuple]] = {}
-        for row in rows:
-            if row[5] <= now:
-                due.setdefault(row[0], []).append(row)
-        for destination, items in due.items():
-            if self._stop_event.is_set():
-                break
-            target = self.targets[destination]
-            if isinstance(target, WebDestination):
-                self._send_web(target, items)
-            else:
-                self._send(target, items)
-        (next_due,) = self.store.query_one(
-            f"SELECT MIN(next_try) FROM deliveries d WHERE {self._where}", (PENDING, *self.destinations)
-        ) or (None,)
-        return 3600.0 if next_due is None else max(0.05, next_due - time.time())
+        # detail: (SOP class, file)
+        return [Due(dest, uid, attempts, next_try, (sop_class, decode_path(file))) for dest, uid, attempts, next_try, sop_class, file in rows]
 
-    def _send(self, destination: Destination, items: list[tuple]) -> None:
+    def _deliver(self, destination: str, items: list[Due]) -> None:
+        target = self.targets[destination]
+        if isinstance(target, WebDestination):
+            self._send_web(target, items)
+        else:
+            self._send(target, items)
+
+    def _send(self, destination: Destination, items: list[Due]) -> None:
         from pydicom.uid import UID
         from pynetdicom import AE
 
@@ -185,7 +135,7 @@ class Forwarder(threading.Thread):
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         # Only the SOP classes being sent, each in Explicit and Implicit VR Little Endian.
-        for sop_class in sorted({item[2] for item in items}):
+        for sop_class in sorted({item.detail[0] for item in items}):
             ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         try:
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
@@ -196,7 +146,7 @@ class Forwarder(threading.Thread):
             if assoc.is_aborted:
                 # pynetdicom aborts when the peer accepted none of the proposed SOP classes:
                 # a refusal of these objects, counted towards giving up, not "unreachable".
-                names = ", ".join(sorted({UID(item[2]).name for item in items}))
+                names = ", ".join(sorted({UID(item.detail[0]).name for item in items}))
                 for item in items:
                     self._refused(key, item, f"association aborted: {key} does not accept {names}?")
                 return
@@ -208,13 +158,14 @@ class Forwarder(threading.Thread):
             return
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
-            for n, (_, sop_uid, sop_class, file, attempts, _) in enumerate(items):
-                if self._stop_event.is_set():
+            for n, item in enumerate(items):
+                if self.stopping:
                     break
+                sop_class, file = item.detail
                 if sop_class not in accepted:
-                    self._refused(key, items[n], f"{key} does not accept {UID(sop_class).name}")
+                    self._refused(key, item, f"{key} does not accept {UID(sop_class).name}")
                     continue
-                ds = self._read_object(key, items[n], file)
+                ds = self._read_object(key, item, file)
                 if ds is None:
                     continue
                 try:
@@ -225,22 +176,21 @@ class Forwarder(threading.Thread):
                     error = "no answer to C-STORE"
                 code = getattr(status, "Status", None) if status else None
                 if code in _STORED:
-                    self._mark(key, sop_uid, SENT, "")
-                    self._failures.pop(key, None)
+                    self._sent(key, item)
                     log.info("forwarded %s to %s", file, key)
                 elif code is None:
                     if not assoc.is_established:
                         # The association is gone: this object and the rest wait for the next round.
                         self._unreachable(key, items[n:], f"association lost during C-STORE ({error})")
                         return
-                    self._refused(key, items[n], error)
+                    self._refused(key, item, error)
                 else:
-                    self._refused(key, items[n], f"C-STORE failed with status 0x{code:04X}")
+                    self._refused(key, item, f"C-STORE failed with status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _read_object(self, key: str, item: tuple, file: str):
+    def _read_object(self, key: str, item: Due, file: str):
         """The result object to send, or None (refused with a retry soon: recorded a moment
         before its rename, or damaged)."""
         import pydicom
@@ -252,70 +202,32 @@ class Forwarder(threading.Thread):
             self._refused(key, item, f"cannot read {file}: {exc}", retry_in=self.min_backoff)
             return None
 
-    def _send_web(self, destination: WebDestination, items: list[tuple]) -> None:
+    def _send_web(self, destination: WebDestination, items: list[Due]) -> None:
         """STOW-RS, one request per object: the answer to a request is about that object."""
         from ichscan.dicomweb import explain, make_client, stored_by_stow
 
         key = str(destination)
         client = make_client(destination.url, destination.token)
-        for n, (_, sop_uid, _sop_class, file, _attempts, _) in enumerate(items):
-            if self._stop_event.is_set():
+        for n, item in enumerate(items):
+            if self.stopping:
                 break
-            ds = self._read_object(key, items[n], file)
+            file = item.detail[1]
+            ds = self._read_object(key, item, file)
             if ds is None:
                 continue
             try:
                 answer = client.store_instances([ds], study_instance_uid=str(ds.StudyInstanceUID))
-                refusal = stored_by_stow(answer, sop_uid)
+                refusal = stored_by_stow(answer, item.key)
             except Exception as exc:  # noqa: BLE001 - requests, dicomweb-client and parsing errors alike
                 error = explain(exc, key, "STOW-RS")
                 if error.retry:
                     # Unreachable, busy, or our token refused: this object and the rest wait.
                     self._unreachable(key, items[n:], str(error))
                     return
-                self._refused(key, items[n], str(error))
+                self._refused(key, item, str(error))
                 continue
             if refusal:
-                self._refused(key, items[n], refusal)
+                self._refused(key, item, refusal)
                 continue
-            self._mark(key, sop_uid, SENT, "")
-            self._failures.pop(key, None)
+            self._sent(key, item)
             log.info("forwarded %s to %s (STOW-RS)", file, key)
-
-    def _backoff(self, key: str) -> float:
-        n = self._failures.get(key, 0) + 1
-        self._failures[key] = n
-        return min(self.max_backoff, self.min_backoff * 2 ** (n - 1))
-
-    def _unreachable(self, key: str, items: list[tuple], reason: str) -> None:
-        """The destination cannot be reached: retried for as long as we run, never given up."""
-        wait = self._backoff(key)
-        with self.store.transaction():
-            self.store.executemany(
-                "UPDATE deliveries SET next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
-                [(time.time() + wait, printable(reason), item[1], key) for item in items],
-            )
-        log.warning("forwarding %d objects to %s failed (%s); retrying in %.0f s", len(items), key, reason, wait)
-
-    def _refused(self, key: str, item: tuple, reason: str, retry_in: float | None = None) -> None:
-        """This object was refused (or cannot be read): retried, then given up after
-        :data:`_MAX_REFUSALS` tries; a later run tries a given-up delivery once more."""
-        sop_uid, attempts = item[1], item[4] + 1
-        if attempts >= _MAX_REFUSALS:
-            self._mark(key, sop_uid, FAILED, reason)
-            log.error("giving up forwarding %s to %s after %d tries: %s", sop_uid, key, attempts, reason)
-            return
-        wait = retry_in if retry_in is not None else min(self.max_backoff, self.min_backoff * 2 ** (attempts - 1))
-        with self.store.transaction():
-            self.store.execute(
-                "UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ? WHERE sop_instance_uid = ? AND destination = ?",
-                (attempts, time.time() + wait, printable(reason), sop_uid, key),
-            )
-        log.warning("forwarding %s to %s failed (%s); try %d of %d in %.0f s", sop_uid, key, reason, attempts, _MAX_REFUSALS, wait)
-
-    def _mark(self, key: str, sop_uid: str, state: str, error: str) -> None:
-        with self.store.transaction():
-            self.store.execute(
-                "UPDATE deliveries SET state = ?, last_error = ?, sent_at = ? WHERE sop_instance_uid = ? AND destination = ?",
-                (state, printable(error), time.time() if state == SENT else None, sop_uid, key),
-            )

@@ -118,6 +118,37 @@ CREATE TABLE IF NOT EXISTS watermarks (
 """
 
 
+_MESSAGES_V1 = """
+CREATE TABLE IF NOT EXISTS messages (
+    event_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    content_key TEXT NOT NULL,
+    positive INTEGER,
+    body BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    headers TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_study ON messages (kind, study_instance_uid, revision)
+"""
+
+_MESSAGE_DELIVERIES_V1 = """
+CREATE TABLE IF NOT EXISTS message_deliveries (
+    event_id TEXT NOT NULL REFERENCES messages (event_id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    sent_at REAL,
+    PRIMARY KEY (event_id, destination)
+);
+CREATE INDEX IF NOT EXISTS message_deliveries_state ON message_deliveries (state, destination)
+"""
+
+
 def _files_v2(db: sqlite3.Connection) -> None:
     """Per-instance results live in ``files`` only: it gains the two columns the outbox's
     ``result_instances`` had, and that table's rows move in.
@@ -169,4 +200,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("files", 2, "results stored once: result_instances merged into files", _files_v2),
     Migration("files", 3, "the series probability of a model with a series head", _script("ALTER TABLE files ADD COLUMN p_series_any REAL")),
     Migration("watermarks", 1, "where a source resumes (pull --since last: StudyDate/StudyTime per server)", _script(_WATERMARKS_V1)),
+    Migration("messages", 1, "study results to POST (webhook notifications; FHIR later), one row per distinct result", _script(_MESSAGES_V1)),
+    Migration("message_deliveries", 1, "HTTP deliveries per message and destination", _script(_MESSAGE_DELIVERIES_V1)),
 )
