@@ -96,8 +96,11 @@ class StudyResult:
         return out
 
 
-def build_study_result(uid: str, studies: StudyTable, config: RunConfig) -> StudyResult | None:
-    """The :class:`StudyResult` of a completed study; ``None`` when it has no screened slice."""
+def build_study_result(uid: str, studies: StudyTable, config: RunConfig, model_version: str | None = None) -> StudyResult | None:
+    """The :class:`StudyResult` of a completed study; ``None`` when it has no screened slice.
+
+    ``model_version``: the weights' version when the caller has it (else hashed from the file).
+    """
     from ichscan.state.ledger import Ledger
 
     summary = studies.studies.get(uid)
@@ -137,7 +140,7 @@ def build_study_result(uid: str, studies: StudyTable, config: RunConfig) -> Stud
         best_series_instance_uid=best_series,
         overlay=_overlay(config, uid, best_series, best_sop),
         model_name=config.model_name,
-        model_version=_model_version(config.weights),
+        model_version=model_version or _model_version(config.weights),
         demo=config.demo,
         source=config.mode.value,
         dicom_results=dicom_results,
@@ -157,11 +160,14 @@ class StudyEvents(Reporter):
     def __init__(self, pm: pluggy.PluginManager, config: RunConfig):
         self.config = config
         self.impls = pm.hook.ichscan_study_result.get_hookimpls()
+        self._model_version: str | None = None  # the weights file hashed once per run, not per study
 
     def on_study_complete(self, uids: list[str], studies: StudyTable) -> None:
         failed: list[str] = []
         for uid in uids:
-            result = build_study_result(uid, studies, self.config)
+            if self._model_version is None:
+                self._model_version = _model_version(self.config.weights)
+            result = build_study_result(uid, studies, self.config, self._model_version)
             if result is None:
                 continue
             # Newest plugin first, as pluggy calls them; each isolated from the others.
