@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ichscan.default_plugins.csv_report",
     "ichscan.default_plugins.html_report",
     "ichscan.default_plugins.dicom_report",
+    "ichscan.default_plugins.fhir",
     "ichscan.default_plugins.sources",
 )
 

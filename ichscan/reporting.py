@@ -91,7 +91,7 @@ class StudyTable:
 
 @dataclass
 class ResultsOutput:
-    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``."""
+    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``, ``--fhir-out``."""
 
     html: Path | None = None
     dicom_out: Path | None = None
@@ -99,6 +99,8 @@ class ResultsOutput:
     forward: tuple[Any, ...] = ()  # ichscan.state.forwarder.AnyDestination (C-STORE or DICOMweb)
     calling_ae: str = "ICHSCAN"
     forward_wait: float = 30.0
+    #: ``--fhir-out``: a FHIR R4B Bundle per completed study, ``DIR/<StudyInstanceUID>.json``.
+    fhir_out: Path | None = None
 
     @property
     def wants_dicom(self) -> bool:
@@ -113,6 +115,7 @@ class ResultsOutput:
             "forward": tuple(self.forward),
             "calling_ae": self.calling_ae,
             "forward_wait": self.forward_wait,
+            "fhir_out": self.fhir_out,
         }
 
 
@@ -166,6 +169,8 @@ class RunConfig:
     saliency: bool = False
     #: Free-form settings for third-party plugins (ichscan itself sets none).
     options: dict[str, Any] = field(default_factory=dict)
+    #: FHIR results (``--fhir-out``): a Bundle per completed study written here; ``None`` for none.
+    fhir_out: Path | None = None
 
     @property
     def append(self) -> bool:

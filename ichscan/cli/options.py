@@ -182,6 +182,12 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
             default=30.0,
             help="At the end of a run, seconds to wait for pending deliveries (the rest go with the next run).",
         ),
+        _path_option(
+            ["--fhir-out"],
+            "Write a FHIR R4B transaction Bundle per completed study here (DiagnosticReport, an Observation per label, "
+            "the Device): DIR/<StudyInstanceUID>.json, replaced when the study is revised; no patient names.",
+            folder=True,
+        ),
     ]
     if calling_ae:
         options.append(click.Option(["--calling-ae"], default="ICHSCAN", callback=_ae_title, help="Our AE title when forwarding."))
@@ -252,7 +258,7 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     """The options every screening command shares, passed to it as one ``settings`` argument.
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
-    --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait and, unless ``calling_ae`` is False,
+    --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait, --fhir-out and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency) and,
