@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pydicom
 import pytest
@@ -90,8 +91,6 @@ def assert_valid_r4b(bundle: dict[str, Any]) -> None:
         identifier = resource["identifier"][0]
         assert entry["request"]["method"] == "PUT"
         assert entry["request"]["url"].startswith(f"{kind}?identifier=")
-        from urllib.parse import parse_qs, urlsplit
-
         assert parse_qs(urlsplit(entry["request"]["url"]).query)["identifier"] == [f"{identifier['system']}|{identifier['value']}"]
         for path, ref in references(resource):
             Reference.model_validate(ref)
@@ -226,7 +225,7 @@ def test_a_different_result_is_amended_and_a_repeat_is_not(tmp_path):
                                top_label="any", top_probability=0.7, slices=4, completed_at=3.0)
     write_study_bundle(tmp_path, late)
     bundle = load(path)
-    assert {r["status"] for r in (e["resource"] for e in bundle["entry"]) if "status" in r and r["resourceType"] != "Device"} == {"amended"}
+    assert {r["status"] for r in resources(bundle, "DiagnosticReport") + resources(bundle, "Observation")} == {"amended"}
     assert_valid_r4b(bundle)
     assert [e["fullUrl"] for e in bundle["entry"]] == [e["fullUrl"] for e in study_bundle(first)["entry"]]
     write_study_bundle(tmp_path, dataclasses.replace(late, completed_at=4.0))  # once amended, stays amended
