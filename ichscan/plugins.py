@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ichscan.default_plugins.html_report",
     "ichscan.default_plugins.dicom_report",
     "ichscan.default_plugins.notify",
+    "ichscan.default_plugins.fhir",
     "ichscan.default_plugins.sources",
 )
 

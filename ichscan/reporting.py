@@ -93,7 +93,7 @@ class StudyTable:
 
 @dataclass
 class ResultsOutput:
-    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``, ``--notify``."""
+    """Outputs beyond the CSVs and overlays: ``--html``, ``--dicom-out``, ``--sr-template``, ``--forward``, ``--notify``, ``--fhir-out``."""
 
     html: Path | None = None
     dicom_out: Path | None = None
@@ -103,6 +103,8 @@ class ResultsOutput:
     forward_wait: float = 30.0
     notify: tuple[Any, ...] = ()  # ichscan.state.messages.HttpDestination (with its token and secret)
     notify_on: str = NOTIFY_ON[0]
+    #: ``--fhir-out``: a FHIR R4B Bundle per completed study, ``DIR/<StudyInstanceUID>.json``.
+    fhir_out: Path | None = None
 
     @property
     def wants_dicom(self) -> bool:
@@ -119,6 +121,7 @@ class ResultsOutput:
             "forward_wait": self.forward_wait,
             "notify": tuple(self.notify),
             "notify_on": self.notify_on,
+            "fhir_out": self.fhir_out,
         }
 
 
@@ -176,6 +179,8 @@ class RunConfig:
     #: a JSON event per study result, as ``notify_on`` (one of :data:`NOTIFY_ON`) says.
     notify: tuple[Any, ...] = ()
     notify_on: str = NOTIFY_ON[0]
+    #: FHIR results (``--fhir-out``): a Bundle per completed study written here; ``None`` for none.
+    fhir_out: Path | None = None
 
     @property
     def append(self) -> bool:

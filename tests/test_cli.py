@@ -227,7 +227,7 @@ def test_version_and_help_show_defaults():
 
 
 SHARED_OPTIONS = (
-    "--out", "--studies-out", "--overlays", "--overlays-for", "--html", "--dicom-out", "--sr-template", "--forward", "--forward-wait", "--state",
+    "--out", "--studies-out", "--overlays", "--overlays-for", "--html", "--dicom-out", "--sr-template", "--forward", "--forward-wait", "--fhir-out", "--state",
     "--weights", "--model", "--threshold", "--device", "--batch-size", "--workers", "--threads",
 )
 LIVE_OPTIONS = ("--max-latency", "--study-timeout", "--series-timeout")

@@ -240,6 +240,12 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
             default=None,
             help="A file holding a bearer token sent (Authorization: Bearer) with each --notify request.  [default: no token]",
         ),
+        _path_option(
+            ["--fhir-out"],
+            "Write a FHIR R4B transaction Bundle per completed study here (DiagnosticReport, an Observation per label, "
+            "the Device): DIR/<StudyInstanceUID>.json, replaced when the study is revised; no patient names.",
+            folder=True,
+        ),
     ]
     if calling_ae:
         options.append(click.Option(["--calling-ae"], default="ICHSCAN", callback=_ae_title, help="Our AE title when forwarding."))
@@ -311,7 +317,7 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
     --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait, --notify,
-    --notify-on, --notify-secret-file, --notify-token-file and, unless ``calling_ae`` is False,
+    --notify-on, --notify-secret-file, --notify-token-file, --fhir-out and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency) and,

@@ -122,6 +122,44 @@ GROUP_CODES: Mapping[str, GroupCoding] = {
 }
 
 
+#: The comment of a report made with demonstration weights.
+DEMO_COMMENT = f"{NOT_FOR_DIAGNOSTIC_USE}: produced with demonstration weights"
+
+
+def tracking_uid(study_instance_uid: str, label: str) -> str:
+    """The UID of a label's finding in a study: the SR's Tracking Unique Identifier, the same
+    for every revision (and the identifier of the FHIR Observation of the same finding)."""
+    return generate_uid(entropy_srcs=["ichscan finding", study_instance_uid, label])
+
+
+def device_observer_uid(model_name: str, model_version: str) -> str:
+    """The Device Observer UID of ichscan with one model and weights (the FHIR Device's identifier)."""
+    return generate_uid(entropy_srcs=["ichscan device", model_name, model_version])
+
+
+def conclusion_text(probabilities: Mapping[str, float], positive: Mapping[str, bool], thresholds: Mapping[str, float]) -> str:
+    """The study's conclusion in words: the decision for ``any`` with its probability and
+    threshold, and the subtypes at their thresholds (the SR's Conclusion, the FHIR report's).
+
+    Raises
+    ------
+    ValueError
+        Without a decision, probability or threshold for ``any``.
+    """
+    present = positive.get("any")
+    if present is None:
+        raise ValueError("no decision for label 'any'")
+    any_p = probability_value(probabilities, "any")
+    any_t = probability_value(thresholds, "any")
+    if not present:
+        return f"No intracranial hemorrhage at the threshold (probability {any_p:.3f}, threshold {any_t:.3f})"
+    words = f"Intracranial hemorrhage suspected (probability {any_p:.3f}, threshold {any_t:.3f})"
+    subtypes = [label for label in LABELS if label != "any" and positive.get(label)]
+    if subtypes:
+        words += "; subtypes at their thresholds: " + ", ".join(subtypes)
+    return words
+
+
 def build_measurement_report(
     findings: StudyFindings,
     *,
@@ -258,9 +296,7 @@ def _label_group(
     return MeasurementsAndQualitativeEvaluations(
         # The same finding of the same study keeps its UID across revisions, so a viewer can
         # follow it from one report to the next.
-        tracking_identifier=TrackingIdentifier(
-            uid=generate_uid(entropy_srcs=["ichscan finding", study_uid, label]), identifier=f"ichscan {label}"
-        ),
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid(study_uid, label), identifier=f"ichscan {label}"),
         finding_type=coding.finding,
         algorithm_id=algorithm,
         finding_sites=[FindingSite(anatomic_location=coding.site)] if coding.site is not None else None,
@@ -275,7 +311,7 @@ def _label_group(
 def _observation_context(findings: StudyFindings) -> ObservationContext:
     """ichscan as the observing device (TID 1004): the model as its model name, the weights'
     identity as its serial number, one device UID per model and weights."""
-    device_uid = generate_uid(entropy_srcs=["ichscan device", findings.model_name, findings.model_version])
+    device_uid = device_observer_uid(findings.model_name, findings.model_version)
     return ObservationContext(
         observer_device_context=ObserverContext(
             observer_type=codes.DCM.Device,
@@ -295,15 +331,7 @@ def _qualitative_evaluations(findings: StudyFindings) -> ContainerContentItem:
     present = findings.positive.get("any")
     if present is None:
         raise ValueError("no decision for label 'any'")
-    any_p = probability_value(findings.probabilities, "any")
-    any_t = probability_value(findings.thresholds, "any")
-    if present:
-        subtypes = [label for label in LABELS if label != "any" and findings.positive.get(label)]
-        words = f"Intracranial hemorrhage suspected (probability {any_p:.3f}, threshold {any_t:.3f})"
-        if subtypes:
-            words += "; subtypes at their thresholds: " + ", ".join(subtypes)
-    else:
-        words = f"No intracranial hemorrhage at the threshold (probability {any_p:.3f}, threshold {any_t:.3f})"
+    words = conclusion_text(findings.probabilities, findings.positive, findings.thresholds)
     container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
     items = [
         CodeContentItem(
@@ -317,7 +345,7 @@ def _qualitative_evaluations(findings: StudyFindings) -> ContainerContentItem:
         items.append(
             TextContentItem(
                 name=codes.DCM.Comment,
-                value=f"{NOT_FOR_DIAGNOSTIC_USE}: produced with demonstration weights",
+                value=DEMO_COMMENT,
                 relationship_type=RelationshipTypeValues.CONTAINS,
             )
         )

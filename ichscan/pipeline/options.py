@@ -138,10 +138,11 @@ class RunOutputs:
     html: Path | None
     dicom_out: Path | None
     quarantine: Path | None = None
+    fhir_out: Path | None = None
 
     def config_fields(self) -> dict[str, Path | None]:
         """The :class:`~ichscan.reporting.RunConfig` fields these set."""
-        return {name: getattr(self, name) for name in ("out", "studies_out", "overlays_dir", "html", "dicom_out", "state")}
+        return {name: getattr(self, name) for name in ("out", "studies_out", "overlays_dir", "html", "dicom_out", "state", "fhir_out")}
 
     @classmethod
     def resolve(cls, opts: ScreeningOptions, quarantine: Path | None = None) -> RunOutputs:
@@ -164,6 +165,7 @@ class RunOutputs:
             html=_absolute(opts.results.html),
             dicom_out=_absolute(opts.results.dicom_out),
             quarantine=_absolute(quarantine),
+            fhir_out=_absolute(opts.results.fhir_out),
         )
         for path, what in ((outputs.out, "--out"), (outputs.studies_out, "--studies-out"), (outputs.state, "--state"), (outputs.html, "--html")):
             if path is not None:
@@ -176,6 +178,7 @@ class RunOutputs:
             (self.overlays_dir, "overlays folder"),
             (self.dicom_out, "--dicom-out folder"),
             (self.quarantine, "quarantine folder"),
+            (self.fhir_out, "--fhir-out folder"),
         ):
             if folder is not None:
                 prepare_folder(folder, what)
@@ -189,5 +192,5 @@ class RunOutputs:
         """Our own files and folders: never screened when they lie inside the input."""
         return Outputs(
             [p for p in (self.out, self.studies_out, self.html, *state_files(self.state)) if p is not None],
-            [p for p in (self.overlays_dir, self.quarantine, self.outbox) if p is not None],
+            [p for p in (self.overlays_dir, self.quarantine, self.outbox, self.fhir_out) if p is not None],
         )
