@@ -15,6 +15,8 @@ number, patient ID, study date), read once per event.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -88,6 +90,18 @@ class StudyResult:
     @property
     def is_positive(self) -> bool:
         return self.positive["any"]
+
+    def content_key(self) -> str:
+        """Equal for results that say the same: probabilities, decisions, thresholds, model,
+        counts (what a notifier compares to tell a new result from a repeat)."""
+        payload = {
+            "probabilities": [round(self.probabilities[label], 5) for label in LABELS],
+            "positive": [bool(self.positive[label]) for label in LABELS],
+            "thresholds": [round(self.thresholds.get(label, 0.5), 6) for label in LABELS],
+            "model": [self.model_name, self.model_version],
+            "slices": [self.slices, self.positive_slices],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (``dicom_results`` as a list of dicts)."""

@@ -105,6 +105,9 @@ class ResultsOutput:
     notify_on: str = NOTIFY_ON[0]
     #: ``--fhir-out``: a FHIR R4B Bundle per completed study, ``DIR/<StudyInstanceUID>.json``.
     fhir_out: Path | None = None
+    #: ``--fhir-forward``: FHIR servers (:class:`ichscan.state.messages.HttpDestination`) that
+    #: get each study's Bundle POSTed, through the durable message outbox.
+    fhir_forward: tuple[Any, ...] = ()
 
     @property
     def wants_dicom(self) -> bool:
@@ -122,6 +125,7 @@ class ResultsOutput:
             "notify": tuple(self.notify),
             "notify_on": self.notify_on,
             "fhir_out": self.fhir_out,
+            "fhir_forward": tuple(self.fhir_forward),
         }
 
 
@@ -181,6 +185,9 @@ class RunConfig:
     notify_on: str = NOTIFY_ON[0]
     #: FHIR results (``--fhir-out``): a Bundle per completed study written here; ``None`` for none.
     fhir_out: Path | None = None
+    #: ``--fhir-forward``: FHIR server base URLs (:class:`ichscan.state.messages.HttpDestination`)
+    #: each study's Bundle is POSTed to (a transaction), through the durable message outbox.
+    fhir_forward: tuple[Any, ...] = ()
 
     @property
     def append(self) -> bool:

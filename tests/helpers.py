@@ -16,8 +16,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
@@ -241,3 +243,49 @@ class Orthanc:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: answers each request as ``plan`` says (first entry
+    first; then ``then``): an HTTP status, or ``("stall", seconds)`` before a 200."""
+
+    def __init__(self, plan=(), then: int = 200):
+        self.plan = list(plan)
+        self.then = then
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.requests.append({"headers": dict(self.headers), "body": body, "path": self.path})
+                    step = receiver.plan.pop(0) if receiver.plan else receiver.then
+                if isinstance(step, tuple):
+                    time.sleep(step[1])
+                    step = 200
+                self.send_response(step)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def event_ids(self) -> list[str]:
+        with self.lock:
+            return [r["headers"]["X-Ichscan-Event-Id"] for r in self.requests]
+
+    def bodies(self) -> list[dict]:
+        with self.lock:
+            return [json.loads(r["body"]) for r in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -293,3 +293,43 @@ def test_watch_writes_the_bundle_when_the_study_completes_and_amends_it_when_rev
     rows = read_csv(tmp_path / "out" / "r.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}  # the JSON files were never screened
     assert outcome["summary"].reporter_errors == {}
+
+
+def test_fhir_forward_posts_each_bundle_through_the_outbox(make_phantoms, tmp_path):
+    """--fhir-forward: each study's transaction Bundle is POSTed to the server's base URL as
+    application/fhir+json, through the durable outbox (a 503 is retried with the same bytes
+    and event id); a re-run with the same results sends nothing; a changed result is sent
+    again as an amendment."""
+    from helpers import Receiver
+
+    folder, _ = make_phantoms("fhir-forward", studies=2, slices=2, seed=12, size=64, transfer_syntaxes="ExplicitVRLittleEndian")
+    server = Receiver(plan=[503])
+    try:
+        base = server.url.rsplit("/", 1)[0] + "/fhir"
+        token = tmp_path / "token"
+        token.write_text("fhir-token\n")
+        run = [*RUN, "--fhir-forward", base, "--fhir-token-file", str(token), "--out", str(tmp_path / "r.csv")]
+        result = CliRunner().invoke(cli, ["batch", str(folder), *run])
+        assert result.exit_code == 0, result.output
+        requests = list(server.requests)
+        assert len(requests) == 3  # a 503, then both studies
+        # The retry comes first (what is recorded for a failing server waits behind it), same bytes and id.
+        assert requests[0]["body"] == requests[1]["body"]
+        assert requests[0]["headers"]["X-Ichscan-Event-Id"] == requests[1]["headers"]["X-Ichscan-Event-Id"]
+        bundles = [json.loads(r["body"]) for r in requests[1:]]
+        for request, bundle in zip(requests[1:], bundles):
+            assert request["path"] == "/fhir" and request["headers"]["Content-Type"] == "application/fhir+json"
+            assert request["headers"]["Authorization"] == "Bearer fhir-token"
+            assert_valid_r4b(bundle)
+            assert bundle["type"] == "transaction" and resources(bundle, "DiagnosticReport")[0]["status"] == "final"
+        studies = {row["study_instance_uid"] for row in read_csv(tmp_path / "r_studies.csv")}
+        reported = {resources(b, "DiagnosticReport")[0]["imagingStudy"][0]["identifier"]["value"].removeprefix("urn:oid:") for b in bundles}
+        assert reported == studies
+        again = CliRunner().invoke(cli, ["batch", str(folder), *run])
+        assert again.exit_code == 0 and len(server.requests) == 3  # the same results: nothing new
+        changed = CliRunner().invoke(cli, ["batch", str(folder), *run, "--threshold", "any=0.0"])
+        assert changed.exit_code == 0 and len(server.requests) == 5
+        amended = [json.loads(r["body"]) for r in server.requests[3:]]
+        assert {resources(b, "DiagnosticReport")[0]["status"] for b in amended} == {"amended"}
+    finally:
+        server.close()

@@ -12,15 +12,12 @@ import hmac
 import json
 import signal
 import sqlite3
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from helpers import read_csv, start_ichscan, wait_for
+from helpers import Receiver, read_csv, start_ichscan, wait_for
 from ichscan.cli import cli
 from ichscan.default_plugins.notify import KIND, POSITIVE_EVENT, RESULT_EVENT, record_event
 from ichscan.events import StudyResult
@@ -31,52 +28,6 @@ from ichscan.state import StateStore
 from ichscan.state.messages import EVENT_ID_HEADER, SIGNATURE_HEADER, HttpDestination, MessageOutbox, MessageSender
 
 SECRET = b"s3cret-for-tests"
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1: answers each request as ``plan`` says (first entry
-    first; then ``then``): an HTTP status, or ``("stall", seconds)`` before a 200."""
-
-    def __init__(self, plan=(), then: int = 200):
-        self.plan = list(plan)
-        self.then = then
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.requests.append({"headers": dict(self.headers), "body": body, "path": self.path})
-                    step = receiver.plan.pop(0) if receiver.plan else receiver.then
-                if isinstance(step, tuple):
-                    time.sleep(step[1])
-                    step = 200
-                self.send_response(step)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def event_ids(self) -> list[str]:
-        with self.lock:
-            return [r["headers"][EVENT_ID_HEADER] for r in self.requests]
-
-    def bodies(self) -> list[dict]:
-        with self.lock:
-            return [json.loads(r["body"]) for r in self.requests]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -180,7 +131,7 @@ def test_bad_notify_options_are_one_line_errors(tmp_path):
         (["--notify", "ftp://example.org/x"], "is not an http:// or https:// URL"),
         (["--notify", "https://user:pw@example.org/x"], "must not carry credentials"),
         (["--notify", "https://example.org/x", "--notify-secret-file", str(secret)], "must hold one secret"),
-        (["--notify-token-file", str(secret)], "is for webhooks"),
+        (["--notify-token-file", str(secret)], "goes with --notify"),
         (["--notify", "https://example.org/x", "--notify-on", "sometimes"], "'sometimes' is not one of"),
     ):
         result = CliRunner().invoke(cli, ["batch", str(tmp_path / "in"), "--out", str(tmp_path / "r.csv"), *args])

@@ -138,7 +138,7 @@ def with_token(destinations: tuple[Any, ...], token_file: Path | None) -> tuple[
     return tuple(WebDestination(d.url, token) if isinstance(d, WebDestination) else d for d in destinations)
 
 
-def _notify_urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Any, ...]:
+def _http_urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Any, ...]:
     from ichscan.state.messages import HttpDestination
 
     try:
@@ -147,19 +147,23 @@ def _notify_urls(ctx: click.Context, param: click.Parameter, value: tuple[str, .
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-def with_notify_credentials(destinations: tuple[Any, ...], secret_file: Path | None, token_file: Path | None) -> tuple[Any, ...]:
+def with_notify_credentials(
+    destinations: tuple[Any, ...], secret_file: Path | None, token_file: Path | None, option: str = "--notify"
+) -> tuple[Any, ...]:
     """The ``--notify`` URLs with the signing secret of ``--notify-secret-file`` and the bearer
-    token of ``--notify-token-file`` (each read once; a bad file is a one-line error)."""
+    token of ``--notify-token-file`` (each read once; a bad file is a one-line error); with
+    ``option="--fhir-forward"`` the same for ``--fhir-forward`` and ``--fhir-token-file``."""
     from dataclasses import replace
 
     from ichscan.dicomweb import read_token
 
     credentials: dict[str, Any] = {}
-    for path, name, what in ((secret_file, "secret", "--notify-secret-file"), (token_file, "token", "--notify-token-file")):
+    prefix = option.split("-")[2]  # notify, fhir
+    for path, name, what in ((secret_file, "secret", f"--{prefix}-secret-file"), (token_file, "token", f"--{prefix}-token-file")):
         if path is None:
             continue
         if not destinations:
-            raise click.BadParameter("is for webhooks: give --notify http(s)://...", param_hint=what)
+            raise click.BadParameter(f"goes with {option}: give {option} http(s)://...", param_hint=what)
         try:
             text = read_token(path, name)
         except ValueError as exc:
@@ -216,7 +220,7 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
             ["--notify"],
             metavar="URL",
             multiple=True,
-            callback=_notify_urls,
+            callback=_http_urls,
             help="POST a JSON event about study results to this http(s) URL (repeatable; a webhook). Recorded in the state "
             "file before it is sent, retried with back-off, the same event id on every try; no patient names in it.",
         ),
@@ -245,6 +249,20 @@ def _results_options(calling_ae: bool) -> list[click.Option]:
             "Write a FHIR R4B transaction Bundle per completed study here (DiagnosticReport, an Observation per label, "
             "the Device): DIR/<StudyInstanceUID>.json, replaced when the study is revised; no patient names.",
             folder=True,
+        ),
+        click.Option(
+            ["--fhir-forward"],
+            metavar="URL",
+            multiple=True,
+            callback=_http_urls,
+            help="POST each study's FHIR Bundle (a transaction) to this FHIR server base URL, e.g. http://fhir:8080/fhir "
+            "(repeatable). Recorded in the state file first, retried with back-off; a revision is sent as an amendment.",
+        ),
+        click.Option(
+            ["--fhir-token-file"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="A file holding a bearer token sent (Authorization: Bearer) to the --fhir-forward servers.  [default: no token]",
         ),
     ]
     if calling_ae:
@@ -317,7 +335,8 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
     --dicom-out, --sr-template, --forward, --forward-token-file, --forward-wait, --notify,
-    --notify-on, --notify-secret-file, --notify-token-file, --fhir-out and, unless ``calling_ae`` is False,
+    --notify-on, --notify-secret-file, --notify-token-file, --fhir-out, --fhir-forward,
+    --fhir-token-file and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency) and,
@@ -341,9 +360,12 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
             settings: ScreeningSettings = {name: kwargs.pop(name) for name in names - result_names}
             token_file = kwargs.pop("forward_token_file")
             notify_files = kwargs.pop("notify_secret_file"), kwargs.pop("notify_token_file")
-            chosen = {name: kwargs.pop(name) for name in result_names - {"forward_token_file", "notify_secret_file", "notify_token_file"}}
+            fhir_token_file = kwargs.pop("fhir_token_file")
+            files = {"forward_token_file", "notify_secret_file", "notify_token_file", "fhir_token_file"}
+            chosen = {name: kwargs.pop(name) for name in result_names - files}
             chosen["forward"] = with_token(chosen["forward"], token_file)
             chosen["notify"] = with_notify_credentials(chosen["notify"], *notify_files)
+            chosen["fhir_forward"] = with_notify_credentials(chosen["fhir_forward"], None, fhir_token_file, "--fhir-forward")
             settings["results"] = ResultsOutput(**chosen)
             return f(*args, settings=settings, **kwargs)
 

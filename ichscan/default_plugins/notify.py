@@ -5,8 +5,8 @@ it decides whether there is an event (``--notify-on positive``: the study became
 its first result or a revision from negative; ``all``: every new result), records it with
 its deliveries in the state file's message outbox (:mod:`ichscan.state.messages`) and
 wakes the sender, a :class:`~ichscan.state.messages.MessageSender` thread that the
-``notify`` reporter runs for the length of the run and drains for ``--forward-wait``
-seconds at its end.
+``notify`` reporter (a :class:`~ichscan.state.messages.SenderReporter`) runs for the length
+of the run and drains for ``--forward-wait`` seconds at its end.
 
 Every result of the study is recorded (those not sent without deliveries), so that
 "became positive" compares with what the study last was, and a study completed again
@@ -18,7 +18,6 @@ name or ID, nor an input file's path (folder names may hold either).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -27,7 +26,8 @@ from typing import Any
 from ichscan import hookimpl
 from ichscan.events import StudyResult
 from ichscan.labels import LABELS
-from ichscan.reporting import Reporter, RunConfig, RunSummary, StudyTable
+from ichscan.reporting import RunConfig
+from ichscan.state.messages import SenderReporter, wake_sender
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +39,6 @@ POSITIVE_EVENT = "study.positive"
 RESULT_EVENT = "study.result"
 #: Body format version (``"schema"``); a change that breaks receivers raises it.
 SCHEMA = 1
-
-#: The running sender of each open state file, woken when an event is recorded.
-_senders: dict[int, Any] = {}
-
-
-def content_key(result: StudyResult) -> str:
-    """Equal for results that say the same: probabilities, decisions, thresholds, model, counts."""
-    payload = {
-        "probabilities": [round(result.probabilities[label], 5) for label in LABELS],
-        "positive": [bool(result.positive[label]) for label in LABELS],
-        "thresholds": [round(result.thresholds.get(label, 0.5), 6) for label in LABELS],
-        "model": [result.model_name, result.model_version],
-        "slices": [result.slices, result.positive_slices],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
 
 def event_name(result: StudyResult, last_positive: bool | None, notify_on: str) -> str | None:
     """The event this result makes, or None (recorded, not sent).
@@ -121,7 +105,7 @@ def record_event(store: Any, result: StudyResult, destinations: tuple[Any, ...],
     event_id = outbox.enqueue(
         KIND,
         result.study_instance_uid,
-        content_key(result),
+        result.content_key(),
         lambda envelope: event_body(result, event or RESULT_EVENT, envelope),
         CONTENT_TYPE,
         destinations if event is not None else (),
@@ -133,42 +117,10 @@ def record_event(store: Any, result: StudyResult, destinations: tuple[Any, ...],
     return event_id
 
 
-class NotifyReporter(Reporter):
-    """Runs the webhook sender for the length of the run; drains it at the end."""
-
-    name = "notify"
-
-    def __init__(self, config: RunConfig):
-        from ichscan.state.messages import MessageOutbox, MessageSender
-
-        if config.store is None:
-            raise ValueError("--notify needs the open state file (RunConfig.store)")
-        self.config = config
-        left = MessageOutbox(config.store).resume([KIND], config.notify)
-        self.sender = MessageSender(config.store, config.notify, kinds=(KIND,))
-        self.sender.start()
-        _senders[id(config.store)] = self.sender
-        if left:
-            log.info("%d notifications pending from an earlier run; sending them", left)
-
-    def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
-        left = self.sender.drain(self.config.forward_wait)
-        self.sender.stop()
-        self.sender.join(timeout=self.sender.timeout + 5)
-        _senders.pop(id(self.config.store), None)
-        if left:
-            log.warning(
-                "%d notifications not yet delivered to %s; they are kept in %s and sent by the next run",
-                left,
-                ", ".join(self.sender.destinations),
-                self.config.store.path if self.config.store is not None else "the state file",
-            )
-
-
 @hookimpl
 def ichscan_register_reporters(register, config: RunConfig):
     if config.notify:
-        register(NotifyReporter(config))
+        register(SenderReporter(config, KIND, config.notify, "notifications", name="notify"))
 
 
 @hookimpl
@@ -176,6 +128,4 @@ def ichscan_study_result(result: StudyResult, config: RunConfig):
     if not config.notify or config.store is None:
         return
     if record_event(config.store, result, tuple(config.notify), config.notify_on) is not None:
-        sender = _senders.get(id(config.store))
-        if sender is not None:
-            sender.wake.set()
+        wake_sender(config.store, KIND)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ichscan.reporting import Reporter, RunConfig, RunSummary, StudyTable
 from ichscan.state.ledger import printable
 from ichscan.state.rounds import FAILED, PENDING, DeliveryRounds, Due
 from ichscan.state.store import StateStore
@@ -327,6 +328,49 @@ class MessageSender(DeliveryRounds):
                 self._session.close()
 
 
+#: The running sender of each open state file and kind, woken when a message is recorded.
+_running: dict[tuple[int, str], MessageSender] = {}
+
+
+def wake_sender(store: StateStore, kind: str) -> None:
+    """A message of ``kind`` was recorded: the run's sender of that kind sends it now."""
+    sender = _running.get((id(store), kind))
+    if sender is not None:
+        sender.wake.set()
+
+
+class SenderReporter(Reporter):
+    """Runs a :class:`MessageSender` for one ``kind`` of messages for the length of a run:
+    earlier runs' pending deliveries to these destinations go first, and at the end it
+    waits up to ``--forward-wait`` seconds for what is pending (the rest goes with the next
+    run). The built-in webhook notifier and FHIR forwarding each register one."""
+
+    def __init__(self, config: RunConfig, kind: str, destinations: Sequence[HttpDestination], what: str, *, name: str):
+        if config.store is None:
+            raise ValueError(f"{what} need the open state file (RunConfig.store)")
+        self.name, self.kind, self.what, self.config = name, kind, what, config
+        left = MessageOutbox(config.store).resume([kind], destinations)
+        self.sender = MessageSender(config.store, destinations, kinds=(kind,))
+        self.sender.start()
+        _running[(id(config.store), kind)] = self.sender
+        if left:
+            log.info("%d %s pending from an earlier run; sending them", left, what)
+
+    def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
+        left = self.sender.drain(self.config.forward_wait)
+        self.sender.stop()
+        self.sender.join(timeout=self.sender.timeout + 5)
+        _running.pop((id(self.config.store), self.kind), None)
+        if left:
+            log.warning(
+                "%d %s not yet delivered to %s; they are kept in %s and sent by the next run",
+                left,
+                self.what,
+                ", ".join(self.sender.destinations),
+                self.config.store.path if self.config.store is not None else "the state file",
+            )
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return printable(lines[0] if lines else type(exc).__name__)[:300]
@@ -338,6 +382,8 @@ __all__ = [
     "Envelope",
     "HttpDestination",
     "Message",
+    "SenderReporter",
+    "wake_sender",
     "MessageOutbox",
     "MessageSender",
     "sign",

@@ -105,6 +105,9 @@ class DeliveryRounds(threading.Thread):
         self.wake = threading.Event()
         self._stop_event = threading.Event()
         self._failures: dict[str, int] = {}
+        #: Unreachable destinations and until when: what is recorded for one meanwhile waits
+        #: too, behind what failed (so it is neither hammered nor sent out of order).
+        self._blocked_until: dict[str, float] = {}
 
     # -- control -----------------------------------------------------------------------
 
@@ -150,14 +153,17 @@ class DeliveryRounds(threading.Thread):
         now = time.time()
         due: dict[str, list[Due]] = {}
         for row in rows:
-            if row.next_try <= now:
+            if max(row.next_try, self._blocked_until.get(row.destination, 0.0)) <= now:
                 due.setdefault(row.destination, []).append(row)
         for destination, items in due.items():
             if self._stop_event.is_set():
                 break
             self._deliver(destination, items)
-        (next_due,) = self.store.query_one(f"SELECT MIN(next_try) FROM {self.table} d WHERE {self._where}", self._where_params) or (None,)
-        return IDLE_S if next_due is None else max(0.05, next_due - time.time())
+        left = self._pending()
+        if not left:
+            return IDLE_S
+        next_due = min(max(row.next_try, self._blocked_until.get(row.destination, 0.0)) for row in left)
+        return max(0.05, next_due - time.time())
 
     def _pending(self) -> list[Due]:
         raise NotImplementedError
@@ -175,10 +181,12 @@ class DeliveryRounds(threading.Thread):
     def _sent(self, destination: str, item: Due) -> None:
         self._mark(destination, item.key, SENT, "")
         self._failures.pop(destination, None)
+        self._blocked_until.pop(destination, None)
 
     def _unreachable(self, destination: str, items: Sequence[Due], reason: str) -> None:
         """The destination cannot be reached: retried for as long as we run, never given up."""
         wait = self._backoff(destination)
+        self._blocked_until[destination] = time.time() + wait
         with self.store.transaction():
             self.store.executemany(
                 f"UPDATE {self.table} SET next_try = ?, last_error = ? WHERE {self.key_column} = ? AND destination = ?",
