@@ -102,32 +102,28 @@ class LargestSeriesSource:
 
     def _take(self, entry: Entry, now: float) -> None:
         header = None if entry.refusal or entry.skip else read_header(entry.path)
-        if header is None or not header[0].study_instance_uid:
-            self._ready.append(entry)  # the decoder says what it is
+        instance, ds = header or (None, None)
+        if instance is None or not (instance.study_instance_uid and instance.series_instance_uid) or is_ours_or_directory(ds) or self.rules.failure(ds):
+            self._ready.append(entry)  # not a candidate: the decoder gives its row
             return
-        instance, ds = header
         study = self._held.setdefault(instance.study_instance_uid, _Study())
         study.last_seen = now
-        study.entries.pop(entry.path, None)
-        study.series.pop(entry.path, None)
+        study.entries.pop(entry.path, None)  # a repeat (a rescan, a rewrite) replaces the entry
         study.entries[entry.path] = Entry(entry.path, entry.refusal, entry.size, entry.mtime_ns, instance=instance)
-        if instance.series_instance_uid and not is_ours_or_directory(ds) and self.rules.failure(ds) is None:
-            study.series[entry.path] = instance.series_instance_uid
+        study.series[entry.path] = instance.series_instance_uid
 
     def _decide(self, uid: str) -> None:
         study = self._held.pop(uid)
         counts = dict(self._decided.pop(uid, {}))
         for series in study.series.values():
             counts[series] = counts.get(series, 0) + 1
-        if counts:
-            log.info("largest-series: study %s: series %s chosen (%s)", uid, choose_series(counts),
-                     ", ".join(f"{s}: {n}" for s, n in sorted(counts.items(), key=lambda c: -c[1])))
-            self._decided[uid] = counts
-            while len(self._decided) > _DECIDED_KEPT:
-                del self._decided[next(iter(self._decided))]
+        log.info("largest-series: study %s: series %s chosen (%s)", uid, choose_series(counts),
+                 ", ".join(f"{s}: {n}" for s, n in sorted(counts.items(), key=lambda c: -c[1])))
+        self._decided[uid] = counts
+        while len(self._decided) > _DECIDED_KEPT:
+            del self._decided[next(iter(self._decided))]
         for path, entry in study.entries.items():
-            series = study.series.get(path)
-            why = largest_series_reason(series, counts) if series is not None else None
+            why = largest_series_reason(study.series[path], counts)
             if why:
                 entry = Entry(entry.path, entry.refusal, entry.size, entry.mtime_ns, skip=why, instance=entry.instance)
             self._ready.append(entry)
