@@ -375,6 +375,46 @@ def test_largest_series_in_watch_waits_for_the_quiet_study_and_survives_a_stop(m
     _check_rows(out, _largest_expect(expect))
 
 
+class _Offered:
+    """A live source that hands over what the test offers it."""
+
+    live, finished = True, False
+
+    def __init__(self) -> None:
+        self.offered: list = []
+
+    def poll(self, now: float, limit: int) -> list:
+        out, self.offered = self.offered, []
+        return out
+
+
+def test_a_held_study_is_decided_once_quiet_and_a_rescan_offering_its_files_again_is_no_news(mixed):
+    from ichscan.sources.base import stored_entry
+    from ichscan.sources.largest_series import LargestSeriesSource
+
+    folder, expect = mixed
+    inner = _Offered()
+    gate = LargestSeriesSource(inner, parse_rules(LARGEST), timeout=1.0)
+    entries = [stored_entry(str(folder / n)) for n in sorted(expect)]
+    inner.offered = list(entries)
+    passed = {Path(e.path).name for e in gate.poll(0.0, 100)}
+    assert passed == {n for n, r in expect.items() if r is not None}  # failing a per-file rule: straight on
+    inner.offered = [e for e in entries if Path(e.path).name.startswith(("head-", "thin-"))]  # a rescan
+    assert gate.poll(0.9, 100) == []
+    decided = {Path(e.path).name: e.skip for e in gate.poll(1.05, 100)}
+    assert sorted(decided) == sorted(n for n, r in expect.items() if r is None)
+    assert all(not why for n, why in decided.items() if n.startswith("head-"))
+    assert all(why.startswith("rule largest-series: ") for n, why in decided.items() if n.startswith("thin-"))
+    # Late slices of a decided study are decided with the counts seen: head 3 + 1 beats thin 2 + 1.
+    series = {name: pydicom.dcmread(folder / f"{name}-0.dcm").SeriesInstanceUID for name in ("head", "thin")}
+    late = {name: _variant(folder / "head-0.dcm", folder.parent / f"late-{name}.dcm", uid) for name, uid in series.items()}
+    inner.offered = [stored_entry(str(path)) for path in late.values()]
+    assert gate.poll(2.0, 100) == []
+    decided = {e.path: e.skip for e in gate.poll(3.1, 100)}
+    assert decided[str(late["head"])] == ""
+    assert decided[str(late["thin"])] == f"rule largest-series: series {series['thin']} has 3 slices; series {series['head']} of the study has 4"
+
+
 # -- ichscan rules ---------------------------------------------------------------------------------------
 
 

@@ -107,8 +107,9 @@ class LargestSeriesSource:
             self._ready.append(entry)  # not a candidate: the decoder gives its row
             return
         study = self._held.setdefault(instance.study_instance_uid, _Study())
-        study.last_seen = now
-        study.entries.pop(entry.path, None)  # a repeat (a rescan, a rewrite) replaces the entry
+        before = study.entries.pop(entry.path, None)  # a repeat (a rescan, a rewrite) replaces the entry
+        if before is None or (before.size, before.mtime_ns) != (entry.size, entry.mtime_ns):
+            study.last_seen = now  # a rescan offering a held file again is no news: the study stays quiet
         study.entries[entry.path] = Entry(entry.path, entry.refusal, entry.size, entry.mtime_ns, instance=instance)
         study.series[entry.path] = instance.series_instance_uid
 
