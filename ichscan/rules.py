@@ -174,9 +174,9 @@ class BodyPartRule(Rule):
 @dataclass(frozen=True)
 class SliceThicknessRule(Rule):
     name: ClassVar[str] = "slice-thickness"
-    summary: ClassVar[str] = "SliceThickness within min_mm..max_mm (thick slabs, MIPs and odd reconstructions are not)."
-    min_mm: float = 0.5
-    max_mm: float = 10.0
+    summary: ClassVar[str] = "SliceThickness within min_mm..max_mm (slabs thicker than a head series' slices, and zero, are not)."
+    min_mm: float = 0.1
+    max_mm: float = 20.0
 
     def failure(self, ds: Any) -> str | None:
         value = _floats(ds, "SliceThickness", 1)

@@ -61,8 +61,9 @@ def header(**tags) -> Dataset:
         ("body-part", {"SeriesDescription": "", "BodyPartExamined": ""}, None),
         ("body-part", {}, None),
         ("slice-thickness", {"SliceThickness": "5"}, None),
-        ("slice-thickness", {"SliceThickness": "0.3"}, "SliceThickness 0.3 mm is outside 0.5-10 mm"),
-        ("slice-thickness", {"SliceThickness": "20"}, "outside"),
+        ("slice-thickness", {"SliceThickness": "0.2"}, None),  # photon-counting CT reconstructs 0.2 mm
+        ("slice-thickness", {"SliceThickness": "0"}, "SliceThickness 0 mm is outside 0.1-20 mm"),
+        ("slice-thickness", {"SliceThickness": "30"}, "outside"),
         ("slice-thickness", {}, None),
         ("orientation", {"ImageOrientationPatient": AXIAL}, None),
         ("orientation", {"ImageOrientationPatient": [1, 0, 0, 0, 0.9397, 0.3420]}, None),  # gantry tilt 20 degrees
@@ -235,6 +236,13 @@ def test_decoding_with_the_rules_skips_before_the_pixels_and_phantoms_pass(mixed
     ours.Manufacturer = "ichscan"
     result = decode_instance(save(ours, folder.parent / "ours.dcm"), rules=DEFAULT_RULES)
     assert result.status == SKIPPED and result.error.startswith("written by ichscan")
+
+
+@pytest.mark.parametrize("style, layout, volumetric", [("small-faint", "pacs", True), ("sharp-large", "rsna", False)])
+def test_every_phantom_style_passes_the_default_rules(make_phantoms, style, layout, volumetric):
+    _, records = make_phantoms("rules-style", studies=1, slices=2, seed=5, size=64, style=style, layout=layout, volumetric=volumetric)
+    for record in records:
+        assert DEFAULT_RULES.failure(pydicom.dcmread(record.path, stop_before_pixels=True)) is None
 
 
 def test_batch_screens_only_the_head_series(mixed, tmp_path):
