@@ -22,6 +22,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -33,7 +34,10 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 log = logging.getLogger(__name__)
 
 from ichscan.records import DecodedSlice, Instance, Status, StoredImage  # noqa: E402 - after numpy/pydicom
+from ichscan.imaging import rsna_12bit_fix  # noqa: E402,F401 - re-exported: the RSNA fix is part of reading
 
+if TYPE_CHECKING:
+    from ichscan.rules import SelectionRules
 OK, SKIPPED, ERROR = Status.OK, Status.SKIPPED, Status.ERROR
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -91,6 +95,7 @@ def decode_instance(
     limits: DecodeLimits = DEFAULT_LIMITS,
     *,
     any_modality: bool = False,
+    rules: SelectionRules | None = None,
 ) -> DecodedSlice:
     """Read one file and return its :class:`DecodedSlice`; never raises.
 
@@ -103,6 +108,8 @@ def decode_instance(
     any_modality
         Decode greyscale single-frame images of any modality, not only CT (for tools
         and tests that exercise the decoders; screening always requires CT).
+    rules
+        Selection rules (:mod:`ichscan.rules`): a file failing one is ``skipped`` with its reason.
 
     Returns
     -------
@@ -116,7 +123,7 @@ def decode_instance(
             # pydicom warns on many recoverable oddities; they are not our user's business
             # unless they end in a refusal, which carries its own reason.
             warnings.simplefilter("ignore")
-            _decode_into(result, limits, any_modality)
+            _decode_into(result, limits, any_modality, rules)
     except Refused as exc:
         result.fail(_one_line(str(exc)))
     except NotScreenable as exc:
@@ -132,10 +139,12 @@ def decode_instance(
     return result
 
 
-def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool) -> None:
+def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool, rules: SelectionRules | None = None) -> None:
     data = _read_file(result.path, limits)
     ds = _parse(data, limits)
     _read_identity(ds, result.instance)
+    if why := is_ours_or_directory(ds) or (rules.failure(ds) if rules is not None else None):
+        raise NotScreenable(why)
     _check_screenable(ds, limits, any_modality)
     pixels = _decode_pixels(ds, limits)
     slope, intercept = _rescale(ds)
@@ -155,8 +164,12 @@ def _decode_into(result: DecodedSlice, limits: DecodeLimits, any_modality: bool)
 
 
 def read_header_instance(path: str | os.PathLike[str], limits: DecodeLimits = DEFAULT_LIMITS) -> Instance | None:
-    """Identity and geometry from a file's header (pixel data not read); ``None`` when the
-    file cannot be read as DICOM (decoding it later says why)."""
+    """Identity and geometry from a file's header (:func:`read_header`)."""
+    return (read_header(path, limits) or (None, None))[0]
+
+
+def read_header(path: str | os.PathLike[str], limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Instance, pydicom.Dataset] | None:
+    """``(Instance, data set)`` of a file's header, pixels unread; ``None`` if unreadable (the decoder says why)."""
     instance = Instance(os.fspath(path))
     try:
         if os.path.getsize(path) > limits.max_file_bytes:
@@ -169,7 +182,7 @@ def read_header_instance(path: str | os.PathLike[str], limits: DecodeLimits = DE
         raise
     except BaseException:  # noqa: BLE001 - any failure here is found again, and reported, by the decoder
         return None
-    return instance
+    return instance, ds
 
 
 def decode_many(
@@ -178,8 +191,9 @@ def decode_many(
     resize_to: int | None = None,
     display: bool = False,
     crop: bool = False,
+    rules: SelectionRules | None = None,
 ) -> list[DecodedSlice]:
-    """Decode several files (the unit of work sent to a decode worker).
+    """Decode several files (the unit of work sent to a decode worker); ``rules`` as for :func:`decode_instance`.
 
     Parameters
     ----------
@@ -199,7 +213,7 @@ def decode_many(
     """
     from ichscan.imaging import brain_window_image, frame_stored, resize_stored
 
-    results = [decode_instance(path, limits) for path in paths]
+    results = [decode_instance(path, limits, rules=rules) for path in paths]
     for result in results:
         image = result.image
         if image is None:
@@ -219,20 +233,6 @@ def decode_many(
             what = "out of memory" if isinstance(exc, MemoryError) else f"{type(exc).__name__}: {exc}"
             result.fail(_one_line(f"cannot prepare the decoded image: {what}"))
     return results
-
-
-def rsna_12bit_fix(pixels: np.ndarray) -> np.ndarray:
-    """Undo the RSNA 2019 wrap-around: stored values are HU modulo 4096 (intercept -1000).
-
-    Some RSNA images declare BitsStored 12, PixelRepresentation 0 and an intercept
-    above -100 while storing ``HU mod 4096``; adding 1000 and wrapping values
-    >= 4096 back by 4096 gives values that read correctly with intercept -1000.
-    """
-    # (x + 1000) mod 4096 for 12-bit x, in three cheap uint16 passes.
-    fixed = pixels.astype(np.uint16) & 0x0FFF
-    fixed += 1000
-    fixed &= 0x0FFF
-    return fixed
 
 
 def _read_file(path: str, limits: DecodeLimits) -> bytes:
@@ -437,14 +437,19 @@ def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> list[float] | None
     return values
 
 
+def is_ours_or_directory(ds: pydicom.Dataset) -> str | None:
+    """Why ``ds`` is never screened, whatever the rules say (a DICOMDIR, our own result), or ``None``."""
+    meta = getattr(ds, "file_meta", None) or {}
+    if text_value(meta, "MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return "DICOMDIR (media storage directory), not an image"
+    if text_value(ds, "Manufacturer") == ICHSCAN_MANUFACTURER:
+        return "written by ichscan (a screening result), not screened again"
+    return None
+
+
 def _check_screenable(ds: pydicom.Dataset, limits: DecodeLimits, any_modality: bool = False) -> None:
     meta = getattr(ds, "file_meta", None) or {}
-    media_class = text_value(meta, "MediaStorageSOPClassUID")
-    if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-        raise NotScreenable("DICOMDIR (media storage directory), not an image")
-    if text_value(ds, "Manufacturer") == ICHSCAN_MANUFACTURER:
-        raise NotScreenable("written by ichscan (a screening result), not screened again")
-    sop_class = text_value(ds, "SOPClassUID") or media_class
+    sop_class = text_value(ds, "SOPClassUID") or text_value(meta, "MediaStorageSOPClassUID")
     pixel_keyword = next((k for k in _PIXEL_DATA_TAGS if k in ds), None)
     modality = text_value(ds, "Modality")
     class_name = UID(sop_class).name if sop_class else "unknown SOP class"
@@ -557,19 +562,6 @@ def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
             f"(accepted: |slope| <= {MAX_RESCALE_SLOPE:g}, |intercept| <= {MAX_RESCALE_INTERCEPT:g})"
         )
     return slope, intercept
-
-
-def read_header(path: str | os.PathLike[str]) -> pydicom.Dataset | None:
-    """A file's header (no pixel data), or ``None`` when it cannot be read; never raises."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except FATAL_EXCEPTIONS:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - gone, damaged or not DICOM: no header
-        log.debug("cannot read the header of %s: %s", path, exc)
-        return None
 
 
 def text_value(ds: object, keyword: str) -> str:

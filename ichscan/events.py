@@ -131,7 +131,7 @@ def build_study_result(uid: str, studies: StudyTable, config: RunConfig, model_v
             best = max(rows, key=lambda row: (row.probabilities["any"], row.sop_instance_uid))
             best_path, best_sop, best_series = best.path, best.sop_instance_uid, best.series_instance_uid
         dicom_results = _dicom_results(config, uid)
-    header = read_header(best_path) if best_path else None
+    header = (read_header(best_path) or (None, None))[1] if best_path else None
     if header is not None:
         best_sop = best_sop or text_value(header, "SOPInstanceUID")
         best_series = best_series or text_value(header, "SeriesInstanceUID")

@@ -119,3 +119,17 @@ def unframe_heatmap(heatmap: np.ndarray, frame: tuple[int, int, int], shape: tup
     if ys.stop > ys.start and xs.stop > xs.start:
         out[ys, xs] = heatmap[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
     return out
+
+
+def rsna_12bit_fix(pixels: np.ndarray) -> np.ndarray:
+    """Undo the RSNA 2019 wrap-around: stored values are HU modulo 4096 (intercept -1000).
+
+    Some RSNA images declare BitsStored 12, PixelRepresentation 0 and an intercept
+    above -100 while storing ``HU mod 4096``; adding 1000 and wrapping values
+    >= 4096 back by 4096 gives values that read correctly with intercept -1000.
+    """
+    # (x + 1000) mod 4096 for 12-bit x, in three cheap uint16 passes.
+    fixed = pixels.astype(np.uint16) & 0x0FFF
+    fixed += 1000
+    fixed &= 0x0FFF
+    return fixed

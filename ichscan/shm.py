@@ -30,10 +30,14 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodedSlice, DecodeLimits, decode_many
+
+if TYPE_CHECKING:
+    from ichscan.rules import SelectionRules
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +155,10 @@ def decode_into_slab(
     resize_to: int | None = None,
     display: bool = False,
     crop: bool = False,
+    rules: SelectionRules | None = None,
 ) -> tuple[list[DecodedSlice], list[Placed]]:
     """:func:`ichscan.dicom.decode_many`, handing the arrays over in the slab (worker side)."""
-    results = decode_many(paths, limits, resize_to, display, crop)
+    results = decode_many(paths, limits, resize_to, display, crop, rules)
     return results, pack(results, ticket)
 
 

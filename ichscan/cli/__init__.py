@@ -18,6 +18,7 @@ import click
 from ichscan import __version__
 from ichscan.cli.options import CONTEXT_SETTINGS, plugin_manager
 from ichscan.cli.pull import pull_command
+from ichscan.cli.rules import rules_command
 from ichscan.cli.screening import batch_command, screen_command, serve_command, watch_command
 from ichscan.cli.tools import plugins_command, predict, synth
 from ichscan.cli.train import evaluate, train
@@ -103,7 +104,7 @@ def cli(plugins_dirs: tuple[Path, ...], verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-for _command in (batch_command, watch_command, serve_command, pull_command, screen_command, train, evaluate, synth, predict, plugins_command):
+for _command in (batch_command, watch_command, serve_command, pull_command, screen_command, train, evaluate, synth, predict, plugins_command, rules_command):
     cli.add_command(_command)
 
 

@@ -330,6 +330,36 @@ def _live_options() -> list[click.Option]:
     ]
 
 
+def _rules_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["--rules", "rules_file"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Selection rules (TOML) deciding which files are screened; the others get a skipped row naming the rule "
+            "('ichscan rules show' prints the default to start from).  [default: the built-in rules for axial head CT]",
+        ),
+        click.Option(["--no-rules"], is_flag=True, default=False, help="No selection rules: screen every CT image."),
+    ]
+
+
+def selection_rules(rules_file: Path | None, no_rules: bool) -> Any:
+    """The :class:`ichscan.rules.SelectionRules` of ``--rules``/``--no-rules`` (``None``: none);
+    a bad file is a one-line usage error."""
+    from ichscan.rules import DEFAULT_RULES, RulesError, load_rules
+
+    if no_rules and rules_file is not None:
+        raise click.UsageError("--rules and --no-rules exclude each other")
+    if no_rules:
+        return None
+    if rules_file is None:
+        return DEFAULT_RULES
+    try:
+        return load_rules(rules_file)
+    except RulesError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rules") from None
+
+
 def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True, live: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options every screening command shares, passed to it as one ``settings`` argument.
 
@@ -339,18 +369,19 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     --fhir-token-file and, unless ``calling_ae`` is False,
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
-    --saliency) and,
+    --saliency), the selection rules (--rules, --no-rules: ``settings["rules"]``) and,
     with ``live``, --max-latency, --study-timeout and --series-timeout.
 
     ``settings`` maps the options object's field names to the values; the result options
     arrive together as ``settings["results"]``, an :class:`ichscan.reporting.ResultsOutput`.
     """
     results = _results_options(calling_ae)
-    options = [*_output_options(out_help), *results, _state_option(state_help), *_model_options()]
+    rules = _rules_options()
+    options = [*_output_options(out_help), *results, _state_option(state_help), *_model_options(), *rules]
     if live:
         options.extend(_live_options())
     result_names = {option.name for option in results}
-    names = {option.name for option in options}
+    names = {option.name for option in options} - {option.name for option in rules}
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
@@ -367,6 +398,7 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
             chosen["notify"] = with_notify_credentials(chosen["notify"], *notify_files)
             chosen["fhir_forward"] = with_notify_credentials(chosen["fhir_forward"], None, fhir_token_file, "--fhir-forward")
             settings["results"] = ResultsOutput(**chosen)
+            settings["rules"] = selection_rules(kwargs.pop("rules_file"), kwargs.pop("no_rules"))
             return f(*args, settings=settings, **kwargs)
 
         return with_options(*options)(wrapper)

@@ -128,6 +128,7 @@ def open_pipeline(
             overlays_dir=outputs.overlays_dir,
             overlays_for=opts.overlays_for,
             stop=stop,
+            rules=opts.rules,
         )
         pipeline.exclusions = outputs.exclusions()
         if mode.live:

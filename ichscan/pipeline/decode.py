@@ -14,18 +14,25 @@ import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 from ichscan.dicom import DEFAULT_LIMITS, FATAL_EXCEPTIONS, DecodeLimits, _one_line, decode_many
-from ichscan.records import DecodedSlice
+from ichscan.records import DecodedSlice, Instance, Status
 from ichscan.shm import PICKLE, SHM, TRANSFERS, Slab, SlabPool, decode_into_slab, slab_bytes_for
 from ichscan.sources.base import Entry
 from ichscan.worker_init import guard_decode_worker
+
+if TYPE_CHECKING:
+    from ichscan.rules import SelectionRules
 
 log = logging.getLogger(__name__)
 
 
 def _refused(entry: Entry) -> DecodedSlice:
-    return DecodedSlice.failed(entry.path, entry.refusal)
+    """The row of an entry decided before decoding: refused (``error``) or skipped by a rule."""
+    if entry.refusal:
+        return DecodedSlice.failed(entry.path, entry.refusal)
+    return DecodedSlice(entry.instance or Instance(entry.path), Status.SKIPPED, entry.skip)
 
 
 class DecodeWorkerStartError(RuntimeError, ValueError):
@@ -80,6 +87,9 @@ class DecodePool:
     no view of it is alive. ``"pickle"`` sends them through the pool's pipe.
     ``max_slabs`` bounds the shared memory (default: chunks in flight plus those a
     batch of ``batch_size`` holds); a chunk finding no free slab is pickled.
+
+    ``rules`` (:class:`ichscan.rules.SelectionRules`) go to the workers with every chunk: a
+    file that fails one is ``skipped`` there, its pixels never decoded.
     """
 
     def __init__(
@@ -95,10 +105,11 @@ class DecodePool:
         transfer: str = PICKLE,
         max_slabs: int | None = None,
         batch_size: int | None = None,
+        rules: SelectionRules | None = None,
     ):
         self.workers = workers
         self.limits = limits
-        self._work_args = (limits, resize_to, display, crop)
+        self._work_args = (limits, resize_to, display, crop, rules)
         self.chunk_size = max(1, chunk_size)
         self.max_in_flight = max_in_flight or default_in_flight(workers, batch_size, self.chunk_size)
         self._executor: cf.ProcessPoolExecutor | None = None
@@ -245,11 +256,11 @@ class DecodePool:
 
     def submit(self, entries: Iterable[Entry | str]) -> None:
         """Start decoding ``entries`` (in chunks of at most ``chunk_size``); a refused entry
-        becomes its ``error`` result without being read."""
+        becomes its ``error`` result, one marked ``skip`` its ``skipped`` one, without being read."""
         paths: list[str] = []
         for entry in entries:
             entry = Entry(entry) if isinstance(entry, str) else entry
-            if entry.refusal:
+            if entry.refusal or entry.skip:
                 self._done.append(_refused(entry))
             else:
                 paths.append(entry.path)

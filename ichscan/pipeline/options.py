@@ -16,6 +16,7 @@ from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
 from ichscan.state.ledger import DEFAULT_STATE_NAME, state_files
 from ichscan.overlay import OVERLAY_CHOICES
 from ichscan.reporting import ResultsOutput
+from ichscan.rules import DEFAULT_RULES, SelectionRules
 from ichscan.sources.folder import Outputs
 
 #: The outbox folder beside the state file, for DICOM results forwarded without --dicom-out.
@@ -51,6 +52,8 @@ class ScreeningOptions:
     plugins_dirs: tuple[Path, ...] = ()
     progress: bool = True
     limits: DecodeLimits = DEFAULT_LIMITS
+    #: Which files are screened (--rules FILE); ``None`` (--no-rules): every CT image.
+    rules: SelectionRules | None = DEFAULT_RULES
     results: ResultsOutput = field(default_factory=ResultsOutput)
     #: Free-form settings handed to third-party reporters (RunConfig.options).
     options: dict = field(default_factory=dict)

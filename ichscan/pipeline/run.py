@@ -35,8 +35,10 @@ from ichscan.pipeline.sizing import cpu_count
 from ichscan.records import SliceResult, Status
 from ichscan.reporting import ReporterSet, RunSummary, StudySummary, StudyTable
 from ichscan.rows import result_row
+from ichscan.rules import SelectionRules
 from ichscan.shm import default_transfer
 from ichscan.sources.base import Entry, FiniteSource, Source
+from ichscan.sources.largest_series import LargestSeriesSource
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,10 @@ class Pipeline:
         Overlay PNGs, written by a thread pool while the model goes on.
     stop
         Set to stop: the source takes nothing new, what was handed over is finished.
+    rules
+        Selection rules (:mod:`ichscan.rules`): files failing one get a ``skipped`` row
+        naming it; ``None`` screens every CT image. With ``largest-series`` on, the source
+        is wrapped in a :class:`~ichscan.sources.largest_series.LargestSeriesSource`.
     """
 
     def __init__(
@@ -142,7 +148,10 @@ class Pipeline:
         overlay_threads: int | None = None,
         stop: threading.Event | None = None,
         summary: RunSummary | None = None,
+        rules: SelectionRules | None = None,
     ):
+        if rules is not None and rules.largest_series_only:
+            source = LargestSeriesSource(source, rules, study_timeout if source.live else math.inf)
         self.source = source
         self.live = bool(source.live)
         self.screener = screener
@@ -174,6 +183,7 @@ class Pipeline:
             display=overlays_dir is not None,
             transfer=transfer or default_transfer(screener.device.type),
             batch_size=batch_size,
+            rules=rules,
         )
         # At most two batches of overlays in flight: the model runs one batch ahead of them.
         self.overlays = (

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ichscan.pipeline.run import Pipeline
-    from ichscan.records import SliceResult
+    from ichscan.records import Instance, SliceResult
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,16 @@ class Entry:
 
     ``size`` and ``mtime_ns`` identify the version of the file that was handed over
     (the ledger screens a path again when they change); ``-1`` when not known.
+    ``skip``: a reason to give the file a ``skipped`` row without decoding it (a selection
+    rule decided on its header, e.g. ``largest-series``), its identity in ``instance``.
     """
 
     path: str
     refusal: str = ""
     size: int = -1
     mtime_ns: int = -1
+    skip: str = ""
+    instance: Instance | None = field(default=None, compare=False, repr=False)
 
 
 def stored_entry(path: str) -> Entry | None:

@@ -261,7 +261,7 @@ class Outbox:
             sop_uid, path, series_uid, sop_class = row.sop_instance_uid, row.path, row.series_instance_uid, row.sop_class_uid
             probs = probabilities[sop_uid]
             positive = {label: probs[label] >= thresholds[label] for label in LABELS}
-            header = read_header(path)
+            header = (read_header(path) or (None, None))[1]
             if header is None or str(header.get("SOPInstanceUID", "")) != sop_uid:
                 if not (is_valid_uid(series_uid) and is_valid_uid(sop_class)):
                     log.warning("study %s: %s is gone or changed; it is left out of the report's references", study_uid, path)
