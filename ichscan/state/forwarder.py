@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ichscan.dicomweb import WebDestination, is_web_url
+from ichscan.logs import uid_fields
 from ichscan.state.ledger import decode_path, printable
 from ichscan.state.store import StateStore
 
@@ -81,6 +82,11 @@ def parse_destination(text: str, token: str | None = None) -> AnyDestination:
 _MAX_REFUSALS = 8
 #: C-STORE statuses that mean the object is stored (Success and the storage Warnings).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
+
+
+def _uids(ds, sop_uid: str) -> dict[str, str]:
+    """The log fields of a result object sent."""
+    return uid_fields(str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SeriesInstanceUID", "") or ""), sop_uid)
 
 
 class Forwarder(threading.Thread):
@@ -227,7 +233,7 @@ class Forwarder(threading.Thread):
                 if code in _STORED:
                     self._mark(key, sop_uid, SENT, "")
                     self._failures.pop(key, None)
-                    log.info("forwarded %s to %s", file, key)
+                    log.info("forwarded %s to %s", file, key, extra=_uids(ds, sop_uid))
                 elif code is None:
                     if not assoc.is_established:
                         # The association is gone: this object and the rest wait for the next round.
@@ -280,7 +286,7 @@ class Forwarder(threading.Thread):
                 continue
             self._mark(key, sop_uid, SENT, "")
             self._failures.pop(key, None)
-            log.info("forwarded %s to %s (STOW-RS)", file, key)
+            log.info("forwarded %s to %s (STOW-RS)", file, key, extra=_uids(ds, sop_uid))
 
     def _backoff(self, key: str) -> float:
         n = self._failures.get(key, 0) + 1
