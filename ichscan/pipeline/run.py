@@ -22,8 +22,10 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
+from ichscan.logs import uid_fields
 from ichscan.state.ledger import FileIdentity, Ledger
 from ichscan.overlay import OverlayWriter
 from ichscan.pipeline.batcher import MicroBatcher
@@ -37,6 +39,9 @@ from ichscan.reporting import ReporterSet, RunSummary, StudySummary, StudyTable
 from ichscan.rows import result_row
 from ichscan.shm import default_transfer
 from ichscan.sources.base import Entry, FiniteSource, Source
+
+if TYPE_CHECKING:
+    from ichscan.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,25 @@ def describe_study(study: StudySummary) -> str:
     return f"study {study.study_instance_uid}: {study.slices} slices, {study.positive_slices} positive, {finding}"
 
 
+def log_screened(results: list[SliceResult]) -> None:
+    """One log line per study (and one for files without one) of a batch of results."""
+    by_study: dict[str, list[SliceResult]] = {}
+    for result in results:
+        by_study.setdefault(result.instance.study_instance_uid or "", []).append(result)
+    for study, group in by_study.items():
+        series = {r.instance.series_instance_uid for r in group}
+        log.info(
+            "screened %d files%s: %d ok (%d positive), %d skipped, %d error",
+            len(group),
+            f" of study {study}" if study else "",
+            sum(r.status == Status.OK for r in group),
+            sum(r.is_positive for r in group),
+            sum(r.status == Status.SKIPPED for r in group),
+            sum(r.status == Status.ERROR for r in group),
+            extra=uid_fields(study, series.pop() if len(series) == 1 else None, group[0].instance.sop_instance_uid if len(group) == 1 else None),
+        )
+
+
 class Pipeline:
     """One run of the pipeline over one source (see the module docstring).
 
@@ -119,6 +143,9 @@ class Pipeline:
         Overlay PNGs, written by a thread pool while the model goes on.
     stop
         Set to stop: the source takes nothing new, what was handed over is finished.
+    metrics
+        Counts, latencies and queue depths for ``--metrics-port``
+        (:class:`ichscan.metrics.RunMetrics`); ``None`` (``batch``, library calls): none.
     """
 
     def __init__(
@@ -142,8 +169,10 @@ class Pipeline:
         overlay_threads: int | None = None,
         stop: threading.Event | None = None,
         summary: RunSummary | None = None,
+        metrics: RunMetrics | None = None,
     ):
         self.source = source
+        self.metrics = metrics
         self.live = bool(source.live)
         self.screener = screener
         self.reporters = reporters
@@ -174,6 +203,7 @@ class Pipeline:
             display=overlays_dir is not None,
             transfer=transfer or default_transfer(screener.device.type),
             batch_size=batch_size,
+            on_chunk=metrics.decode_chunk if metrics is not None else None,
         )
         # At most two batches of overlays in flight: the model runs one batch ahead of them.
         self.overlays = (
@@ -214,6 +244,8 @@ class Pipeline:
                 held = self.pool.pending or len(self.series) or len(self.batcher) or len(self.whole or ())
                 if source.finished and not held:
                     break
+                if self.metrics is not None:
+                    self.metrics.tick(now, self.queue_depths)
                 now = self._advance(source)
                 if self.overlays is not None:
                     for done in self.overlays.ready():
@@ -266,7 +298,10 @@ class Pipeline:
             # Only while slices wait: the busy set walks what the assembler and batcher hold.
             busy = self.series.busy() | self.batcher.series() if not final else set()
             for series in self.whole.take(now, busy, self.series.indexed, flush=final):
+                started = time.perf_counter()
                 self.screener.refine(series)
+                if self.metrics is not None:
+                    self.metrics.model_batch(time.perf_counter() - started, len(series), "refine")
                 self.deliver(series)
         return now
 
@@ -285,6 +320,17 @@ class Pipeline:
             source.wait(wait)
         return []
 
+    def queue_depths(self) -> tuple[dict[str, int], int]:
+        """Instances held per stage, and the series waiting for neighbours (for metrics)."""
+        stages = {
+            "decode": self.pool.pending,
+            "series_context": len(self.series),
+            "batcher": len(self.batcher),
+            "whole_series": len(self.whole or ()),
+            "overlays": self.overlays.pending if self.overlays is not None else 0,
+        }
+        return stages, self.series.waiting_series()
+
     # -- steps ---------------------------------------------------------------------------
 
     def hand_over(self, entries: list[Entry]) -> None:
@@ -297,9 +343,14 @@ class Pipeline:
         else:
             self.in_flight.update((e.path, None) for e in entries)
         self.pool.submit(entries)
+        if self.metrics is not None:
+            self.metrics.files_queued(len(entries))
 
     def screen(self, batch: list[ContextSlice]) -> None:
+        started = time.perf_counter()
         results = self.screener.screen([c.slice for c in batch], [c.neighbours for c in batch])
+        if self.metrics is not None:
+            self.metrics.model_batch(time.perf_counter() - started, len(batch))
         if self.whole is not None:
             self.whole.add(results, time.monotonic())  # refined by series in _advance
             return
@@ -328,6 +379,8 @@ class Pipeline:
                 self.in_flight.pop(result.path, None)
         self.studies.add(results)
         self.summary.count(results)
+        if self.metrics is not None:
+            self.metrics.results(results)
         if self.live:
             self.clock.touch({r.instance.study_key for r in results if r.status == Status.OK}, time.monotonic())
         self.reporters.on_results(results, self.studies)
@@ -336,14 +389,7 @@ class Pipeline:
         self.progress.update(len(results))
         self.source.on_results(results)
         if self.live:
-            log.info(
-                "screened %d files: %d ok (%d positive), %d skipped, %d error",
-                len(results),
-                sum(r.status == Status.OK for r in results),
-                sum(r.is_positive for r in results),
-                sum(r.status == Status.SKIPPED for r in results),
-                sum(r.status == Status.ERROR for r in results),
-            )
+            log_screened(results)
 
     def complete_studies(self, uids: list[str], final: bool = True) -> None:
         """These studies are complete: reporters write their DICOM results and study rows.
@@ -361,10 +407,12 @@ class Pipeline:
             self.reporters.on_study_complete(uids, self.studies)
             if self.ledger is not None:
                 self.ledger.mark_summarised(uids)
+            if self.metrics is not None:
+                self.metrics.studies_completed(len(uids))
         if isinstance(self.summary, LiveSummary):
             self.summary.studies_summarised += len(uids)
             for uid in uids:
-                log.info("%s", describe_study(self.studies.studies[uid]))
+                log.info("%s", describe_study(self.studies.studies[uid]), extra=uid_fields(study=uid))
 
     def finish(self) -> None:
         if self.live:
