@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
@@ -128,6 +128,7 @@ class RunMetrics:
         self.tick_age = Gauge("ichscan_pipeline_loop_age_seconds", "Seconds since the pipeline loop last turned.", registry=r)
         self.tick_age.set_function(lambda: self.loop_age() or 0.0)
         r.register(_ScrapeTimeCollector(self))
+        ProcessCollector(registry=r)  # process_*: CPU seconds, resident memory, open files (Linux /proc)
 
     # -- what the run tells us -------------------------------------------------------------
 
