@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import DCMTK, ServerProcess, free_port, needs_dcmtk, read_csv, run_ichscan, save, wait_for
+from helpers import DCMTK, RELATED, ServerProcess, free_port, multipart, needs_dcmtk, read_csv, run_ichscan, save, wait_for
 from ichscan.metrics import RunMetrics, start_metrics_server
 from ichscan.pipeline import WatchOptions, run_watch
 from ichscan.state.store import StateStore
@@ -151,7 +151,10 @@ def test_serve_scp_metrics_move_as_a_study_flows_and_json_log_has_no_patient_nam
     n = len(records)
     metrics_port = free_port()
     monkeypatch.setenv("ICHSCAN_LOG_FORMAT", "json")
-    server = ServerProcess(tmp_path / "work", free_port(), "--metrics-port", str(metrics_port), "--workers", "1", "--device", "cpu")
+    web_port = free_port()
+    server = ServerProcess(
+        tmp_path / "work", free_port(), "--metrics-port", str(metrics_port), "--dicomweb-port", str(web_port), "--workers", "1", "--device", "cpu"
+    )
     base = f"http://127.0.0.1:{metrics_port}"
     try:
         wait_for(lambda: ready(base)[0] == 200, 120, "/readyz 200 once the model is loaded", server.proc, server.log)
@@ -177,6 +180,19 @@ def test_serve_scp_metrics_move_as_a_study_flows_and_json_log_has_no_patient_nam
         assert value(after, "ichscan_queue_depth", stage="decode") == 0
         assert value(after, "ichscan_outbox_deliveries", state="pending") == 0
         assert len(read_csv(server.out)) == n
+        # STOW-RS, counted under its own protocol: an instance already stored, and junk.
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{web_port}/dicom-web/studies",
+            data=multipart(Path(records[0].path).read_bytes(), b"not DICOM at all"),
+            headers={"Content-Type": RELATED},
+        )
+        assert urllib.request.urlopen(request, timeout=60).status == 202  # one stored (a duplicate), one failed
+        stow = scrape(base)
+        assert value(stow, "ichscan_instances_received_total", protocol="stow-rs", outcome="duplicate") == 1
+        assert value(stow, "ichscan_instances_received_total", protocol="stow-rs", outcome="refused") == 1
+        assert value(stow, "ichscan_instances_received_total", protocol="stow-rs", outcome="stored") == 0
+        assert value(stow, "ichscan_instances_received_total", protocol="c-store", outcome="stored") == n
+        assert value(stow, "ichscan_files_queued_total") == n  # a duplicate is not screened again
     finally:
         assert server.stop() == 0
     lines = server.log.read_text().splitlines()
