@@ -148,6 +148,18 @@ def save(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
+#: The Content-Type of a STOW-RS request built by :func:`multipart`.
+RELATED = 'multipart/related; type="application/dicom"; boundary=ICHSCANBOUNDARY'
+
+
+def multipart(*parts: bytes, part_type: str = "application/dicom") -> bytes:
+    """A STOW-RS request body (Content-Type :data:`RELATED`) with these parts."""
+    body = b""
+    for part in parts:
+        body += b"--ICHSCANBOUNDARY\r\nContent-Type: " + part_type.encode() + b"\r\n\r\n" + part + b"\r\n"
+    return body + b"--ICHSCANBOUNDARY--\r\n"
+
+
 class ServerProcess:
     """``ichscan serve-scp`` as a subprocess on ``port`` (C-STORE), storing under ``work/store``,
     rows in ``work/results.csv``; ``extra`` options are passed on. Waits until it listens."""

@@ -15,7 +15,7 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 
-from helpers import CT_SMALL, MR_SMALL, ServerProcess, free_port, port_open, read_csv, wait_for
+from helpers import CT_SMALL, MR_SMALL, RELATED, ServerProcess, free_port, multipart, port_open, read_csv, wait_for
 from ichscan.sources.scp import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, ScpOptions, StoreHandler, tls_context
 from ichscan.sources.stow import (
     SOP_CLASS_NOT_SUPPORTED,
@@ -26,7 +26,6 @@ from ichscan.sources.stow import (
 from ichscan.synth import generate
 
 TOKEN = "s3cret-token-for-tests"
-RELATED = 'multipart/related; type="application/dicom"; boundary=ICHSCANBOUNDARY'
 
 
 class Receiver:
@@ -74,13 +73,6 @@ def file_bytes(ds: pydicom.Dataset) -> bytes:
         warnings.simplefilter("ignore")  # pydicom warns when it writes the invalid UIDs
         ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def multipart(*parts: bytes, part_type: str = "application/dicom") -> bytes:
-    body = b""
-    for part in parts:
-        body += b"--ICHSCANBOUNDARY\r\nContent-Type: " + part_type.encode() + b"\r\n\r\n" + part + b"\r\n"
-    return body + b"--ICHSCANBOUNDARY--\r\n"
 
 
 def post(url: str, body: bytes, token: str | None = TOKEN, content_type: str = RELATED, **kwargs) -> requests.Response:

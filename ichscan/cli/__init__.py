@@ -1,6 +1,6 @@
 """Command line: thin Click commands that parse options and call one library function.
 
-``cli`` is the group: global options (--plugins-dir, -v/-q, --version), logging, and the
+``cli`` is the group: global options (--plugins-dir, -v/-q, --log-format, --version), logging, and the
 commands of :mod:`~ichscan.cli.screening`, :mod:`~ichscan.cli.train` and
 :mod:`~ichscan.cli.tools`, plus those plugins add with the ``ichscan_register_commands``
 hook. ``main`` is the console script ``ichscan`` (and ``python -m ichscan``).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -22,24 +21,11 @@ from ichscan.cli.rules import rules_command
 from ichscan.cli.screening import batch_command, screen_command, serve_command, watch_command
 from ichscan.cli.tools import plugins_command, predict, synth
 from ichscan.cli.train import evaluate, train
+from ichscan.logs import LOG_FORMATS, setup_logging
 
 __all__ = ["cli", "main"]
 
 log = logging.getLogger("ichscan")
-
-
-def setup_logging(verbose: int, quiet: bool) -> None:
-    """ichscan logs at INFO by default (what it did, where the results went); ``-v`` adds
-    its debug messages, ``-vv`` also the libraries' (pydicom, pynetdicom...), which log
-    chatter at INFO; ``-q`` keeps warnings and errors only."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.WARNING,
-        format="ichscan %(levelname)s %(name)s: %(message)s" if verbose > 1 else "ichscan %(levelname)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    log.setLevel(level)
 
 
 class PluginCommandGroup(click.Group):
@@ -94,14 +80,23 @@ class PluginCommandGroup(click.Group):
     help="-v: ichscan's debug messages too; -vv: also those of the libraries (pydicom, pynetdicom).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def cli(plugins_dirs: tuple[Path, ...], verbose: int, quiet: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    envvar="ICHSCAN_LOG_FORMAT",
+    show_envvar=True,
+    help="text: one line per event for people; json: one JSON object per line (timestamp, level, logger, message, "
+    "and the study/series/SOP instance UIDs an event is about; never patient names) for log collectors.",
+)
+def cli(plugins_dirs: tuple[Path, ...], verbose: int, quiet: bool, log_format: str) -> None:
     """Screen head CT DICOM images for intracranial hemorrhage.
 
     Labels: epidural, intraparenchymal, intraventricular, subarachnoid, subdural, any.
     Not for diagnostic use.
     """
     # --plugins-dir is read from the context's params by options.plugin_manager.
-    setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet, log_format)
 
 
 for _command in (batch_command, watch_command, serve_command, pull_command, screen_command, train, evaluate, synth, predict, plugins_command, rules_command):

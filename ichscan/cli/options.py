@@ -360,7 +360,25 @@ def selection_rules(rules_file: Path | None, no_rules: bool) -> Any:
         raise click.BadParameter(str(exc), param_hint="--rules") from None
 
 
-def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True, live: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _metrics_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["--metrics-port"],
+            type=click.IntRange(0, 65535),
+            default=None,
+            help="Serve Prometheus metrics at /metrics, and /healthz and /readyz, on this HTTP port (0: a free one, logged).  [default: off]",
+        ),
+        click.Option(
+            ["--metrics-bind"],
+            default="127.0.0.1",
+            help="Address the metrics port listens on (0.0.0.0 for every interface; the endpoints have no authentication).",
+        ),
+    ]
+
+
+def screening_options(
+    *, out_help: str, state_help: str, calling_ae: bool = True, live: bool = False, metrics: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options every screening command shares, passed to it as one ``settings`` argument.
 
     Output (--out, --studies-out, --overlays, --overlays-for), results (--html,
@@ -370,7 +388,8 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     --calling-ae: ``serve-scp`` sends as its own --ae-title), --state, the model
     (--weights, --model, --threshold, --device, --batch-size, --workers, --threads,
     --saliency), the selection rules (--rules, --no-rules: ``settings["rules"]``) and,
-    with ``live``, --max-latency, --study-timeout and --series-timeout.
+    with ``live``, --max-latency, --study-timeout and --series-timeout; with ``metrics``,
+    --metrics-port and --metrics-bind.
 
     ``settings`` maps the options object's field names to the values; the result options
     arrive together as ``settings["results"]``, an :class:`ichscan.reporting.ResultsOutput`.
@@ -380,6 +399,8 @@ def screening_options(*, out_help: str, state_help: str, calling_ae: bool = True
     options = [*_output_options(out_help), *results, _state_option(state_help), *_model_options(), *rules]
     if live:
         options.extend(_live_options())
+    if metrics:
+        options.extend(_metrics_options())
     result_names = {option.name for option in results}
     names = {option.name for option in options} - {option.name for option in rules}
 

@@ -85,7 +85,7 @@ def batch_command(ctx: click.Context, folder: Path, settings: ScreeningSettings,
 
 @click.command("watch", context_settings=CONTEXT_SETTINGS)
 @click.argument("folder", type=click.Path(path_type=Path))
-@screening_options(out_help=LIVE_RESULTS_CSV, state_help=LEDGER, live=True)
+@screening_options(out_help=LIVE_RESULTS_CSV, state_help=LEDGER, live=True, metrics=True)
 @click.option(
     "--quarantine",
     "quarantine_dir",
@@ -175,7 +175,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--ae-title", default="ICHSCAN", help="Our AE title; associations calling another one are rejected.")
 @click.option("--bind", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all interfaces).")
 @click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=Path("ichscan-store"), help="Where received instances are stored: STORE/<Study>/<Series>/<SOP>.dcm.")
-@screening_options(out_help=LIVE_RESULTS_CSV, state_help=LEDGER, calling_ae=False, live=True)
+@screening_options(out_help=LIVE_RESULTS_CSV, state_help=LEDGER, calling_ae=False, live=True, metrics=True)
 @click.option("--allow-calling", callback=_ae_titles, default=None, help="Comma-separated calling AE titles allowed to connect.  [default: any]")
 @click.option("--accept-all-storage", is_flag=True, help="Accept every storage SOP class, not only CT Image Storage (others are stored and get a skipped row).")
 @click.option("--max-associations", type=click.IntRange(1, 1000), default=10, help="Simultaneous associations; more are rejected.")

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from ichscan import hookimpl
+from ichscan.logs import uid_fields
 from ichscan.pipeline.options import OUTBOX_FOLDER_NAME
 from ichscan.reporting import Reporter, RunConfig, RunSummary, SliceResult, StudyTable
 
@@ -72,7 +73,7 @@ class DicomResultsReporter(Reporter):
         for error in errors:
             log.error("%s", error)
         for path in files:
-            log.info("study %s: wrote %s", path.parent.name, path.name)
+            log.info("study %s: wrote %s", path.parent.name, path.name, extra=uid_fields(study=path.parent.name, sop=path.stem))
         if files and self.forwarder is not None:
             self.forwarder.wake.set()
         if errors:

@@ -12,9 +12,11 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pluggy
 import torch
@@ -38,9 +40,12 @@ from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunMode, RunSumm
 from ichscan.sources.base import Source
 from ichscan.sources.dicomweb import DicomWebSource, PullQuery, PullStats
 from ichscan.sources.folder import FolderSource, check_input_folder, count_folder
-from ichscan.sources.scp import ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
+from ichscan.sources.scp import DIMSE, STOW, ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
 from ichscan.sources.stow import StowOptions, start_stow_server
 from ichscan.sources.watch import WatchSource
+
+if TYPE_CHECKING:
+    from ichscan.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ def open_pipeline(
     max_latency: float = 1.0,
     study_timeout: float = 60.0,
     series_timeout: float = 10.0,
+    metrics: RunMetrics | None = None,
 ) -> tuple[Pipeline, Ledger]:
     """Everything a run needs, ready to :meth:`~Pipeline.run`; the caller closes the ledger.
 
@@ -129,8 +135,11 @@ def open_pipeline(
             overlays_for=opts.overlays_for,
             stop=stop,
             rules=opts.rules,
+            metrics=metrics,
         )
         pipeline.exclusions = outputs.exclusions()
+        if metrics is not None:
+            metrics.attach_state(ledger.store, [str(d) for d in opts.results.forward])
         if mode.live:
             import time
 
@@ -141,6 +150,8 @@ def open_pipeline(
     except BaseException:
         ledger.close()
         raise
+    if metrics is not None:
+        metrics.loaded()
     log.info(
         "%s with %s (%s) on %s: batch %d, %d decode workers, %d torch threads, slice context %d",
         {RunMode.BATCH: f"screening {input_root}", RunMode.WATCH: f"watching {input_root}", RunMode.SERVE: f"screening what arrives in {input_root}"}[mode],
@@ -173,6 +184,37 @@ def _record_vanished(ledger: Ledger) -> None:
         from ichscan.rows import result_row
 
         ledger.record((row_id, result, result_row(result)) for row_id, result in vanished)
+
+
+@contextmanager
+def serving_metrics(opts: WatchOptions, writable: Sequence[tuple[str, Path]], stop: threading.Event) -> Iterator[RunMetrics | None]:
+    """The run's metrics, served on ``--metrics-port`` until the block ends (``None`` without it).
+
+    Raises
+    ------
+    RunError
+        When the port cannot be listened on (one line, before the model loads).
+    """
+    if opts.metrics_port is None:
+        yield None
+        return
+    from ichscan.metrics import RunMetrics, start_metrics_server
+
+    metrics = RunMetrics(writable, stop)
+    try:
+        server = start_metrics_server(metrics, opts.metrics_bind, opts.metrics_port)
+    except OSError as exc:
+        raise RunError(f"cannot serve metrics on {opts.metrics_bind}:{opts.metrics_port}: {exc.strerror or exc}") from None
+    log.info("serving metrics at %s/metrics (health: /healthz, /readyz)", server.url)
+    try:
+        yield metrics
+    finally:
+        server.close()
+
+
+def _writable(outputs: RunOutputs, **more: Path) -> list[tuple[str, Path]]:
+    """What /readyz checks for writes: the outputs' folder, the state file, ``more``."""
+    return [*more.items(), ("outputs", outputs.out.parent), ("state", outputs.state)]
 
 
 def _run(pipeline: Pipeline, ledger: Ledger, stop: threading.Event) -> RunSummary:
@@ -286,8 +328,11 @@ def run_watch(opts: WatchOptions, pm: pluggy.PluginManager | None = None, stop: 
         quarantine=outputs.quarantine,
     )
     stop = stop or threading.Event()
-    pipeline, ledger = open_pipeline(opts, RunMode.WATCH, source, pm, input_root=root, outputs=outputs, stop=stop, **_live(opts))
-    summary = _run(pipeline, ledger, stop)
+    with serving_metrics(opts, _writable(outputs), stop) as metrics:
+        pipeline, ledger = open_pipeline(
+            opts, RunMode.WATCH, source, pm, input_root=root, outputs=outputs, stop=stop, metrics=metrics, **_live(opts)
+        )
+        summary = _run(pipeline, ledger, stop)
     summary.quarantined = source.quarantined
     return summary
 
@@ -339,57 +384,61 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
     ae = build_ae(opts.scp)
     # Signals first: a SIGTERM while the model loads must still mean "stop cleanly".
     with stop_on_signals(stop, "no new associations; finishing what was received, then stopping"):
-        # Listen first: a port in use fails at once, before the model loads. What
-        # arrives before the pipeline is up is stored durably and handed over.
-        server = web = None
-        try:
-            if opts.dimse:
-                try:
-                    server = ae.start_server(
-                        (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
-                    )
-                except OSError as exc:
-                    raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
-                source.server = server
-            if opts.stow is not None:
-                try:
-                    web = start_stow_server(opts.stow, handler, ssl_context)
-                except OSError as exc:
-                    raise RunError(f"cannot listen for DICOMweb on {opts.stow.bind}:{opts.stow.port}: {exc.strerror or exc}") from None
-                except ValueError as exc:
-                    raise RunError(f"--dicomweb-token-file: {exc}") from None
-                source.web = web
-            pipeline, ledger = open_pipeline(
-                watch_opts, RunMode.SERVE, source, pm, input_root=store, outputs=outputs, stop=stop, **_live(watch_opts)
-            )
-        except BaseException:
+        # Metrics first: a port in use fails before anything else starts.
+        with serving_metrics(watch_opts, _writable(outputs, store=store), stop) as metrics:
+            if metrics is not None:
+                metrics.watch_receiver(handler.stats, tuple(p for p, on in ((DIMSE, opts.dimse), (STOW, opts.stow is not None)) if on))
+            # Then the DICOM listeners: a port in use fails at once, before the model loads. What
+            # arrives before the pipeline is up is stored durably and handed over.
+            server = web = None
+            try:
+                if opts.dimse:
+                    try:
+                        server = ae.start_server(
+                            (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
+                        )
+                    except OSError as exc:
+                        raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
+                    source.server = server
+                if opts.stow is not None:
+                    try:
+                        web = start_stow_server(opts.stow, handler, ssl_context)
+                    except OSError as exc:
+                        raise RunError(f"cannot listen for DICOMweb on {opts.stow.bind}:{opts.stow.port}: {exc.strerror or exc}") from None
+                    except ValueError as exc:
+                        raise RunError(f"--dicomweb-token-file: {exc}") from None
+                    source.web = web
+                pipeline, ledger = open_pipeline(
+                    watch_opts, RunMode.SERVE, source, pm, input_root=store, outputs=outputs, stop=stop, metrics=metrics, **_live(watch_opts)
+                )
+            except BaseException:
+                if server is not None:
+                    server.shutdown()
+                if web is not None:
+                    web.shutdown()
+                    web.server_close()
+                raise
             if server is not None:
-                server.shutdown()
+                log.info(
+                    "serving C-STORE as %s on %s:%d%s -> %s (transfer syntaxes: %s)",
+                    opts.scp.ae_title,
+                    opts.scp.bind,
+                    server.server_address[1],
+                    " with TLS" if ssl_context else "",
+                    store,
+                    ", ".join(uid.name for uid in decodable_transfer_syntaxes()),
+                )
             if web is not None:
-                web.shutdown()
-                web.server_close()
-            raise
-        if server is not None:
-            log.info(
-                "serving C-STORE as %s on %s:%d%s -> %s (transfer syntaxes: %s)",
-                opts.scp.ae_title,
-                opts.scp.bind,
-                server.server_address[1],
-                " with TLS" if ssl_context else "",
-                store,
-                ", ".join(uid.name for uid in decodable_transfer_syntaxes()),
-            )
-        if web is not None:
-            log.info(
-                "serving STOW-RS at %s/studies%s -> %s",
-                web.url,
-                " (bearer tokens required)" if web.tokens else " without authentication (no --dicomweb-token-file)",
-                store,
-            )
-        try:
-            summary = pipeline.run()
-        finally:
-            ledger.close()
+                log.info(
+                    "serving STOW-RS at %s/studies%s -> %s",
+                    web.url,
+                    " (bearer tokens required)" if web.tokens else " without authentication (no --dicomweb-token-file)",
+                    store,
+                )
+            try:
+                summary = pipeline.run()
+            finally:
+                ledger.close()
     stats = handler.stats
     log.info("received %d instances (%d duplicates, %d refused, %d failed to store)", stats.stored, stats.duplicates, stats.refused, stats.failed)
     return summary

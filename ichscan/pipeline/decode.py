@@ -12,7 +12,8 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,16 @@ def _decode_inline(paths: list[str], work_args: tuple) -> list[DecodedSlice]:
         return [DecodedSlice.failed(paths[0], f"decoding failed: {_failure_text(exc)}")]
 
 
+def _timer(on_chunk: Callable[[float], None], started: float) -> Callable[[cf.Future], None]:
+    """A done-callback: the chunk's turnaround, unless it failed (those are retried)."""
+
+    def done(future: cf.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            on_chunk(time.monotonic() - started)
+
+    return done
+
+
 def default_in_flight(workers: int, batch_size: int | None, chunk_size: int) -> int:
     """Chunks submitted to the decode workers at most: about four model batches.
 
@@ -90,6 +101,8 @@ class DecodePool:
 
     ``rules`` (:class:`ichscan.rules.SelectionRules`) go to the workers with every chunk: a
     file that fails one is ``skipped`` there, its pixels never decoded.
+    ``on_chunk`` is called with the seconds from submitting each chunk until its result
+    reached this process (from the pool's result thread; in-process: the decode time).
     """
 
     def __init__(
@@ -106,8 +119,10 @@ class DecodePool:
         max_slabs: int | None = None,
         batch_size: int | None = None,
         rules: SelectionRules | None = None,
+        on_chunk: Callable[[float], None] | None = None,
     ):
         self.workers = workers
+        self.on_chunk = on_chunk
         self.limits = limits
         self._work_args = (limits, resize_to, display, crop, rules)
         self.chunk_size = max(1, chunk_size)
@@ -265,11 +280,17 @@ class DecodePool:
             else:
                 paths.append(entry.path)
         if self.workers <= 0:
+            started = time.monotonic()
             self._done.extend(d for path in paths for d in _decode_inline([path], self._work_args))
+            if self.on_chunk is not None and paths:
+                self.on_chunk(time.monotonic() - started)
             return
         for start in range(0, len(paths), self.chunk_size):
             chunk = paths[start : start + self.chunk_size]
-            self._in_flight[self._submit(chunk)] = chunk
+            future = self._submit(chunk)
+            if self.on_chunk is not None:
+                future.add_done_callback(_timer(self.on_chunk, time.monotonic()))
+            self._in_flight[future] = chunk
 
     def collect(self, timeout: float | None) -> list[DecodedSlice]:
         """Results finished within ``timeout`` seconds (``None``: wait for at least one chunk);

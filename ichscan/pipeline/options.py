@@ -86,6 +86,9 @@ class WatchOptions(ScreeningOptions):
     #: its slices with missing neighbours are screened anyway.
     series_timeout: float = 10.0
     progress: bool = False
+    #: Serve /metrics, /healthz and /readyz on this port (``None``: off; 0: a free port).
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
 
 
 def default_studies_out(out: Path) -> Path:

@@ -22,8 +22,10 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ichscan.dicom import DEFAULT_LIMITS, DecodeLimits
+from ichscan.logs import uid_fields
 from ichscan.state.ledger import FileIdentity, Ledger
 from ichscan.overlay import OverlayWriter
 from ichscan.pipeline.batcher import MicroBatcher
@@ -39,6 +41,9 @@ from ichscan.rules import SelectionRules
 from ichscan.shm import default_transfer
 from ichscan.sources.base import Entry, FiniteSource, Source
 from ichscan.sources.largest_series import LargestSeriesSource
+
+if TYPE_CHECKING:
+    from ichscan.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,25 @@ def describe_study(study: StudySummary) -> str:
     return f"study {study.study_instance_uid}: {study.slices} slices, {study.positive_slices} positive, {finding}"
 
 
+def log_screened(results: list[SliceResult]) -> None:
+    """One log line per study (and one for files without one) of a batch of results."""
+    by_study: dict[str, list[SliceResult]] = {}
+    for result in results:
+        by_study.setdefault(result.instance.study_instance_uid or "", []).append(result)
+    for study, group in by_study.items():
+        series = {r.instance.series_instance_uid for r in group}
+        log.info(
+            "screened %d files%s: %d ok (%d positive), %d skipped, %d error",
+            len(group),
+            f" of study {study}" if study else "",
+            sum(r.status == Status.OK for r in group),
+            sum(r.is_positive for r in group),
+            sum(r.status == Status.SKIPPED for r in group),
+            sum(r.status == Status.ERROR for r in group),
+            extra=uid_fields(study, series.pop() if len(series) == 1 else None, group[0].instance.sop_instance_uid if len(group) == 1 else None),
+        )
+
+
 class Pipeline:
     """One run of the pipeline over one source (see the module docstring).
 
@@ -125,6 +149,9 @@ class Pipeline:
         Selection rules (:mod:`ichscan.rules`): files failing one get a ``skipped`` row
         naming it; ``None`` screens every CT image. With ``largest-series`` on, the source
         is wrapped in a :class:`~ichscan.sources.largest_series.LargestSeriesSource`.
+    metrics
+        Counts, latencies and queue depths for ``--metrics-port``
+        (:class:`ichscan.metrics.RunMetrics`); ``None`` (``batch``, library calls): none.
     """
 
     def __init__(
@@ -149,10 +176,12 @@ class Pipeline:
         stop: threading.Event | None = None,
         summary: RunSummary | None = None,
         rules: SelectionRules | None = None,
+        metrics: RunMetrics | None = None,
     ):
         if rules is not None and rules.largest_series_only:
             source = LargestSeriesSource(source, rules, study_timeout if source.live else math.inf)
         self.source = source
+        self.metrics = metrics
         self.live = bool(source.live)
         self.screener = screener
         self.reporters = reporters
@@ -184,6 +213,7 @@ class Pipeline:
             transfer=transfer or default_transfer(screener.device.type),
             batch_size=batch_size,
             rules=rules,
+            on_chunk=metrics.decode_chunk if metrics is not None else None,
         )
         # At most two batches of overlays in flight: the model runs one batch ahead of them.
         self.overlays = (
@@ -224,6 +254,8 @@ class Pipeline:
                 held = self.pool.pending or len(self.series) or len(self.batcher) or len(self.whole or ())
                 if source.finished and not held:
                     break
+                if self.metrics is not None:
+                    self.metrics.tick(now, self.queue_depths)
                 now = self._advance(source)
                 if self.overlays is not None:
                     for done in self.overlays.ready():
@@ -276,7 +308,10 @@ class Pipeline:
             # Only while slices wait: the busy set walks what the assembler and batcher hold.
             busy = self.series.busy() | self.batcher.series() if not final else set()
             for series in self.whole.take(now, busy, self.series.indexed, flush=final):
+                started = time.perf_counter()
                 self.screener.refine(series)
+                if self.metrics is not None:
+                    self.metrics.model_batch(time.perf_counter() - started, len(series), "refine")
                 self.deliver(series)
         return now
 
@@ -295,6 +330,17 @@ class Pipeline:
             source.wait(wait)
         return []
 
+    def queue_depths(self) -> tuple[dict[str, int], int]:
+        """Instances held per stage, and the series waiting for neighbours (for metrics)."""
+        stages = {
+            "decode": self.pool.pending,
+            "series_context": len(self.series),
+            "batcher": len(self.batcher),
+            "whole_series": len(self.whole or ()),
+            "overlays": self.overlays.pending if self.overlays is not None else 0,
+        }
+        return stages, self.series.waiting_series()
+
     # -- steps ---------------------------------------------------------------------------
 
     def hand_over(self, entries: list[Entry]) -> None:
@@ -307,9 +353,14 @@ class Pipeline:
         else:
             self.in_flight.update((e.path, None) for e in entries)
         self.pool.submit(entries)
+        if self.metrics is not None:
+            self.metrics.files_queued(len(entries))
 
     def screen(self, batch: list[ContextSlice]) -> None:
+        started = time.perf_counter()
         results = self.screener.screen([c.slice for c in batch], [c.neighbours for c in batch])
+        if self.metrics is not None:
+            self.metrics.model_batch(time.perf_counter() - started, len(batch))
         if self.whole is not None:
             self.whole.add(results, time.monotonic())  # refined by series in _advance
             return
@@ -338,6 +389,8 @@ class Pipeline:
                 self.in_flight.pop(result.path, None)
         self.studies.add(results)
         self.summary.count(results)
+        if self.metrics is not None:
+            self.metrics.results(results)
         if self.live:
             self.clock.touch({r.instance.study_key for r in results if r.status == Status.OK}, time.monotonic())
         self.reporters.on_results(results, self.studies)
@@ -346,14 +399,7 @@ class Pipeline:
         self.progress.update(len(results))
         self.source.on_results(results)
         if self.live:
-            log.info(
-                "screened %d files: %d ok (%d positive), %d skipped, %d error",
-                len(results),
-                sum(r.status == Status.OK for r in results),
-                sum(r.is_positive for r in results),
-                sum(r.status == Status.SKIPPED for r in results),
-                sum(r.status == Status.ERROR for r in results),
-            )
+            log_screened(results)
 
     def complete_studies(self, uids: list[str], final: bool = True) -> None:
         """These studies are complete: reporters write their DICOM results and study rows.
@@ -371,10 +417,12 @@ class Pipeline:
             self.reporters.on_study_complete(uids, self.studies)
             if self.ledger is not None:
                 self.ledger.mark_summarised(uids)
+            if self.metrics is not None:
+                self.metrics.studies_completed(len(uids))
         if isinstance(self.summary, LiveSummary):
             self.summary.studies_summarised += len(uids)
             for uid in uids:
-                log.info("%s", describe_study(self.studies.studies[uid]))
+                log.info("%s", describe_study(self.studies.studies[uid]), extra=uid_fields(study=uid))
 
     def finish(self) -> None:
         if self.live:

@@ -154,6 +154,10 @@ class SeriesAssembler:
         """Slices held, not yet released."""
         return len(self._through) + sum(not m.released for s in self._series.values() for m in s.members)
 
+    def waiting_series(self) -> int:
+        """Series with a slice waiting for its neighbours."""
+        return sum(any(not m.released for m in s.members) for s in self._series.values())
+
     def busy(self) -> set[str]:
         """Series with a slice still to come here or not released yet."""
         return {key for key, s in self._series.items() if s.expected or any(not m.released for m in s.members)}

@@ -29,6 +29,7 @@ from pydicom.uid import (
 from ichscan.dicom import is_valid_uid
 from ichscan.sources.base import Entry, stored_entry
 from ichscan.durable import fsync_dir, write_durably
+from ichscan.logs import uid_fields
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,35 @@ def decodable_transfer_syntaxes() -> list[UID]:
     return accepted
 
 
+#: The receivers, as ``StoreStats`` (and the ``protocol`` label of the metrics) name them.
+DIMSE, STOW = "c-store", "stow-rs"
+#: StoreStats' counters, by the ``outcome`` label of the metrics.
+OUTCOMES = {"stored": "stored", "duplicates": "duplicate", "refused": "refused", "failed": "failed"}
+
+
 @dataclass
 class StoreStats:
+    """What the receivers did with each instance, in all and by protocol (metrics)."""
+
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
     failed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _by_protocol: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
-    def add(self, what: str) -> None:
+    def add(self, what: str, protocol: str = DIMSE) -> None:
         with self.lock:
             setattr(self, what, getattr(self, what) + 1)
+            key = (protocol, OUTCOMES[what])
+            self._by_protocol[key] = self._by_protocol.get(key, 0) + 1
+
+    def by_protocol(self, protocols: tuple[str, ...] = (DIMSE, STOW)) -> dict[tuple[str, str], int]:
+        """``(protocol, outcome) -> count``, zeros included for ``protocols``."""
+        with self.lock:
+            counts = {(p, o): 0 for p in protocols for o in OUTCOMES.values()}
+            counts.update(self._by_protocol)
+            return counts
 
 
 class StoreHandler:
@@ -121,7 +140,7 @@ class StoreHandler:
             return DATASET_MISMATCH
         return self.store_instance(ds, lambda: event.encoded_dataset(include_meta=True), f"C-STORE from {peer}")
 
-    def store_instance(self, ds, encoded: Callable[[], bytes], sender: str) -> int:
+    def store_instance(self, ds, encoded: Callable[[], bytes], sender: str, protocol: str = DIMSE) -> int:
         """Check the UIDs, write the instance durably, hand its path on; the one store path
         of every receiver (C-STORE and STOW-RS).
 
@@ -134,6 +153,8 @@ class StoreHandler:
             called only once the instance is to be written.
         sender
             Who sent it, for log lines (``"C-STORE from AE@host"``).
+        protocol
+            How it came (:data:`DIMSE` or :data:`STOW`), for the counts by protocol.
 
         Returns
         -------
@@ -144,7 +165,7 @@ class StoreHandler:
         uids = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         bad = [u for u in uids if not is_valid_uid(u)]
         if bad:
-            self.stats.add("refused")
+            self.stats.add("refused", protocol)
             log.warning("%s refused: invalid UID %r (nothing written)", sender, bad[0][:80])
             return INVALID_UID
         study, series, sop = uids
@@ -152,8 +173,8 @@ class StoreHandler:
         if target.exists():
             # Keep the first copy: a re-send after a lost response is answered as stored
             # and screened once (the ledger knows the file).
-            self.stats.add("duplicates")
-            log.info("%s: %s already stored; kept the first copy", sender, sop)
+            self.stats.add("duplicates", protocol)
+            log.info("%s: %s already stored; kept the first copy", sender, sop, extra=uid_fields(study, series, sop))
             return SUCCESS
         try:
             folder = target.parent
@@ -164,10 +185,11 @@ class StoreHandler:
                 self._dirs_made.add(folder)
             write_durably(target, encoded())
         except OSError as exc:
-            self.stats.add("failed")
-            log.error("%s: cannot store %s: %s (answered as out of resources)", sender, sop, exc.strerror or exc)
+            self.stats.add("failed", protocol)
+            log.error("%s: cannot store %s: %s (answered as out of resources)", sender, sop, exc.strerror or exc, extra=uid_fields(study, series, sop))
             return OUT_OF_RESOURCES
-        self.stats.add("stored")
+        self.stats.add("stored", protocol)
+        log.debug("%s: stored %s", sender, sop, extra=uid_fields(study, series, sop))
         self.on_stored(str(target))
         return SUCCESS
 

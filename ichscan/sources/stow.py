@@ -37,6 +37,7 @@ from ichscan.sources.scp import (
     CT_IMAGE_STORAGE,
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
+    STOW,
     SUCCESS,
     StoreHandler,
     decodable_transfer_syntaxes,
@@ -381,7 +382,7 @@ class StowRequestHandler(BaseHTTPRequestHandler):
         from python_multipart.multipart import parse_options_header
 
         def refused(reason: str, status: int, sop_class: str = "", sop_instance: str = "") -> tuple[str, str, int]:
-            self.server.store_handler.stats.add("refused")
+            self.server.store_handler.stats.add("refused", STOW)
             log.warning("%s refused: %s (nothing written)", sender, reason)
             return sop_class, sop_instance, status
 
@@ -410,7 +411,7 @@ class StowRequestHandler(BaseHTTPRequestHandler):
         part_study = str(ds.get("StudyInstanceUID", "") or "")
         if study is not None and part_study != study:
             return refused(f"StudyInstanceUID {part_study[:80]!r} is not the URL's {study}", STUDY_UID_MISMATCH, sop_class, sop_instance)
-        return sop_class, sop_instance, self.server.store_handler.store_instance(ds, lambda: data, sender)
+        return sop_class, sop_instance, self.server.store_handler.store_instance(ds, lambda: data, sender, STOW)
 
     def _refuse(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
         """Answer the whole request with ``status``; the connection is closed (its body,

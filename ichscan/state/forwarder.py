@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ichscan.dicomweb import WebDestination, is_web_url
 from ichscan.state.ledger import decode_path
 from ichscan.state.rounds import FAILED, PENDING, SENT, DeliveryRounds, Due
+from ichscan.logs import uid_fields
 from ichscan.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ def parse_destination(text: str, token: str | None = None) -> AnyDestination:
 
 #: C-STORE statuses that mean the object is stored (Success and the storage Warnings).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
+
+
+def _uids(ds, sop_uid: str) -> dict[str, str]:
+    """The log fields of a result object sent."""
+    return uid_fields(str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SeriesInstanceUID", "") or ""), sop_uid)
 
 
 class Forwarder(DeliveryRounds):
@@ -177,7 +183,7 @@ class Forwarder(DeliveryRounds):
                 code = getattr(status, "Status", None) if status else None
                 if code in _STORED:
                     self._sent(key, item)
-                    log.info("forwarded %s to %s", file, key)
+                    log.info("forwarded %s to %s", file, key, extra=_uids(ds, item.key))
                 elif code is None:
                     if not assoc.is_established:
                         # The association is gone: this object and the rest wait for the next round.
@@ -230,4 +236,4 @@ class Forwarder(DeliveryRounds):
                 self._refused(key, item, refusal)
                 continue
             self._sent(key, item)
-            log.info("forwarded %s to %s (STOW-RS)", file, key)
+            log.info("forwarded %s to %s (STOW-RS)", file, key, extra=_uids(ds, item.key))
