@@ -267,6 +267,36 @@ class RunMetrics:
             value=max(0.0, now - oldest) if oldest else 0.0,
         )
 
+    def message_metrics(self) -> Iterator[Metric]:
+        """The message outbox (``--notify`` webhooks, ``--fhir-forward``), by kind."""
+        state = self._state
+        if state is None:
+            return
+        try:
+            rows = state.query(
+                "SELECT m.kind, d.state, COUNT(*), MIN(m.created_at) FROM message_deliveries d JOIN messages m USING (event_id) "
+                "GROUP BY m.kind, d.state"
+            )
+        except Exception:  # noqa: BLE001 - the run is closing its state file: leave these out
+            log.debug("message metrics: state file not readable", exc_info=True)
+            return
+        deliveries = GaugeMetricFamily(
+            "ichscan_message_deliveries", "Deliveries of webhook events and FHIR results in the state file, by kind and state.", labels=["kind", "state"]
+        )
+        oldest = GaugeMetricFamily(
+            "ichscan_message_oldest_pending_seconds", "Age of the oldest pending message delivery, by kind (0: none pending).", labels=["kind"]
+        )
+        now, kinds = time.time(), set()
+        for kind, delivery_state, count, created in rows:
+            deliveries.add_metric([kind, delivery_state], count)
+            kinds.add(kind)
+            if delivery_state == "pending":
+                oldest.add_metric([kind], max(0.0, now - created))
+        for kind in kinds - {kind for kind, delivery_state, *_ in rows if delivery_state == "pending"}:
+            oldest.add_metric([kind], 0.0)
+        yield deliveries
+        yield oldest
+
     def receiver_metrics(self) -> Iterator[Metric]:
         stats = self._store_stats
         if stats is None:
@@ -291,6 +321,7 @@ class _ScrapeTimeCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self.metrics.receiver_metrics()
         yield from self.metrics.outbox_metrics()
+        yield from self.metrics.message_metrics()
 
 
 def _writable(path: Path) -> str:

@@ -128,6 +128,28 @@ def test_readiness_fails_for_an_unwritable_folder_and_a_stuck_outbox(tmp_path):
         state.close()
 
 
+def test_message_outbox_metrics_by_kind(tmp_path):
+    """Webhook events and FHIR Bundles in the message outbox, by kind and state."""
+    from ichscan.state.messages import MessageOutbox
+
+    metrics = RunMetrics([])
+    state = StateStore(tmp_path / "state.sqlite")
+    try:
+        metrics.attach_state(state)
+        outbox = MessageOutbox(state)
+        outbox.enqueue("webhook", "1.2.3", "a", b"{}", "application/json", ["http://127.0.0.1:9/hook"])
+        outbox.enqueue("webhook", "1.2.4", "b", b"{}", "application/json", ["http://127.0.0.1:9/hook"])
+        outbox.enqueue("fhir", "1.2.3", "a", b"{}", "application/fhir+json", ["http://127.0.0.1:9/fhir"])
+        state.execute("UPDATE message_deliveries SET state = 'sent' WHERE event_id IN (SELECT event_id FROM messages WHERE kind = 'fhir')")
+        families = {m.name: m for m in metrics.message_metrics()}
+        counts = {(s.labels["kind"], s.labels["state"]): s.value for s in families["ichscan_message_deliveries"].samples}
+        assert counts == {("webhook", "pending"): 2, ("fhir", "sent"): 1}
+        oldest = {s.labels["kind"]: s.value for s in families["ichscan_message_oldest_pending_seconds"].samples}
+        assert oldest["fhir"] == 0.0 and oldest["webhook"] >= 0.0
+    finally:
+        state.close()
+
+
 def test_port_in_use_is_one_line_before_the_model_loads(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
