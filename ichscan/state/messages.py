@@ -77,9 +77,9 @@ class HttpDestination:
             raise ValueError(f"{text!r} contains white space or control characters")
         parts = urllib.parse.urlsplit(text)
         if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-            raise ValueError("a notification URL must not carry credentials (user:password@); give a bearer token file instead")
+            raise ValueError("a webhook or FHIR server URL must not carry credentials (user:password@); give a bearer token file instead")
         if parts.fragment or text.endswith("#"):
-            raise ValueError(f"a notification URL has no fragment: {text!r}")
+            raise ValueError(f"a webhook or FHIR server URL has no fragment: {text!r}")
         try:
             port = parts.port
         except ValueError:
