@@ -290,7 +290,11 @@ def _train(opts: TrainOptions, pm: pluggy.PluginManager, ranks: Ranks, device: t
     if opts.resume:
         if not last_path.exists():
             raise TrainingError(f"nothing to resume: {last_path} does not exist")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        try:  # weights_only: a tampered last.pt runs no code, it is refused
+            state = torch.load(last_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch's unpickling errors run to paragraphs
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise TrainingError(f"cannot resume from {last_path}: not a checkpoint ichscan saved ({type(exc).__name__}: {first})") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
