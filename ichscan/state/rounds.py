@@ -186,11 +186,13 @@ class DeliveryRounds(threading.Thread):
     def _unreachable(self, destination: str, items: Sequence[Due], reason: str) -> None:
         """The destination cannot be reached: retried for as long as we run, never given up."""
         wait = self._backoff(destination)
-        self._blocked_until[destination] = time.time() + wait
+        # One instant for the items and the destination: the failed items are due no later
+        # than what was recorded meanwhile, so they go first.
+        until = self._blocked_until[destination] = time.time() + wait
         with self.store.transaction():
             self.store.executemany(
                 f"UPDATE {self.table} SET next_try = ?, last_error = ? WHERE {self.key_column} = ? AND destination = ?",
-                [(time.time() + wait, printable(reason), item.key, destination) for item in items],
+                [(until, printable(reason), item.key, destination) for item in items],
             )
         log.warning("%s %d %s to %s failed (%s); retrying in %.0f s", self.activity, len(items), self.things, destination, reason, wait)
 
