@@ -9,8 +9,9 @@ torch-free step (a Ray decode task imports :mod:`ichscan.pipeline.series` and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ichscan.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from ichscan.pipeline.commands import (
@@ -47,10 +48,4 @@ _HOME = {**dict.fromkeys(_COMMANDS, "ichscan.pipeline.commands"), **dict.fromkey
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _HOME, globals())
