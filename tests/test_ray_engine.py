@@ -149,6 +149,52 @@ def test_a_killed_model_actor_costs_no_row_and_duplicates_none(tmp_path, make_ph
         assert not ledger.queued()
 
 
+def test_sigterm_stops_the_run_and_resume_finishes_it(tmp_path, make_phantoms):
+    """SIGTERM (as Ctrl-C) mid-run: the rows recorded are kept; --resume screens the rest once."""
+    root, _ = make_phantoms("ray_stop", studies=1, slices=16, seed=41)
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_PLUGIN)
+    pids_file = plugins / "slow.pids"
+
+    def terminate() -> None:
+        while not (pids_file.exists() and len(pids_file.read_text().split()) >= 2):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate, daemon=True).start()
+    out = tmp_path / "run" / "results.csv"
+    options = {"input_dir": root, "out": out, "engine": "ray", "progress": False, "batch_size": 2, "plugins_dirs": (plugins,)}
+    stopped = run_batch(BatchOptions(**options))
+    assert stopped.interrupted and 0 < stopped.files < 16
+    finished = run_batch(BatchOptions(**options, resume=True))
+    assert not finished.interrupted and finished.files == 16 - stopped.files
+    assert_same_rows(rows(screen(tmp_path, "local", root, "local")), rows(out))
+
+
+def test_files_a_failed_task_lost_go_round_again_then_get_error_rows(tmp_path, folder, monkeypatch):
+    """A block whose task failed for good (its retries spent) is left out by Ray Data: its
+    files go round once more, one a task; what is still lost gets an error row."""
+    from ichscan.pipeline import ray_engine
+
+    once, always = (str(p) for p in dicom_files(folder)[:2])
+    passes = []
+
+    class Losing(ray_engine.RayEngine):
+        def dataset(self, pipeline, entries, actors, chunk=ray_engine.DECODE_CHUNK):
+            passes.append(chunk)
+            lost = {always} | ({once} if len(passes) == 1 else set())
+            return super().dataset(pipeline, [e for e in entries if e.path not in lost], actors, chunk)
+
+    monkeypatch.setattr(ray_engine, "RayEngine", Losing)
+    got = {r["path"]: r for r in rows(screen(tmp_path, "lost", folder, "ray"))}
+    assert passes == [ray_engine.DECODE_CHUNK, 1]
+    assert got[once]["status"] == "ok"
+    assert got[always]["status"] == "error" and got[always]["error"] == ray_engine.LOST
+    local = [r for r in rows(screen(tmp_path, "local", folder, "local")) if r["path"] != always]
+    assert_same_rows(local, [r for r in got.values() if r["path"] != always])
+
+
 def test_manifest_with_both_engines(tmp_path, folder):
     files = [str(p) for p in dicom_files(folder)]
     manifest = tmp_path / "list.txt"

@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -56,6 +58,8 @@ HEADER_CHUNK = 64
 #: Retries of a decode task whose worker died (a task that raises is not retried: it
 #: cannot, as decoding turns every failure into an error row).
 TASK_RETRIES = 4
+#: The error of a file whose decode task failed on every try (and once more alone).
+LOST = "decoding failed on the Ray cluster: the task's worker died on every retry (decoder crash?)"
 #: Entries taken from the source (and queued in the ledger) at a time.
 QUEUE_CHUNK = 4096
 
@@ -142,6 +146,11 @@ def _objects(column: np.ndarray) -> list[Any]:
     return [pickle.loads(value) for value in column]
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # -- the cluster's steps (Ray tasks and actors) ----------------------------------------------
 
 
@@ -224,8 +233,21 @@ class RayEngine:
         try:
             actors = self.actors()  # before anything is queued: a cluster without the GPU asked for
             entries = self.queue(pipeline)
-            if entries:
-                self.consume(pipeline, self.dataset(pipeline, entries, actors))
+            seen: set[str] = set()
+            # A task that failed for good (its retries spent: a file that kills the decoder
+            # every time) loses its block, not the run; its files go round once more, one a
+            # task, as the local engine retries a crashed worker's files one at a time.
+            for chunk in (DECODE_CHUNK, 1):
+                if not entries or pipeline.summary.interrupted:
+                    break
+                self.consume(pipeline, self.dataset(pipeline, entries, actors, chunk), seen)
+                entries = [e for e in entries if e.path not in seen]
+            if entries and not pipeline.summary.interrupted:
+                log.error("Ray: %d files were lost by tasks that failed after %d retries", len(entries), TASK_RETRIES)
+                pipeline.deliver([SliceResult.failed(e.path, LOST) for e in entries])
+        except self.ray.exceptions.RayError as exc:
+            # E.g. model actors that cannot start on the workers (a plugin or the weights missing there).
+            raise RunError(f"the Ray run failed: {_first_line(exc)} (rows recorded so far are kept; --resume continues)") from None
         finally:
             if started:
                 self.ray.shutdown()
@@ -237,6 +259,9 @@ class RayEngine:
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = self.opts.address
+        main = threading.current_thread() is threading.main_thread()
+        # ray.init replaces the SIGTERM handler with an exit; ours finishes what is in flight.
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             if address is None:
                 ray.init(include_dashboard=False, configure_logging=False)
@@ -244,8 +269,10 @@ class RayEngine:
                 ray.init(address=address, configure_logging=False)
         except Exception as exc:  # noqa: BLE001 - Ray raises several kinds; the user needs one line
             where = f"at {address}" if address else "(local)"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunError(f"cannot start or reach Ray {where}: {first}") from None
+            raise RunError(f"cannot start or reach Ray {where}: {_first_line(exc)}") from None
+        finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
         ray.data.DataContext.get_current().enable_progress_bars = False
         return True
 
@@ -263,17 +290,21 @@ class RayEngine:
             entries.extend(chunk)
         return entries
 
-    def dataset(self, pipeline: Pipeline, entries: list[Entry], actors: tuple[int, dict[str, float]]) -> Any:
-        """The Ray Data dataset: entries -> decode (and series context) -> model -> records."""
+    def dataset(self, pipeline: Pipeline, entries: list[Entry], actors: tuple[int, dict[str, Any]], chunk: int = DECODE_CHUNK) -> Any:
+        """The Ray Data dataset: entries -> decode (and series context) -> model -> records;
+        ``chunk`` files per decode task (a model with slice context: a series per task)."""
         import warnings
 
+        # A block whose task failed for good is left out (its files have no result: the
+        # caller sees which) instead of failing the whole run.
+        self.ray.data.DataContext.get_current().max_errored_blocks = -1
         with warnings.catch_warnings():
             # Recent Ray deprecates passing max_retries/max_restarts as remote arguments
             # but has no other way to set them yet.
             warnings.simplefilter("ignore", DeprecationWarning)
-            return self._dataset(pipeline, entries, *actors)
+            return self._dataset(pipeline, entries, chunk, *actors)
 
-    def _dataset(self, pipeline: Pipeline, entries: list[Entry], actors: int, per_actor: dict[str, float]) -> Any:
+    def _dataset(self, pipeline: Pipeline, entries: list[Entry], chunk: int, actors: int, per_actor: dict[str, Any]) -> Any:
         ray = self.ray
         screener = pipeline.screener
         work_args = pipeline.pool.work_args
@@ -286,7 +317,7 @@ class RayEngine:
             )
         else:
             ds = ray.data.from_items([{"entry": pickle.dumps(e)} for e in entries])
-            ds = ds.map_batches(decode_batch, batch_size=DECODE_CHUNK, batch_format="numpy", fn_kwargs={"work_args": work_args}, **retried)
+            ds = ds.map_batches(decode_batch, batch_size=chunk, batch_format="numpy", fn_kwargs={"work_args": work_args}, **retried)
         settings = self.opts.model_settings()
         if per_actor.get("num_gpus") and not self.opts.batch_size:
             import torch
@@ -314,10 +345,11 @@ class RayEngine:
             **per_actor,
         )
 
-    def actors(self) -> tuple[int, dict[str, float]]:
-        """How many model actors and what each takes: one per GPU when the cluster has
-        GPUs (and --device is not cpu), else one per node, sharing its cores with the
-        decode tasks as the local engine's model threads share them with its workers."""
+    def actors(self) -> tuple[int, dict[str, Any]]:
+        """How many model actors and what each takes, the local engine's split of a machine:
+        one actor per GPU with one core to feed it (the decode tasks get the rest), else one
+        actor per node that reserves no core, its torch threads sharing the node's cores with
+        a decode task per core (measured faster, as locally: docs/scaling.md)."""
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if self.opts.device.startswith("cuda") and not gpus:
@@ -325,13 +357,14 @@ class RayEngine:
         if gpus and self.opts.device != "cpu":
             return gpus, {"num_gpus": 1, "num_cpus": 1}
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        return max(1, nodes), {"num_cpus": 1}
+        # Reserving nothing, they would all land on one node: spread them.
+        return max(1, nodes), {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
 
-    def consume(self, pipeline: Pipeline, ds: Any) -> None:
+    def consume(self, pipeline: Pipeline, ds: Any, seen: set[str]) -> None:
         """Stream the results back and hand them to the local engine's delivery (overlays,
-        ledger, reporters); a path's second result (a retried task) is dropped."""
+        ledger, reporters); ``seen`` gets the paths delivered, and a path's second result
+        (a retried task) is dropped."""
         thresholds = pipeline.screener.thresholds
-        seen: set[str] = set()
         repeated = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             results = [record.result(thresholds) for record in _objects(batch["record"])]
