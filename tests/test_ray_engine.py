@@ -55,6 +55,15 @@ def folder(make_phantoms) -> Path:
     return root
 
 
+@pytest.fixture
+def slow_plugin(tmp_path) -> tuple[Path, Path]:
+    """``(plugins folder, file of the model processes' PIDs)`` for SLOW_PLUGIN."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_PLUGIN)
+    return plugins, plugins / "slow.pids"
+
+
 def rows(csv_path: Path) -> list[dict[str, str]]:
     """The rows sorted by their first column (path, or study UID)."""
     return sorted(read_csv(csv_path), key=lambda r: next(iter(r.values())))
@@ -118,12 +127,9 @@ def test_resume_skips_what_an_earlier_run_screened(tmp_path, make_phantoms):
     assert again.files == 0 and rows(out) == got
 
 
-def test_a_killed_model_actor_costs_no_row_and_duplicates_none(tmp_path, make_phantoms):
+def test_a_killed_model_actor_costs_no_row_and_duplicates_none(tmp_path, make_phantoms, slow_plugin):
     root, _ = make_phantoms("ray_kill", studies=2, slices=12, seed=31)
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "slow.py").write_text(SLOW_PLUGIN)
-    pids_file = plugins / "slow.pids"
+    plugins, pids_file = slow_plugin
     killed: list[int] = []
 
     def kill_the_actor() -> None:
@@ -149,13 +155,10 @@ def test_a_killed_model_actor_costs_no_row_and_duplicates_none(tmp_path, make_ph
         assert not ledger.queued()
 
 
-def test_sigterm_stops_the_run_and_resume_finishes_it(tmp_path, make_phantoms):
+def test_sigterm_stops_the_run_and_resume_finishes_it(tmp_path, make_phantoms, slow_plugin):
     """SIGTERM (as Ctrl-C) mid-run: the rows recorded are kept; --resume screens the rest once."""
     root, _ = make_phantoms("ray_stop", studies=1, slices=16, seed=41)
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "slow.py").write_text(SLOW_PLUGIN)
-    pids_file = plugins / "slow.pids"
+    plugins, pids_file = slow_plugin
 
     def terminate() -> None:
         while not (pids_file.exists() and len(pids_file.read_text().split()) >= 2):
