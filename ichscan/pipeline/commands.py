@@ -232,7 +232,9 @@ def run_source(
 
 
 def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> RunSummary:
-    """Screen ``opts.input_dir``; write the CSVs (and overlays); return the counts.
+    """Screen ``opts.input_dir`` (or the files ``opts.manifest`` lists) on this machine or,
+    with ``opts.engine == "ray"``, on a Ray cluster; write the CSVs (and overlays); return
+    the counts.
 
     SIGINT/SIGTERM stop taking new files; what is in flight is finished and reported
     (``summary.interrupted``). Every file is recorded in the state file, so
@@ -272,8 +274,10 @@ def _batch_source(opts: BatchOptions) -> tuple[Path, FolderSource]:
         raise RunError(f"--engine must be one of {', '.join(ENGINES)}, not {opts.engine!r}")
     if opts.address is not None and opts.engine != "ray":
         raise RunError("--address needs --engine ray")
-    if (opts.input_dir is None) == (opts.manifest is None):
-        raise RunError("give either a FOLDER or --manifest FILE (not both)")
+    if opts.input_dir is not None and opts.manifest is not None:
+        raise RunError("give either a FOLDER or --manifest FILE, not both")
+    if opts.input_dir is None and opts.manifest is None:
+        raise RunError("nothing to screen: give a FOLDER or --manifest FILE")
     # The Ray engine groups series on the cluster: the driver reads no headers.
     by_series = opts.engine == "local"
     try:
