@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from helpers import dicom_files, read_csv
+from helpers import dicom_files, free_port, read_csv
 from ichscan.pipeline import BatchOptions, RunError, run_batch
 from ichscan.state.ledger import Ledger
 
@@ -227,6 +227,15 @@ def test_without_ray_the_error_is_one_line(tmp_path, folder, monkeypatch):
     assert result.exit_code == 1
     assert result.output.strip() == "Error: --engine ray needs Ray: pip install 'ichscan[ray]'"
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_an_address_where_nothing_answers_is_one_line(tmp_path, folder):
+    from ichscan.pipeline.ray_engine import RayEngine
+
+    port = free_port()
+    for address, message in ((f"127.0.0.1:{port}", "cannot reach Ray"), (f"ray://127.0.0.1:{port}", "cannot reach Ray"), ("nowhere", "expected auto")):
+        with pytest.raises(RunError, match=message):
+            RayEngine(BatchOptions(input_dir=folder, engine="ray", address=address))
 
 
 @pytest.mark.parametrize(

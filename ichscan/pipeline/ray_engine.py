@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -146,6 +147,24 @@ def _objects(column: np.ndarray) -> list[Any]:
     return [pickle.loads(value) for value in column]
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line :class:`RunError` when nothing answers at ``HOST:PORT`` (``ray://`` or
+    the GCS address): ``ray.init`` would retry for minutes."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or not port:
+        raise RunError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise RunError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -212,13 +231,15 @@ class ScreenActor:
 class RayEngine:
     """Runs a batch :class:`Pipeline`'s files through Ray: ``pipeline.run(RayEngine(opts))``.
 
-    Construct it before the run's outputs are opened: without Ray it raises a one-line
-    :class:`RunError`.
+    Construct it before the run's outputs are opened: without Ray, or with an ``--address``
+    where nothing answers, it raises a one-line :class:`RunError`.
     """
 
     def __init__(self, opts: BatchOptions):
         self.ray = import_ray()
         self.opts = opts
+        if opts.address not in (None, "auto"):
+            _check_reachable(opts.address)
 
     def check(self, pipeline: Pipeline) -> None:
         """Refuse what the engine cannot do (one line), before anything runs."""
@@ -254,11 +275,10 @@ class RayEngine:
 
     def connect(self) -> bool:
         """Join the cluster at ``--address`` (or start a local Ray); ``True`` if we started it."""
-        ray = self.ray
+        ray, address = self.ray, self.opts.address
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        address = self.opts.address
         main = threading.current_thread() is threading.main_thread()
         # ray.init replaces the SIGTERM handler with an exit; ours finishes what is in flight.
         sigterm = signal.getsignal(signal.SIGTERM) if main else None
