@@ -172,10 +172,13 @@ def engine_rate(
     device: str = "cpu",
     cpu: list | None = None,
     saliency: bool = False,
+    engine: str = "local",
+    model_name: str | None = None,
 ) -> float:
     """Steady-state images/s of ``ichscan batch`` (in this process) on ``folder``;
     ``cpu`` (a list) gets ``Clock.steady_cpu`` of the run appended; ``saliency``: with
-    ``--saliency``."""
+    ``--saliency``; ``engine``: ``--engine`` (``ray`` joins the Ray session this process
+    started, if any)."""
     import ichscan
 
     clock = Clock()
@@ -199,6 +202,8 @@ def engine_rate(
                 threads=threads,
                 progress=False,
                 saliency=saliency,
+                engine=engine,
+                model_name=model_name,
             ),
             pm,
         )

@@ -10,8 +10,7 @@ these names is first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -21,6 +20,7 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("ichscan")
 
 from ichscan.labels import LABELS, SUBTYPES  # noqa: E402
+from ichscan.lazy import lazy_attributes  # noqa: E402
 
 #: Re-exported names and the module each lives in (imported on first use).
 _LAZY = {
@@ -58,13 +58,7 @@ if TYPE_CHECKING:
     from ichscan.sources.base import Entry, Source
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ichscan' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def predict_image(path, weights=None, show=False):

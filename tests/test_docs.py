@@ -22,7 +22,7 @@ INSTALL_AND_RUN = (
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/ichscan synth example-data "
     "--studies 4 --slices 12 --seed 1 && .venv/bin/ichscan batch example-data --out results.csv --html report.html"
 )
-INSTALL_AND_TEST = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+INSTALL_AND_TEST = "python3 -m venv .venv && .venv/bin/pip install -e '.[test,ray]' && .venv/bin/python -m pytest"
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 

@@ -12,6 +12,7 @@ import pytest
 from helpers import run_ichscan
 from ichscan.pipeline import BatchOptions, run_batch
 from ichscan.sources.folder import Outputs, iter_folder
+from ichscan.sources.manifest import ManifestSource
 from ichscan.synth import generate
 
 
@@ -109,3 +110,26 @@ def test_output_that_must_not_be_written_over_is_a_one_line_error(tmp_path, targ
     else:
         assert "not a regular file" in errors[0]
         assert not victim.is_file()  # still the pipe
+
+
+def test_manifest_lists_paths_and_file_uris_once(tmp_path):
+    (tmp_path / "scans").mkdir()
+    for name in ("a.dcm", "b c.dcm", "out.csv"):
+        (tmp_path / "scans" / name).write_bytes(b"x")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(
+        "# one path or file:// URI a line\n"
+        "scans/a.dcm\n"
+        f"{(tmp_path / 'scans' / 'b c.dcm').as_uri()}\n"
+        f"{tmp_path / 'scans' / 'a.dcm'}\n"
+        "\n"
+        "scans/out.csv\n"
+        "http://example.org/x.dcm\n"
+    )
+    entries = list(ManifestSource(manifest).walk(Outputs([tmp_path / "scans" / "out.csv"])))
+    assert [(e.path, bool(e.refusal)) for e in entries] == [
+        (str(tmp_path / "scans" / "a.dcm"), False),
+        (str(tmp_path / "scans" / "b c.dcm"), False),
+        ("http://example.org/x.dcm", True),
+    ]
+    assert "unsupported URI scheme" in entries[2].refusal

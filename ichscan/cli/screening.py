@@ -44,7 +44,7 @@ def _log_reporter_errors(reporter_errors: dict[str, int]) -> None:
 
 
 @click.command("batch", context_settings=CONTEXT_SETTINGS)
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
 @screening_options(
     out_help=RESULTS_CSV,
     state_help="SQLite file recording what was screened (for --resume) and DICOM results and their deliveries (with --dicom-out/--forward).",
@@ -55,20 +55,50 @@ def _log_reporter_errors(reporter_errors: dict[str, int]) -> None:
     help="Skip files the state file (--state) records as screened with the same path, size and mtime; without it a "
     "re-run screens everything again and rewrites the outputs.",
 )
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Screen the files this file lists (one path or file:// URI a line) instead of walking FOLDER.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where to screen: this machine, or a Ray cluster (pip install 'ichscan[ray]').",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="With --engine ray: the cluster to join ('auto': the one this node belongs to; ray://HOST:10001).  "
+    "[default: start a local Ray]",
+)
 @click.option("--progress/--no-progress", default=True, help="Progress bar (on a terminal) or periodic log lines.")
 @click.pass_context
-def batch_command(ctx: click.Context, folder: Path, settings: ScreeningSettings, resume: bool, progress: bool) -> None:
-    """Screen every DICOM file under FOLDER (recursively) into a results CSV.
+def batch_command(
+    ctx: click.Context,
+    folder: Path | None,
+    settings: ScreeningSettings,
+    resume: bool,
+    manifest: Path | None,
+    engine: str,
+    address: str | None,
+    progress: bool,
+) -> None:
+    """Screen every DICOM file under FOLDER (recursively), or those --manifest lists, into a results CSV.
 
     Every file gets exactly one row with status ok (screened), skipped (readable DICOM
     that is not a single-frame greyscale CT image) or error (unreadable, refused,
     failed), with a one-line reason. Hidden files are skipped; symbolic links that
     leave FOLDER are not followed. Exit status 0 when the run completed, error rows
-    included.
+    included. --engine ray runs the same steps on a Ray cluster into the same outputs.
     """
     from ichscan.pipeline import BatchOptions, run_batch
 
-    opts = BatchOptions(input_dir=folder, resume=resume, progress=progress, **settings)
+    opts = BatchOptions(
+        input_dir=folder, manifest=manifest, resume=resume, engine=engine, address=address, progress=progress, **settings
+    )
     try:
         summary = run_batch(opts, plugin_manager(ctx))
     except _run_errors() as exc:

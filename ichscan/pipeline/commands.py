@@ -24,6 +24,7 @@ import torch
 from ichscan.state.ledger import Ledger, LedgerError
 from ichscan.events import study_event_reporters
 from ichscan.pipeline.options import (
+    ENGINES,
     BatchOptions,
     RunError,
     RunOutputs,
@@ -39,7 +40,8 @@ from ichscan.records import SliceResult
 from ichscan.reporting import Reporter, ReporterSet, RunConfig, RunMode, RunSummary, StudyTable
 from ichscan.sources.base import Source
 from ichscan.sources.dicomweb import DicomWebSource, PullQuery, PullStats
-from ichscan.sources.folder import FolderSource, check_input_folder, count_folder
+from ichscan.sources.folder import FolderSource, check_input_folder
+from ichscan.sources.manifest import ManifestSource, check_manifest
 from ichscan.sources.scp import DIMSE, STOW, ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
 from ichscan.sources.stow import StowOptions, start_stow_server
 from ichscan.sources.watch import WatchSource
@@ -217,10 +219,10 @@ def _writable(outputs: RunOutputs, **more: Path) -> list[tuple[str, Path]]:
     return [*more.items(), ("outputs", outputs.out.parent), ("state", outputs.state)]
 
 
-def _run(pipeline: Pipeline, ledger: Ledger, stop: threading.Event) -> RunSummary:
+def _run(pipeline: Pipeline, ledger: Ledger, stop: threading.Event, engine: Callable[[Pipeline], None] | None = None) -> RunSummary:
     try:
         with stop_on_signals(stop):
-            return pipeline.run()
+            return pipeline.run(engine)
     finally:
         ledger.close()
 
@@ -273,7 +275,9 @@ def run_source(
 
 
 def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> RunSummary:
-    """Screen ``opts.input_dir``; write the CSVs (and overlays); return the counts.
+    """Screen ``opts.input_dir`` (or the files ``opts.manifest`` lists) on this machine or,
+    with ``opts.engine == "ray"``, on a Ray cluster; write the CSVs (and overlays); return
+    the counts.
 
     SIGINT/SIGTERM stop taking new files; what is in flight is finished and reported
     (``summary.interrupted``). Every file is recorded in the state file, so
@@ -284,20 +288,49 @@ def run_batch(opts: BatchOptions, pm: pluggy.PluginManager | None = None, stop: 
     RunError, ValueError, ichscan.models.ModelError, ichscan.plugins.PluginError
         When the run cannot happen; each carries a one-line message.
     """
-    try:
-        root = check_input_folder(opts.input_dir)
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
+    root, source = _batch_source(opts)
     outputs = RunOutputs.resolve(opts)
     stop = stop or threading.Event()
-    source = FolderSource(root, resume=opts.resume)
+    engine = None
+    if opts.engine == "ray":
+        from ichscan.pipeline.ray_engine import RayEngine
+
+        engine = RayEngine(opts)  # checks that Ray is there before anything is opened
     pipeline, ledger = open_pipeline(opts, RunMode.BATCH, source, pm, input_root=root, outputs=outputs, stop=stop, resume=opts.resume)
+    if engine is not None:
+        try:
+            engine.check(pipeline)
+        except BaseException:
+            ledger.close()
+            raise
     if opts.progress:
-        pipeline.progress = Progress(total=count_folder(root, pipeline.exclusions), enabled=True)
-    summary = _run(pipeline, ledger, stop)
+        pipeline.progress = Progress(total=source.count(pipeline.exclusions), enabled=True)
+    summary = _run(pipeline, ledger, stop, engine)
     if source.resumed:
         log.info("%d files were screened by an earlier run (--resume): kept their rows", source.resumed)
     return summary
+
+
+def _batch_source(opts: BatchOptions) -> tuple[Path, FolderSource]:
+    """The input root and the source of a batch run: a folder walk or a manifest."""
+    if opts.engine not in ENGINES:
+        raise RunError(f"--engine must be one of {', '.join(ENGINES)}, not {opts.engine!r}")
+    if opts.address is not None and opts.engine != "ray":
+        raise RunError("--address needs --engine ray")
+    if opts.input_dir is not None and opts.manifest is not None:
+        raise RunError("give either a FOLDER or --manifest FILE, not both")
+    if opts.input_dir is None and opts.manifest is None:
+        raise RunError("nothing to screen: give a FOLDER or --manifest FILE")
+    # The Ray engine groups series on the cluster: the driver reads no headers.
+    by_series = opts.engine == "local"
+    try:
+        if opts.manifest is not None:
+            manifest = check_manifest(opts.manifest)
+            return manifest.parent, ManifestSource(manifest, resume=opts.resume, by_series=by_series)
+        root = check_input_folder(opts.input_dir)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    return root, FolderSource(root, resume=opts.resume, by_series=by_series)
 
 
 def run_watch(opts: WatchOptions, pm: pluggy.PluginManager | None = None, stop: threading.Event | None = None) -> LiveSummary:

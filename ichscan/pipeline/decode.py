@@ -76,6 +76,16 @@ def _timer(on_chunk: Callable[[float], None], started: float) -> Callable[[cf.Fu
     return done
 
 
+def decode_entries(entries: Iterable[Entry], work_args: tuple) -> list[DecodedSlice]:
+    """One result per entry, in order, decoded in this process as a decode worker decodes
+    (:func:`decode_many` with a pool's :attr:`DecodePool.work_args`); a refused entry
+    becomes its ``error`` result, one marked ``skip`` its ``skipped`` one, without being read.
+    The Ray engine's decode tasks run this."""
+    entries = list(entries)
+    decoded = iter(_decode_inline([e.path for e in entries if not (e.refusal or e.skip)], work_args))
+    return [_refused(e) if e.refusal or e.skip else next(decoded) for e in entries]
+
+
 def default_in_flight(workers: int, batch_size: int | None, chunk_size: int) -> int:
     """Chunks submitted to the decode workers at most: about four model batches.
 
@@ -140,6 +150,12 @@ class DecodePool:
         self._slab_of: dict[cf.Future, Slab] = {}
         self._in_flight: dict[cf.Future, list[str]] = {}
         self._done: list[DecodedSlice] = []
+
+    @property
+    def work_args(self) -> tuple:
+        """The settings after the paths in every :func:`decode_many` call of this pool:
+        limits, resize, display image, framing, selection rules."""
+        return self._work_args
 
     def __enter__(self) -> DecodePool:
         return self

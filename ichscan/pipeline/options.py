@@ -63,11 +63,21 @@ class ScreeningOptions:
         return {name: getattr(self, name) for name in MODEL_SETTINGS}
 
 
+#: Where ``batch`` runs: this machine's decode workers and model, or a Ray cluster.
+ENGINES = ("local", "ray")
+
+
 @dataclass(kw_only=True)
 class BatchOptions(ScreeningOptions):
-    input_dir: Path
+    #: The folder to walk; ``None`` with a ``manifest``.
+    input_dir: Path | None = None
+    #: A file listing the paths (or file:// URIs) to screen, one a line, instead of a walk.
+    manifest: Path | None = None
     #: Skip files the state file records as screened under the same path, size and mtime.
     resume: bool = False
+    engine: str = "local"
+    #: The Ray cluster (``auto``, ``ray://HOST:10001``); ``None``: start a local Ray.
+    address: str | None = None
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -235,35 +235,19 @@ class Pipeline:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def run(self) -> RunSummary:
-        """Run until the source is finished (or stopped) and everything handed over is reported."""
+    def run(self, engine: Callable[[Pipeline], None] | None = None) -> RunSummary:
+        """Run until the source is finished (or stopped) and everything handed over is reported.
+
+        ``engine`` moves the files from the source to :meth:`deliver` (default
+        :meth:`stream`, this machine's decode workers and model); the Ray engine
+        (:mod:`ichscan.pipeline.ray_engine`) is another. Opening and closing the source,
+        the overlays, the end of the run and a second Ctrl-C are the same for both.
+        """
         start = time.monotonic()
-        source, stopping = self.source, False
+        source = self.source
         try:
             source.open(self)
-            while True:
-                now = time.monotonic()
-                if self.stop_event.is_set() and not stopping:
-                    stopping = True
-                    self.summary.interrupted = not self.live
-                    source.stop()
-                if not source.finished:
-                    # Polled even when the workers are busy (limit 0): a live source keeps
-                    # up with its events and health checks meanwhile.
-                    self.hand_over(source.poll(now, self.pool.free_slots()))
-                held = self.pool.pending or len(self.series) or len(self.batcher) or len(self.whole or ())
-                if source.finished and not held:
-                    break
-                if self.metrics is not None:
-                    self.metrics.tick(now, self.queue_depths)
-                now = self._advance(source)
-                if self.overlays is not None:
-                    for done in self.overlays.ready():
-                        self.report(done)
-                if self.live:
-                    quiet = self.clock.quiet(time.monotonic())
-                    if quiet:
-                        self.complete_studies(quiet)
+            (engine or Pipeline.stream)(self)
             if self.overlays is not None:
                 for done in self.overlays.drain():
                     self.report(done)
@@ -286,6 +270,32 @@ class Pipeline:
         self.summary.seconds = time.monotonic() - start
         self.finish()
         return self.summary
+
+    def stream(self) -> None:
+        """The local engine: decode workers and the model on this machine, until the
+        source is finished and nothing handed over is held."""
+        source, stopping = self.source, False
+        while True:
+            now = time.monotonic()
+            if self.stop_event.is_set() and not stopping:
+                stopping = True
+                self.summary.interrupted = not self.live
+                source.stop()
+            if not source.finished:
+                # Polled even when the workers are busy (limit 0): a live source keeps
+                # up with its events and health checks meanwhile.
+                self.hand_over(source.poll(now, self.pool.free_slots()))
+            held = self.pool.pending or len(self.series) or len(self.batcher) or len(self.whole or ())
+            if source.finished and not held:
+                break
+            if self.metrics is not None:
+                self.metrics.tick(now, self.queue_depths)
+            now = self._advance(source)
+            self.report_overlaid()
+            if self.live:
+                quiet = self.clock.quiet(time.monotonic())
+                if quiet:
+                    self.complete_studies(quiet)
 
     def _advance(self, source: Source) -> float:
         """Collect decoded slices, form what batches are due and screen them.
@@ -347,12 +357,16 @@ class Pipeline:
         """Queue entries in the ledger (before a worker sees them), then to the decoders."""
         if not entries:
             return
+        self.queue(entries)
+        self.pool.submit(entries)
+
+    def queue(self, entries: list[Entry]) -> None:
+        """Record entries as queued (ledger) and in flight: each then gets its row once."""
         if self.ledger is not None:
             ids = self.ledger.queue([FileIdentity(e.path, e.size, e.mtime_ns) for e in entries])
             self.in_flight.update(ids)
         else:
             self.in_flight.update((e.path, None) for e in entries)
-        self.pool.submit(entries)
         if self.metrics is not None:
             self.metrics.files_queued(len(entries))
 
@@ -370,6 +384,12 @@ class Pipeline:
         """Screened results: overlays (when asked for), then the report."""
         for done in self.overlays.submit(results) if self.overlays is not None else [results]:
             self.report(done)
+
+    def report_overlaid(self) -> None:
+        """Report the results whose overlays are on disk now."""
+        if self.overlays is not None:
+            for done in self.overlays.ready():
+                self.report(done)
 
     def report(self, results: list[SliceResult]) -> None:
         """Ledger first, then the study table and the reporters; then the pixels go."""

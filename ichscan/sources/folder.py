@@ -105,7 +105,7 @@ def iter_folder(root: str | os.PathLike[str], outputs: Outputs | None = None) ->
 
 def count_folder(root: str | os.PathLike[str], outputs: Outputs | None = None) -> int:
     """How many entries :func:`iter_folder` will yield (for progress)."""
-    return sum(1 for _ in iter_folder(root, outputs))
+    return FolderSource(root).count(outputs)
 
 
 def _hidden(relative: str) -> bool:
@@ -138,19 +138,30 @@ class FolderSource(FiniteSource):
     are decoded close together and the pixels held stay few.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, resume: bool = False):
+    def __init__(self, root: str | os.PathLike[str], *, resume: bool = False, by_series: bool = True):
         super().__init__()
         self.root = root
         self.resume = resume
+        #: Hand files over series by series for a model with slice context (the local
+        #: engine); the Ray engine groups series on the cluster instead.
+        self.by_series = by_series
         self.resumed = 0
         self._ledger = None
 
     def open(self, pipeline: Pipeline) -> None:
         self._ledger = pipeline.ledger if self.resume else None
-        entries: Iterable[Entry] = iter_folder(self.root, pipeline.exclusions)
-        if pipeline.series.context > 0:
+        entries: Iterable[Entry] = self.walk(pipeline.exclusions)
+        if self.by_series and pipeline.series.context > 0:
             entries = order_by_series(list(entries), pipeline.series)
         self.entries = iter(entries)
+
+    def walk(self, outputs: Outputs | None = None) -> Iterator[Entry]:
+        """Every candidate file, our own ``outputs`` left out."""
+        return iter_folder(self.root, outputs)
+
+    def count(self, outputs: Outputs | None = None) -> int:
+        """How many entries :meth:`walk` yields (for progress)."""
+        return sum(1 for _ in self.walk(outputs))
 
     def accept(self, entry: Entry) -> Entry | None:
         entry = _with_identity(entry)
