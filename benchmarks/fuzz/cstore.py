@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the C-STORE receiver's handler: any data set bytes -> a C-STORE status, never an exception.
 
 The input is what pynetdicom hands the handler: the first byte picks the presentation

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the decoder: any bytes as a file -> exactly one row (ok, skipped or error with a reason).
 
 ``decode_instance`` must never raise (dicom.py promises it); ``decode_many`` is called as the

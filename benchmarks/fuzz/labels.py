@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the RSNA labels reader: any bytes as a labels CSV -> a mapping or a one-line LabelsError.
 
 ``read_rsna_labels`` is what ``ichscan train`` and ``ichscan evaluate`` call on ``--labels``;

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the selection rules' reader: any bytes as a rules file -> SelectionRules or a one-line RulesError.
 
 ``load_rules`` is what ``--rules FILE`` and ``ichscan rules check/show`` call. Beyond "no

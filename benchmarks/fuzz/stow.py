@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the STOW-RS receiver: any request body (and Content-Type) -> an HTTP response, never an exception.
 
 The harness sends one HTTP request through ``StowRequestHandler.handle_one_request`` (the
