@@ -40,7 +40,9 @@ from ichscan.sources.scp import (
     STOW,
     SUCCESS,
     StoreHandler,
+    UnreadableElement,
     decodable_transfer_syntaxes,
+    read_uids,
 )
 
 log = logging.getLogger(__name__)
@@ -398,17 +400,19 @@ class StowRequestHandler(BaseHTTPRequestHandler):
         except Refused as exc:
             return refused(str(exc), CANNOT_UNDERSTAND)
         meta = getattr(ds, "file_meta", None)
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+        try:
+            sop_class, sop_instance, part_study = read_uids(ds, "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+            meta_class, meta_instance, syntax = read_uids(meta or {}, "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+        except UnreadableElement as exc:
+            return refused(str(exc), CANNOT_UNDERSTAND)
         if meta is None or "TransferSyntaxUID" not in meta:
             return refused("not a DICOM file (no file meta information)", CANNOT_UNDERSTAND, sop_class, sop_instance)
-        if str(meta.get("MediaStorageSOPClassUID", "")) != sop_class or str(meta.get("MediaStorageSOPInstanceUID", "")) != sop_instance:
+        if meta_class != sop_class or meta_instance != sop_instance:
             return refused("the file meta information names another instance than its data set", DATASET_MISMATCH, sop_class, sop_instance)
         if sop_class != CT_IMAGE_STORAGE and not self.server.opts.accept_all_storage:
             return refused(f"SOP class {sop_class[:70]} is not CT Image Storage", SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance)
-        if str(meta.TransferSyntaxUID) not in self.server.syntaxes:
-            return refused(f"transfer syntax {str(meta.TransferSyntaxUID)[:70]} cannot be decoded here", TRANSFER_SYNTAX_NOT_SUPPORTED, sop_class, sop_instance)
-        part_study = str(ds.get("StudyInstanceUID", "") or "")
+        if syntax not in self.server.syntaxes:
+            return refused(f"transfer syntax {syntax[:70]} cannot be decoded here", TRANSFER_SYNTAX_NOT_SUPPORTED, sop_class, sop_instance)
         if study is not None and part_study != study:
             return refused(f"StudyInstanceUID {part_study[:80]!r} is not the URL's {study}", STUDY_UID_MISMATCH, sop_class, sop_instance)
         return sop_class, sop_instance, self.server.store_handler.store_instance(ds, lambda: data, sender, STOW)
