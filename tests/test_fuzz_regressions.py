@@ -23,6 +23,7 @@ from pynetdicom.presentation import PresentationContextTuple
 
 from ichscan.sources.scp import CANNOT_UNDERSTAND, CT_IMAGE_STORAGE, StoreHandler, decodable_transfer_syntaxes
 from ichscan.sources.stow import StowOptions, start_stow_server
+from ichscan.train.dataset import LabelsError, read_rsna_labels
 
 DATA = Path(__file__).resolve().parent / "data" / "fuzz"
 RELATED = b'multipart/related; type="application/dicom"; boundary=ICHSCANBOUNDARY'
@@ -110,3 +111,14 @@ def test_stow_part_with_an_empty_element_of_unknown_vr_is_refused_not_dropped(st
     failed = json.loads(body)["00081198"]["Value"]
     assert [item["00081197"]["Value"] for item in failed] == [[CANNOT_UNDERSTAND]]
 
+
+# -- labels: read_rsna_labels on the file ---------------------------------------------------------
+
+
+def test_labels_not_utf8_is_a_labels_error(tmp_path):
+    # Bytes that are not UTF-8 raised UnicodeDecodeError: no file, no line, and not the
+    # LabelsError read_rsna_labels documents.
+    path = tmp_path / "stage_2_train.csv"
+    path.write_bytes(fuzz_input("labels", "not-utf8.csv"))
+    with pytest.raises(LabelsError, match=r"stage_2_train.csv: not UTF-8 text \(after line \d+\)"):
+        read_rsna_labels(path)
