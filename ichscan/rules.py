@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -360,12 +359,17 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:g}" if value != int(value) else f"{value:.1f}"
+        return repr(value)  # the shortest text that reads back to the same float (0.1234567, 1e+300, 5.0)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if "'" not in value and "\n" not in value:
+    if "'" not in value and not _TOML_CONTROL.search(value):
         return f"'{value}'"  # a literal string: regular expressions need no doubled backslashes
-    return json.dumps(value, ensure_ascii=False)
+    # A basic string: TOML allows no control character but tab unescaped (DEL included).
+    return '"' + _TOML_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", value) + '"'
+
+
+_TOML_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOML_ESCAPED = re.compile(r'["\\\x00-\x08\x0a-\x1f\x7f]')
 
 
 def to_toml(rules: SelectionRules = DEFAULT_RULES) -> str:

@@ -11,6 +11,11 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
+
+# pydicom warns about every odd value it meets; a fuzzer meets thousands a second, and
+# printing them costs more than the run. A harness judges results, not warnings.
+warnings.simplefilter("ignore")
 
 
 class Finding(AssertionError):
