@@ -112,6 +112,15 @@ def test_stow_part_with_an_empty_element_of_unknown_vr_is_refused_not_dropped(st
     assert [item["00081197"]["Value"] for item in failed] == [[CANNOT_UNDERSTAND]]
 
 
+
+def test_stow_boundary_over_256_characters_is_a_bad_request(stow_port):
+    # python-multipart refuses a boundary over 256 characters in MultipartParser's constructor
+    # with FormParserError, which the receiver did not catch: the client got no answer.
+    status, body = post_raw(stow_port, stow_request(fuzz_input("stow", "boundary-over-256.bin")))
+    assert status == 400
+    assert b"the multipart boundary is" in body and b"over 256" in body
+
+
 # -- labels: read_rsna_labels on the file ---------------------------------------------------------
 
 

@@ -55,6 +55,9 @@ STUDY_UID_MISMATCH = 0xC409  # the part's StudyInstanceUID is not the one in the
 #: A part is kept in memory up to this size, then spooled to an unnamed file.
 SPOOL_IN_MEMORY = 1024 * 1024
 READ_SIZE = 64 * 1024
+#: Longest multipart boundary accepted: RFC 2046 allows 70 characters; python-multipart
+#: refuses over 256 (in its constructor, with an exception of its own).
+MAX_BOUNDARY = 256
 
 
 @dataclass
@@ -232,6 +235,8 @@ class StowRequestHandler(BaseHTTPRequestHandler):
         boundary = params.get(b"boundary")
         if not boundary:
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "the Content-Type has no boundary")
+        if len(boundary) > MAX_BOUNDARY:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, f"the multipart boundary is {len(boundary)} characters, over {MAX_BOUNDARY}")
         encoding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
         if encoding not in ("", "chunked"):
             raise _BadRequest(HTTPStatus.NOT_IMPLEMENTED, f"transfer encoding {encoding!r} is not supported")
@@ -283,7 +288,7 @@ class StowRequestHandler(BaseHTTPRequestHandler):
     def _read_parts(self, boundary: bytes) -> list[_Part]:
         """Parse the whole body into spooled parts; a body that does not end with its
         closing boundary is a bad request (nothing of it is stored)."""
-        from python_multipart.exceptions import MultipartParseError
+        from python_multipart.exceptions import FormParserError
         from python_multipart.multipart import MultipartParser
 
         max_part = self.server.opts.max_part_bytes
@@ -318,23 +323,21 @@ class StowRequestHandler(BaseHTTPRequestHandler):
             elif not part.too_large:
                 part.file.write(data[start:end])
 
-        parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": on_part_begin,
-                "on_header_field": on_header_field,
-                "on_header_value": on_header_value,
-                "on_header_end": on_header_end,
-                "on_headers_finished": on_headers_finished,
-                "on_part_data": on_part_data,
-                "on_end": lambda: ended.append(True),
-            },
-        )
+        callbacks = {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_end": lambda: ended.append(True),
+        }
         try:
+            parser = MultipartParser(boundary, callbacks)  # it checks the boundary too
             for piece in self._body():
                 parser.write(piece)
             parser.finalize()
-        except MultipartParseError as exc:
+        except FormParserError as exc:  # MultipartParseError and the constructor's refusals
             for part in parts:
                 part.file.close()
             raise _BadRequest(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {exc}") from None
