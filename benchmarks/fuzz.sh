@@ -41,13 +41,14 @@ status=0
 for harness in "${HARNESSES[@]}"; do
     corpus="$WORK/corpus/$harness" crashes="$WORK/crashes/$harness" log="$WORK/logs/$harness.log"
     mkdir -p "$corpus" "$crashes"
-    before=$(ls "$crashes" | wc -l)
+    before=$(ls "$crashes" | wc -l) started=$(date +%s)
     # -max_len: the largest seed is 64 KiB; -timeout=5 s per input, -rss_limit_mb=1024: a hang
     # or a memory blow-up is a finding like a crash.
     "$PYTHON" "benchmarks/fuzz/$harness.py" "$corpus" "$WORK/seeds/$harness" \
         -max_total_time="$SECONDS_EACH" -timeout=5 -rss_limit_mb=1024 -max_len=65536 \
         -print_final_stats=1 -artifact_prefix="$crashes/" >"$log" 2>&1
     rc=$?
+    elapsed=$(( $(date +%s) - started ))
     found=$(( $(ls "$crashes" | wc -l) - before ))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     final=$(grep -E '^#[0-9]+.*(DONE|cov:)' "$log" | tail -1)
@@ -55,7 +56,7 @@ for harness in "${HARNESSES[@]}"; do
     ft=$(sed -n 's/.* ft: \([0-9]*\) .*/\1/p' <<<"$final")
     corp=$(ls "$corpus" | wc -l)
     printf '%-7s %ss: %s executions, cov %s, ft %s, corpus %s, findings %s%s\n' \
-        "$harness" "$SECONDS_EACH" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$corp" "$found" \
+        "$harness" "$elapsed" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$corp" "$found" \
         "$( [ "$found" -gt 0 ] && echo " (in $crashes, log $log)" )"
     if [ "$found" -gt 0 ] || [ "$rc" -ne 0 ]; then
         [ "$found" -gt 0 ] || echo "fuzz.sh: $harness exited $rc without an artifact; see $log" >&2
