@@ -44,6 +44,15 @@ __all__ = [
 class RulesError(ValueError):
     """A rules file that cannot be used; the message is one line naming the file and the problem."""
 
+    def __init__(self, message: str):
+        # Messages quote the file (a regular expression's own error repeats the pattern):
+        # control characters are shown escaped, so the message stays one line.
+        super().__init__(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message))
+
+
+#: Control characters but tab: not on one line, and not raw in a TOML string.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
 
 @functools.lru_cache(maxsize=64)
 def _compiled(pattern: str) -> re.Pattern[str]:
@@ -362,13 +371,12 @@ def _toml_value(value: Any) -> str:
         return repr(value)  # the shortest text that reads back to the same float (0.1234567, 1e+300, 5.0)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if "'" not in value and not _TOML_CONTROL.search(value):
+    if "'" not in value and not _CONTROL.search(value):
         return f"'{value}'"  # a literal string: regular expressions need no doubled backslashes
     # A basic string: TOML allows no control character but tab unescaped (DEL included).
     return '"' + _TOML_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", value) + '"'
 
 
-_TOML_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOML_ESCAPED = re.compile(r'["\\\x00-\x08\x0a-\x1f\x7f]')
 
 

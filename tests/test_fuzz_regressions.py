@@ -148,3 +148,17 @@ def test_rules_show_prints_rules_that_read_back_the_same(tmp_path, name):
     path.write_bytes(fuzz_input("rules", name))
     rules = load_rules(path)
     assert parse_rules(to_toml(rules)).rules == rules.rules
+
+
+def test_rules_error_quoting_a_control_character_stays_one_line(tmp_path):
+    # Found by the rules fuzzer: re.error repeats the pattern, so a CR in it (a TOML "\\r")
+    # split the RulesError that 'ichscan rules check' prints over two lines.
+    from ichscan.rules import RulesError, load_rules
+
+    path = tmp_path / "rules.toml"
+    path.write_bytes(fuzz_input("rules", "regex-error-with-cr.toml"))
+    with pytest.raises(RulesError) as caught:
+        load_rules(path)
+    message = str(caught.value)
+    assert "\r" not in message and "\n" not in message
+    assert message.endswith("other is not a valid regular expression: unknown extension ?<\\r at position 1")
