@@ -330,6 +330,8 @@ def parse_rules(text: str, origin: str = "rules file") -> SelectionRules:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(f"{origin}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables, unbounded
+        raise RulesError(f"{origin}: not valid TOML: arrays or tables nested too deeply") from None
     rules = {r.name: r for r in _default_rules()}
     for name, table in data.items():
         if name not in rules:

@@ -162,3 +162,15 @@ def test_rules_error_quoting_a_control_character_stays_one_line(tmp_path):
     message = str(caught.value)
     assert "\r" not in message and "\n" not in message
     assert message.endswith("other is not a valid regular expression: unknown extension ?<\\r at position 1")
+
+
+def test_rules_nested_too_deeply_is_a_rules_error(tmp_path):
+    # Written by hand while the campaign ran (its rules fuzzer, 1.8 million inputs, did not
+    # nest this deep): tomllib recurses once per nested array, so 2,000 '[' raised
+    # RecursionError out of load_rules, a traceback from 'ichscan rules check'.
+    from ichscan.rules import RulesError, load_rules
+
+    path = tmp_path / "rules.toml"
+    path.write_bytes(fuzz_input("rules", "nested-arrays.toml"))
+    with pytest.raises(RulesError, match="rules.toml: not valid TOML: arrays or tables nested too deeply$"):
+        load_rules(path)
