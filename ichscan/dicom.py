@@ -336,7 +336,8 @@ def _meta_truncation(data: bytes) -> str | None:
 
 def _check_complete(ds: pydicom.Dataset) -> None:
     """pydicom silently keeps a value cut short by the end of the file: refuse it."""
-    for elem in ds.elements():  # raw (unconverted) top-level elements
+    for tag in ds.keys():  # raw top-level elements: keep_deferred, or an empty one of unknown VR is decoded (and raises)
+        elem = ds.get_item(tag, keep_deferred=True)
         length, value = getattr(elem, "length", None), getattr(elem, "value", None)
         if isinstance(value, bytes) and isinstance(length, int) and length != 0xFFFFFFFF and len(value) < length:
             name = keyword_for_tag(elem.tag) or str(elem.tag)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -44,6 +43,15 @@ __all__ = [
 
 class RulesError(ValueError):
     """A rules file that cannot be used; the message is one line naming the file and the problem."""
+
+    def __init__(self, message: str):
+        # Messages quote the file (a regular expression's own error repeats the pattern):
+        # control characters are shown escaped, so the message stays one line.
+        super().__init__(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message))
+
+
+#: Control characters but tab: not on one line, and not raw in a TOML string.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @functools.lru_cache(maxsize=64)
@@ -322,6 +330,8 @@ def parse_rules(text: str, origin: str = "rules file") -> SelectionRules:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(f"{origin}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables, unbounded
+        raise RulesError(f"{origin}: not valid TOML: arrays or tables nested too deeply") from None
     rules = {r.name: r for r in _default_rules()}
     for name, table in data.items():
         if name not in rules:
@@ -360,12 +370,16 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:g}" if value != int(value) else f"{value:.1f}"
+        return repr(value)  # the shortest text that reads back to the same float (0.1234567, 1e+300, 5.0)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if "'" not in value and "\n" not in value:
+    if "'" not in value and not _CONTROL.search(value):
         return f"'{value}'"  # a literal string: regular expressions need no doubled backslashes
-    return json.dumps(value, ensure_ascii=False)
+    # A basic string: TOML allows no control character but tab unescaped (DEL included).
+    return '"' + _TOML_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", value) + '"'
+
+
+_TOML_ESCAPED = re.compile(r'["\\\x00-\x08\x0a-\x1f\x7f]')
 
 
 def to_toml(rules: SelectionRules = DEFAULT_RULES) -> str:

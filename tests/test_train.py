@@ -59,6 +59,8 @@ def test_labels_parse_and_collapse_duplicates(tmp_path):
         ("ID,Label\n" + rows_for("ID_a", [0] * 6) + "ID_a_any,1\n", "given as both 0 and 1"),
         ("ID,Label\nID_a_any,1\n", "has no row for epidural"),
         ("ID,Label\n", "no labels"),
+        ("ID,Label\n\"ID_a_" + "x" * 200_000 + "\",1\n", ":2: not a CSV file: field larger than field limit"),
+        ("ID,Label\n\"ID_a\nb_any\",2\n", ":3: label value '2'"),  # the line a quoted cell ends on
     ],
 )
 def test_labels_errors_name_the_problem(tmp_path, text, message):

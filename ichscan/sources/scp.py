@@ -63,6 +63,31 @@ def decodable_transfer_syntaxes() -> list[UID]:
     return accepted
 
 
+class UnreadableElement(ValueError):
+    """An element of a received data set that cannot be decoded; the message is one line."""
+
+
+def read_uids(ds, *keywords: str) -> list[str]:
+    """The text of these (UID) elements of ``ds``, ``""`` for an absent one.
+
+    pydicom decodes an element only when it is read, so a malformed one (an unknown VR, a
+    value that is not text) raises there, not when the data set is parsed.
+
+    Raises
+    ------
+    UnreadableElement
+        Naming the first element that cannot be decoded (one line).
+    """
+    values = []
+    for keyword in keywords:
+        try:
+            values.append(str(ds.get(keyword, "") or ""))
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom raises for a malformed element
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise UnreadableElement(f"{keyword} cannot be decoded ({text})") from None
+    return values
+
+
 #: The receivers, as ``StoreStats`` (and the ``protocol`` label of the metrics) name them.
 DIMSE, STOW = "c-store", "stow-rs"
 #: StoreStats' counters, by the ``outcome`` label of the metrics.
@@ -121,12 +146,11 @@ class StoreHandler:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            sop_class, sop_instance = read_uids(ds, "SOPClassUID", "SOPInstanceUID")
         except Exception as exc:  # noqa: BLE001
             self.stats.add("refused")
             log.warning("C-STORE from %s refused: data set cannot be decoded: %s", peer, exc)
             return CANNOT_UNDERSTAND
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
         if sop_class != str(request.AffectedSOPClassUID) or sop_instance != str(request.AffectedSOPInstanceUID):
             self.stats.add("refused")
             log.warning(
@@ -160,9 +184,15 @@ class StoreHandler:
         -------
         int
             A C-STORE status: ``SUCCESS`` once the file is durably on disk (or was already
-            stored), ``INVALID_UID`` (nothing written) or ``OUT_OF_RESOURCES`` (no file left).
+            stored), ``INVALID_UID`` or ``CANNOT_UNDERSTAND`` (a UID element that cannot be
+            decoded; nothing written either way) or ``OUT_OF_RESOURCES`` (no file left).
         """
-        uids = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        try:
+            uids = read_uids(ds, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        except UnreadableElement as exc:
+            self.stats.add("refused", protocol)
+            log.warning("%s refused: %s (nothing written)", sender, exc)
+            return CANNOT_UNDERSTAND
         bad = [u for u in uids if not is_valid_uid(u)]
         if bad:
             self.stats.add("refused", protocol)

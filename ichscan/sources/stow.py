@@ -40,7 +40,9 @@ from ichscan.sources.scp import (
     STOW,
     SUCCESS,
     StoreHandler,
+    UnreadableElement,
     decodable_transfer_syntaxes,
+    read_uids,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ STUDY_UID_MISMATCH = 0xC409  # the part's StudyInstanceUID is not the one in the
 #: A part is kept in memory up to this size, then spooled to an unnamed file.
 SPOOL_IN_MEMORY = 1024 * 1024
 READ_SIZE = 64 * 1024
+#: Longest multipart boundary accepted: RFC 2046 allows 70 characters; python-multipart
+#: refuses over 256 (in its constructor, with an exception of its own).
+MAX_BOUNDARY = 256
 
 
 @dataclass
@@ -230,6 +235,8 @@ class StowRequestHandler(BaseHTTPRequestHandler):
         boundary = params.get(b"boundary")
         if not boundary:
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "the Content-Type has no boundary")
+        if len(boundary) > MAX_BOUNDARY:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, f"the multipart boundary is {len(boundary)} characters, over {MAX_BOUNDARY}")
         encoding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
         if encoding not in ("", "chunked"):
             raise _BadRequest(HTTPStatus.NOT_IMPLEMENTED, f"transfer encoding {encoding!r} is not supported")
@@ -281,7 +288,7 @@ class StowRequestHandler(BaseHTTPRequestHandler):
     def _read_parts(self, boundary: bytes) -> list[_Part]:
         """Parse the whole body into spooled parts; a body that does not end with its
         closing boundary is a bad request (nothing of it is stored)."""
-        from python_multipart.exceptions import MultipartParseError
+        from python_multipart.exceptions import FormParserError
         from python_multipart.multipart import MultipartParser
 
         max_part = self.server.opts.max_part_bytes
@@ -316,23 +323,21 @@ class StowRequestHandler(BaseHTTPRequestHandler):
             elif not part.too_large:
                 part.file.write(data[start:end])
 
-        parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": on_part_begin,
-                "on_header_field": on_header_field,
-                "on_header_value": on_header_value,
-                "on_header_end": on_header_end,
-                "on_headers_finished": on_headers_finished,
-                "on_part_data": on_part_data,
-                "on_end": lambda: ended.append(True),
-            },
-        )
+        callbacks = {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_end": lambda: ended.append(True),
+        }
         try:
+            parser = MultipartParser(boundary, callbacks)  # it checks the boundary too
             for piece in self._body():
                 parser.write(piece)
             parser.finalize()
-        except MultipartParseError as exc:
+        except FormParserError as exc:  # MultipartParseError and the constructor's refusals
             for part in parts:
                 part.file.close()
             raise _BadRequest(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {exc}") from None
@@ -398,17 +403,19 @@ class StowRequestHandler(BaseHTTPRequestHandler):
         except Refused as exc:
             return refused(str(exc), CANNOT_UNDERSTAND)
         meta = getattr(ds, "file_meta", None)
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+        try:
+            sop_class, sop_instance, part_study = read_uids(ds, "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+            meta_class, meta_instance, syntax = read_uids(meta or {}, "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+        except UnreadableElement as exc:
+            return refused(str(exc), CANNOT_UNDERSTAND)
         if meta is None or "TransferSyntaxUID" not in meta:
             return refused("not a DICOM file (no file meta information)", CANNOT_UNDERSTAND, sop_class, sop_instance)
-        if str(meta.get("MediaStorageSOPClassUID", "")) != sop_class or str(meta.get("MediaStorageSOPInstanceUID", "")) != sop_instance:
+        if meta_class != sop_class or meta_instance != sop_instance:
             return refused("the file meta information names another instance than its data set", DATASET_MISMATCH, sop_class, sop_instance)
         if sop_class != CT_IMAGE_STORAGE and not self.server.opts.accept_all_storage:
             return refused(f"SOP class {sop_class[:70]} is not CT Image Storage", SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance)
-        if str(meta.TransferSyntaxUID) not in self.server.syntaxes:
-            return refused(f"transfer syntax {str(meta.TransferSyntaxUID)[:70]} cannot be decoded here", TRANSFER_SYNTAX_NOT_SUPPORTED, sop_class, sop_instance)
-        part_study = str(ds.get("StudyInstanceUID", "") or "")
+        if syntax not in self.server.syntaxes:
+            return refused(f"transfer syntax {syntax[:70]} cannot be decoded here", TRANSFER_SYNTAX_NOT_SUPPORTED, sop_class, sop_instance)
         if study is not None and part_study != study:
             return refused(f"StudyInstanceUID {part_study[:80]!r} is not the URL's {study}", STUDY_UID_MISMATCH, sop_class, sop_instance)
         return sop_class, sop_instance, self.server.store_handler.store_instance(ds, lambda: data, sender, STOW)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +56,11 @@ def read_rsna_labels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise LabelsError(f"cannot read labels {path}: {exc.strerror or exc}") from None
     with fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
+        rows = _csv_rows(csv.reader(fh), path)
+        _, header = next(rows, (1, None))
         if header is None or [h.strip() for h in header[:2]] != ["ID", "Label"]:
-            raise LabelsError(f"{path}:1: expected the header 'ID,Label', got {','.join(header or [])!r}")
-        for line, row in enumerate(reader, start=2):
+            raise LabelsError(f"{path}:1: expected the header 'ID,Label', got {','.join(header or [])[:200]!r}")
+        for line, row in rows:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != 2:
@@ -68,13 +68,13 @@ def read_rsna_labels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             key, value = row[0].strip(), row[1].strip()
             image, sep, label = key.rpartition("_")
             if not sep or not image.startswith("ID_") or label not in LABELS:
-                raise LabelsError(f"{path}:{line}: {key!r} is not ID_<image>_<label> with a known label")
+                raise LabelsError(f"{path}:{line}: {key[:200]!r} is not ID_<image>_<label> with a known label")
             if value not in ("0", "1"):
-                raise LabelsError(f"{path}:{line}: label value {value!r} is not 0 or 1")
+                raise LabelsError(f"{path}:{line}: label value {value[:200]!r} is not 0 or 1")
             seen = values.setdefault(image, {})
             if label in seen:
                 if seen[label] != int(value):
-                    raise LabelsError(f"{path}:{line}: {key} is given as both {seen[label]} and {value}")
+                    raise LabelsError(f"{path}:{line}: {key!r} is given as both {seen[label]} and {value}")
                 duplicates += 1
                 continue
             seen[label] = int(value)
@@ -84,11 +84,26 @@ def read_rsna_labels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     for image, labels in values.items():
         missing = [label for label in LABELS if label not in labels]
         if missing:
-            raise LabelsError(f"{path}: {image} has no row for {', '.join(missing)}")
+            raise LabelsError(f"{path}: {image!r} has no row for {', '.join(missing)}")
         result[image] = np.array([labels[label] for label in LABELS], dtype=np.float32)
     if not result:
         raise LabelsError(f"{path}: no labels")
     return result
+
+
+def _csv_rows(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line, row)`` of a labels CSV, the line where the row ends (a quoted cell may span
+    lines); LabelsError for text that is not UTF-8 or not CSV (csv.Error is no ValueError)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raise LabelsError(f"{path}: not UTF-8 text (after line {reader.line_num})") from None
+        except csv.Error as exc:
+            raise LabelsError(f"{path}:{reader.line_num}: not a CSV file: {exc}") from None
+        yield reader.line_num, row
 
 
 def find_images(data_dir: str | os.PathLike[str]) -> dict[str, Path]:
