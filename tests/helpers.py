@@ -151,6 +151,28 @@ def save(ds: pydicom.Dataset, path: Path) -> Path:
 #: The Content-Type of a STOW-RS request built by :func:`multipart`.
 RELATED = 'multipart/related; type="application/dicom"; boundary=ICHSCANBOUNDARY'
 
+#: The STOW-RS fuzz input (benchmarks/fuzz/stow.py; seeds.py writes it, the regression tests
+#: replay it): the first byte's bits. Without STOW_CONTENT_TYPE the Content-Type is RELATED;
+#: with it, the line up to the first newline is the Content-Type. STOW_STUDY_URL: a line with
+#: the study UID for /studies/{uid}. STOW_CHUNKED: the body is sent as it is with
+#: ``Transfer-Encoding: chunked`` (the input holds the chunk framing); otherwise it gets a
+#: Content-Length.
+STOW_CONTENT_TYPE, STOW_STUDY_URL, STOW_CHUNKED = 1, 2, 4
+
+
+def stow_fuzz_request(data: bytes) -> bytes:
+    """The HTTP request a STOW-RS fuzz input describes (see :data:`STOW_CONTENT_TYPE`)."""
+    flags, rest = (data[0], data[1:]) if data else (0, b"")
+    content_type = RELATED.encode()
+    if flags & STOW_CONTENT_TYPE:
+        content_type, _, rest = rest.partition(b"\n")
+    path = b"/dicom-web/studies"
+    if flags & STOW_STUDY_URL:
+        study, _, rest = rest.partition(b"\n")
+        path += b"/" + study
+    framing = b"Transfer-Encoding: chunked" if flags & STOW_CHUNKED else b"Content-Length: %d" % len(rest)
+    return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\n%s\r\n\r\n" % (path, content_type, framing) + rest
+
 
 def multipart(*parts: bytes, part_type: str = "application/dicom") -> bytes:
     """A STOW-RS request body (Content-Type :data:`RELATED`) with these parts."""

@@ -21,13 +21,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContextTuple
 
+from helpers import stow_fuzz_request
 from ichscan.sources.scp import CANNOT_UNDERSTAND, CT_IMAGE_STORAGE, StoreHandler, decodable_transfer_syntaxes
 from ichscan.sources.stow import StowOptions, start_stow_server
 from ichscan.train.dataset import LabelsError, read_rsna_labels
 
 DATA = Path(__file__).resolve().parent / "data" / "fuzz"
-RELATED = b'multipart/related; type="application/dicom"; boundary=ICHSCANBOUNDARY'
-CONTENT_TYPE, STUDY_URL, CHUNKED = 1, 2, 4  # benchmarks/fuzz/_common.py
 
 
 def fuzz_input(harness: str, name: str) -> bytes:
@@ -67,20 +66,6 @@ def test_cstore_element_that_cannot_be_decoded_is_cannot_understand(tmp_path, ca
 # -- stow: a real STOW-RS receiver, the request the harness builds --------------------------------
 
 
-def stow_request(data: bytes) -> bytes:
-    """benchmarks/fuzz/stow.py's request: byte 0's flags, an optional Content-Type line, body."""
-    flags, rest = data[0], data[1:]
-    content_type = RELATED
-    if flags & CONTENT_TYPE:
-        content_type, _, rest = rest.partition(b"\n")
-    path = b"/dicom-web/studies"
-    if flags & STUDY_URL:
-        study, _, rest = rest.partition(b"\n")
-        path += b"/" + study
-    framing = b"Transfer-Encoding: chunked" if flags & CHUNKED else b"Content-Length: %d" % len(rest)
-    return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\n%s\r\n\r\n" % (path, content_type, framing) + rest
-
-
 def post_raw(port: int, request: bytes) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(request)
@@ -106,7 +91,7 @@ def test_stow_part_with_an_empty_element_of_unknown_vr_is_refused_not_dropped(st
     # PatientBirthDate with VR 'D7' and length 0: pydicom keeps it raw with the value None, the
     # mark of a deferred read, and so decoded it (and raised) in the truncation check's walk over
     # the raw elements; the exception left do_POST and the client got no answer at all.
-    status, body = post_raw(stow_port, stow_request(fuzz_input("stow", "unknown-vr-empty-element.bin")))
+    status, body = post_raw(stow_port, stow_fuzz_request(fuzz_input("stow", "unknown-vr-empty-element.bin")))
     assert status == 409
     failed = json.loads(body)["00081198"]["Value"]
     assert [item["00081197"]["Value"] for item in failed] == [[CANNOT_UNDERSTAND]]
@@ -116,7 +101,7 @@ def test_stow_part_with_an_empty_element_of_unknown_vr_is_refused_not_dropped(st
 def test_stow_boundary_over_256_characters_is_a_bad_request(stow_port):
     # python-multipart refuses a boundary over 256 characters in MultipartParser's constructor
     # with FormParserError, which the receiver did not catch: the client got no answer.
-    status, body = post_raw(stow_port, stow_request(fuzz_input("stow", "boundary-over-256.bin")))
+    status, body = post_raw(stow_port, stow_fuzz_request(fuzz_input("stow", "boundary-over-256.bin")))
     assert status == 400
     assert b"the multipart boundary is" in body and b"over 256" in body
 

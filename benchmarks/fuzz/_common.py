@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -66,12 +67,10 @@ def check_reason(reason: object, what: str, limit: int = 300) -> None:
 
 # -- input layouts (the harnesses read them, seeds.py writes them) ---------------------------
 
-#: stow: the first byte's bits. Without CONTENT_TYPE the Content-Type is the tests' RELATED;
-#: with it, the line up to the first newline is the Content-Type. STUDY_URL: a line with the
-#: study UID for /studies/{uid}. CHUNKED: the body is sent as it is with
-#: ``Transfer-Encoding: chunked`` (the fuzzer writes the chunk framing); otherwise it gets a
-#: Content-Length.
-CONTENT_TYPE, STUDY_URL, CHUNKED = 1, 2, 4
+#: stow: the first byte's bits, defined with the request they describe in tests/helpers.py
+#: (the regression tests replay the inputs through the same function).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tests"))
+from helpers import STOW_CHUNKED as CHUNKED, STOW_CONTENT_TYPE as CONTENT_TYPE, STOW_STUDY_URL as STUDY_URL  # noqa: E402,F401
 
 
 def accepted_syntaxes() -> list[str]:

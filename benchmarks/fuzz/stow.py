@@ -5,7 +5,7 @@ The harness sends one HTTP request through ``StowRequestHandler.handle_one_reque
 standard library's request-line and header parsing, then ``do_POST``: header checks,
 de-chunking, python-multipart, each part through ``parse_dicom_bytes`` and the C-STORE
 receiver's ``store_instance``), reading from and writing to memory instead of a socket.
-The input's first byte says how (``_common.CONTENT_TYPE``, ``STUDY_URL``, ``CHUNKED``); the
+The input's first byte says how (``tests/helpers.py``: ``STOW_CONTENT_TYPE``, ``STOW_STUDY_URL``, ``STOW_CHUNKED``); the
 rest is the optional Content-Type line, the optional study UID line, then the body. A
 bug is an exception out of the handler (the server would drop the connection without an
 answer), no response, or a status the receiver does not document. Run::
@@ -24,13 +24,13 @@ import warnings
 import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CHUNKED, CONTENT_TYPE, STUDY_URL, Finding, check_log_calls, empty_folder, scratch  # noqa: E402
+from _common import Finding, check_log_calls, empty_folder, scratch  # noqa: E402
+from helpers import stow_fuzz_request as request_bytes  # noqa: E402 - the input layout, shared with the regression tests
 
 with atheris.instrument_imports(include=["ichscan", "pydicom", "python_multipart"]):
     from ichscan.sources.scp import StoreHandler
     from ichscan.sources.stow import StowOptions, StowRequestHandler, StowServer
 
-RELATED = b'multipart/related; type="application/dicom"; boundary=ICHSCANBOUNDARY'  # tests/helpers.py's
 #: What the receiver answers: results (200, 202, 409) and refusals of the whole request.
 STATUSES = {200, 202, 409, 400, 401, 404, 405, 411, 413, 415, 501}
 STORE = scratch("stow")
@@ -38,21 +38,6 @@ STORED: list[str] = []
 # A real server object, bound to a free loopback port but never serving: the handler reads
 # its options, store handler and accepted transfer syntaxes from it.
 SERVER = StowServer(StowOptions(port=0), StoreHandler(STORE, STORED.append), None, ())
-
-
-def request_bytes(data: bytes) -> bytes:
-    """The HTTP request the input describes (see the module docstring)."""
-    flags, rest = (data[0], data[1:]) if data else (0, b"")
-    content_type = RELATED
-    if flags & CONTENT_TYPE:
-        content_type, _, rest = rest.partition(b"\n")
-    path = b"/dicom-web/studies"
-    if flags & STUDY_URL:
-        study, _, rest = rest.partition(b"\n")
-        path += b"/" + study
-    framing = b"Transfer-Encoding: chunked" if flags & CHUNKED else b"Content-Length: %d" % len(rest)
-    head = b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\n%s\r\n\r\n" % (path, content_type, framing)
-    return head + rest
 
 
 def respond(request: bytes) -> bytes:
