@@ -18,7 +18,9 @@ ignore it.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +32,48 @@ def temporary_name(target: Path) -> Path:
     """A hidden name beside ``target``, unique per process and thread, so that writers of
     the same target at the same time never share a temporary file."""
     return target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")
+
+log = logging.getLogger(__name__)
+
+
+def remove_orphaned_temporaries(root: Path) -> int:
+    """Remove the temporary files under ``root`` that a killed process left, and count them.
+
+    A SIGKILL or a power cut between the first write and the rename leaves the hidden
+    ``.name.<pid>.<thread>.tmp`` behind (nothing was promised for it: its Success was never
+    sent). A file is removed only when the process named in it is gone, so a live writer's
+    file, this process's included, is never touched; a recycled process id keeps it for a
+    later start."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            match = _TEMPORARY.match(name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            try:
+                os.unlink(os.path.join(dirpath, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove the orphaned temporary file %s: %s", os.path.join(dirpath, name), exc.strerror or exc)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no process has): leave it
+    return True
 
 
 def fsync_file(path: Path) -> None:

@@ -115,8 +115,16 @@ def test_sigkill_mid_transfer_restart_and_resend(tmp_path):
     for stored in srv.store.rglob("*.dcm"):
         if not stored.name.startswith("."):
             assert pydicom.dcmread(stored).SOPInstanceUID == stored.stem
+    # A half-written instance of the killed server, whether or not the kill left one itself.
+    r = records[-1]
+    orphan = srv.store / r.study_instance_uid / r.series_instance_uid / f".{r.sop_instance_uid}.dcm.{srv.proc.pid}.1.tmp"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"DICM half")
     srv = ServerProcess(tmp_path / "work", port)
     try:
+        # The restart removed what the killed run left half-written (before it listened).
+        assert [p for p in srv.store.rglob(".*") if p.is_file()] == []
+        assert "half-written temporary file(s) that a killed run left" in srv.log.read_text()
         again = send_files(port, paths)  # the sender re-sends everything
         assert set(again.values()) == {0}
         expected = {r.sop_instance_uid for r in records}

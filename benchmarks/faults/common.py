@@ -8,7 +8,8 @@ hand (``benchmarks/faults/run.sh``), each writing one JSON file of figures per s
 The accounting is the product's promise, measured from outside: every instance a sender got
 Success for (``sent``) is in the store (``stored``) and has exactly one row in the results CSV
 (``rows``, ``duplicates`` = rows beyond one per instance); ``screened`` counts those rows with
-status ``ok``; ``lost`` = sent instances without a row. A sender that loses its association
+status ``ok``; ``lost`` = sent instances without a row; ``temporary_files_left``: hidden
+(half-written) files in the store. A sender that loses its association
 sends again only what it has no Success for, so a lost instance cannot be hidden by a re-send.
 """
 
@@ -120,11 +121,12 @@ class Sender:
     pace_s: float = 0.0
     acked: dict[str, float] = field(default_factory=dict)  # path -> time.time() of its Success
     attempts: int = 0
-    failed_runs: int = 0
+    failed_runs: int = 0  # storescu runs that failed: refused, or broken off
+    broken_runs: int = 0  # of those, runs that had begun sending a file when they failed
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self.run, daemon=True)
 
     def start(self) -> Sender:
         self._thread.start()
@@ -140,31 +142,34 @@ class Sender:
     def done(self) -> bool:
         return len(self.acked) == len(self.items)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Send until every file has a Success (or :meth:`stop`), in this thread."""
         while not self._stop.is_set() and not self.done:
             pending = [str(i.path) for i in self.items if str(i.path) not in self.acked][: self.batch]
             self.attempts += 1
-            ok = self._send(pending)
+            ok, began = self._send(pending)
             if not ok:
                 self.failed_runs += 1
+                self.broken_runs += began
                 self._stop.wait(self.retry_s)
             elif self.pace_s:
                 self._stop.wait(self.pace_s)
 
-    def _send(self, paths: list[str]) -> bool:
+    def _send(self, paths: list[str]) -> tuple[bool, bool]:
+        """Run storescu once: (whether it exited 0, whether it had begun sending a file)."""
         cmd = [str(STORESCU), "-v", "-aec", self.ae_title, "-to", "20", "-ta", "20", "-td", "60", "127.0.0.1", str(self.port), *paths]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        current = None
+        current, began = None, False
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             match = _SENDING.match(line)
             if match:
-                current = match.group(1)
+                current, began = match.group(1), True
             elif line.startswith(_SUCCESS) and current is not None:
                 self.acked.setdefault(current, time.time())
                 current = None
-        return proc.wait() == 0
+        return proc.wait() == 0, began
 
 
 def account(name: str, acked_paths: dict[str, float] | set[str], items: list[Phantom], out_csv: Path, store: Path | None = None, **extra) -> dict:
@@ -175,10 +180,11 @@ def account(name: str, acked_paths: dict[str, float] | set[str], items: list[Pha
     rows = read_csv(out_csv, missing_ok=True)
     per_uid = Counter(r["sop_instance_uid"] for r in rows if r["sop_instance_uid"])
     ok = {r["sop_instance_uid"] for r in rows if r["status"] == "ok"}
-    stored = None
+    stored = leftovers = None
     if store is not None:
         on_disk = {p.stem for p in store.rglob("*.dcm") if not p.name.startswith(".")}
         stored = len(sent & on_disk)
+        leftovers = sum(1 for p in store.rglob("*") if p.is_file() and p.name.startswith("."))
     figures = {
         "scenario": name,
         "sent": len(sent),
@@ -188,6 +194,7 @@ def account(name: str, acked_paths: dict[str, float] | set[str], items: list[Pha
         "duplicates": sum(per_uid[u] - 1 for u in sent if per_uid[u] > 1),
         "lost": len([u for u in sent if per_uid[u] == 0]),
         "other_rows": len(rows) - sum(per_uid[u] for u in sent),
+        "temporary_files_left": leftovers,
         "statuses": dict(Counter(r["status"] for r in rows)),
         **extra,
     }

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import pluggy
 import torch
 
+from ichscan.durable import remove_orphaned_temporaries
 from ichscan.state.ledger import Ledger, LedgerError
 from ichscan.events import study_event_reporters
 from ichscan.pipeline.options import (
@@ -400,6 +401,9 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
         raise RunError("nothing to serve: without C-STORE, a DICOMweb port is needed")
     store = Path(os.path.abspath(opts.scp.store))
     prepare_folder(store, "--store")
+    orphans = remove_orphaned_temporaries(store)
+    if orphans:
+        log.info("removed %d half-written temporary file(s) that a killed run left in %s", orphans, store)
     watch_opts = opts.watch or WatchOptions(input_dir=store)
     watch_opts.input_dir = store
     outputs = RunOutputs.resolve(watch_opts)
