@@ -1,6 +1,7 @@
 """The C-STORE receiver over real associations: pynetdicom's SCU and dcmtk's tools."""
 
 import errno
+import logging
 import os
 import shutil
 import socket
@@ -252,6 +253,30 @@ def test_a_peer_trickling_a_pdu_is_dropped_before_it_is_through(tmp_path, establ
         sock.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
+def test_a_peer_gone_mid_data_set_stores_nothing_and_logs_no_traceback(tmp_path, caplog, rst):
+    # A reset in the middle of a PDU made pynetdicom log the ConnectionResetError's traceback.
+    srv = Server(tmp_path / "store")
+    ds = pydicom.dcmread(CT_SMALL)
+    try:
+        with caplog.at_level(logging.WARNING):
+            sock, context = raw_associate(srv.port)
+            sock.sendall(p_data_tf(context, bytes(200), command=False, last=False))  # a fragment, not the last
+            sock.sendall(struct.pack(">BBI", 0x04, 0, 1000) + bytes(100))  # and a PDU cut short
+            if rst:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            deadline = time.monotonic() + 30
+            while srv.ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not srv.ae.active_associations
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+        assert send(srv, ds) == 0x0000  # and it keeps serving
+    finally:
+        srv.stop()
+    assert srv.received == [str(tmp_path / "store" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm")]
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path]:
