@@ -18,7 +18,8 @@ Scenarios (all by default, in this order):
     A raw client negotiates an association, then sends a P-DATA-TF header announcing
     0xFFFFFFFF bytes and streams up to ``--pdu-stream-mb`` MiB as fast as the server reads:
     how long until the server drops it, how much it read, the server's peak RSS (sampled
-    every 20 ms, decode workers included).
+    every 20 ms, decode workers included, from the header until 3 s after the drop; the
+    abuse starts once 40 rows are written, so the model is warm).
 ``disconnect-mid-dataset``
     ``--disconnects`` raw clients (two rounds) each send a C-STORE-RQ and half of a data set
     in P-DATA fragments, never the last one, then close the socket: half with FIN, half with
@@ -397,7 +398,11 @@ def pdu_4gb(args) -> dict:
     items = phantoms(args.instances, size=args.size)
     srv = ServerProcess(fresh(name), free_port(), *LIGHT)
     sender = Sender(srv.port, items, batch=20).start()
-    time.sleep(2.0)  # the sender is under way
+    # The sender under way and the model warm (its first batches allocate), so that the
+    # RSS below moves with the abuse, not with the start of screening.
+    deadline = time.monotonic() + 120
+    while len(read_csv(srv.out, missing_ok=True)) < min(40, len(items)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     pid = srv.proc.pid
     baseline = rss_mb(pid)
     peak = [baseline]
@@ -431,7 +436,7 @@ def pdu_4gb(args) -> dict:
         ended = f"closed ({type(exc).__name__})"
     dropped_after = time.monotonic() - t0
     sock.close()
-    time.sleep(1.0)
+    time.sleep(3.0)
     sampling.set()
     figures = finish(
         name,

@@ -292,6 +292,23 @@ ABORT_UNSPECIFIED, ABORT_INVALID_PARAMETER = 0x00, 0x06
 _PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF", 5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}
 
 
+class _DroppedPeer(logging.Filter):
+    """Keeps pynetdicom's "PDU shorter than expected" error off the log when it follows a
+    peer dropped by ``GuardedSocket`` in the same thread: that peer already had its one
+    warning."""
+
+    dropped = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.dropped, "flag", False) and record.getMessage().startswith("The received PDU is shorter than expected"):
+            self.dropped.flag = False
+            return False
+        return True
+
+
+_DROPPED_PEER = _DroppedPeer()
+
+
 def _guarded_socket_class():
     from pynetdicom.transport import AssociationSocket
 
@@ -378,7 +395,11 @@ def _guarded_socket_class():
             return f"{requestor.ae_title or '?'}@{requestor.address}:{requestor.port}"
 
         def _drop(self, data: bytearray, what: str, reason: int) -> bytearray:
-            log.warning("association from %s dropped: it %s", self._peer(), what)
+            # An established association's own network timeout may have aborted it already
+            # (pynetdicom logs that, once): then this is no news.
+            aborted = self.assoc.is_aborted or getattr(self.assoc, "_sent_abort", False)
+            log.log(logging.DEBUG if aborted else logging.WARNING, "association from %s dropped: it %s", self._peer(), what)
+            _DroppedPeer.dropped.flag = True
             try:  # best effort: the peer may be gone or not reading
                 self.socket.settimeout(1.0)
                 self.socket.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, reason))
@@ -399,6 +420,9 @@ def start_server(ae, address: tuple[str, int], evt_handlers, ssl_context: ssl.SS
     from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
     guarded = _guarded_socket_class()
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if _DROPPED_PEER not in dul_log.filters:
+        dul_log.addFilter(_DROPPED_PEER)
 
     class GuardedRequestHandler(RequestHandler):
         def _create_association(self):
