@@ -348,7 +348,7 @@ def _guarded_socket_class():
                     most = (assoc.acceptor.maximum_length or 0xFFFFFFFF) if kind == 0x04 else MAX_CONTROL_PDU
                     if length > most:
                         name = _PDU_NAMES.get(kind, f"0x{kind:02X}")
-                        return self._drop(data[:5], f"announced a {name} PDU of {length} bytes, more than {most}", ABORT_INVALID_PARAMETER)
+                        return self._drop(data[:5], f"announced {length} bytes for its {name}, more than {most}", ABORT_INVALID_PARAMETER)
                     self._allowed = None if timeout is None else timeout + length / MIN_PDU_RATE
                     self._deadline = None if timeout is None else now + self._allowed
                     self._kind = _PDU_NAMES.get(kind, f"0x{kind:02X}")
