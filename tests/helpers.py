@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -323,3 +324,60 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# Raw DICOM upper-layer PDUs (PS3.8 9.3), for peers that misbehave on purpose: the fault
+# scenarios (benchmarks/faults/network.py) and the receiver's regression tests.
+CT_IMAGE_STORAGE_UID = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE_UID = "1.2.840.10008.1.2.1"
+
+
+def _pdu_item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def associate_rq(called: str = "ICHSCAN", calling: str = "ABUSER", max_pdu: int = 16384) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing CT Image Storage in Explicit VR Little Endian (context 1)."""
+    context = _pdu_item(0x20, bytes([1, 0, 0, 0]) + _pdu_item(0x30, CT_IMAGE_STORAGE_UID.encode()) + _pdu_item(0x40, EXPLICIT_LE_UID.encode()))
+    user = _pdu_item(0x50, _pdu_item(0x51, struct.pack(">I", max_pdu)) + _pdu_item(0x52, b"1.2.826.0.1.3680043.10.1717"))
+    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32)
+    body += _pdu_item(0x10, b"1.2.840.10008.3.1.1.1") + context + user
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def p_data_tf(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
+    """A P-DATA-TF PDU holding one PDV (a command or data set fragment)."""
+    pdv = bytes([context_id, (1 if command else 0) | (2 if last else 0)]) + data
+    return struct.pack(">BBI", 0x04, 0, 4 + len(pdv)) + struct.pack(">I", len(pdv)) + pdv
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed by the peer after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """The next PDU from ``sock``: its type and its body."""
+    kind, _, length = struct.unpack(">BBI", recv_exact(sock, 6))
+    return kind, recv_exact(sock, length)
+
+
+def raw_associate(port: int, calling: str = "ABUSER", called: str = "ICHSCAN") -> tuple[socket.socket, int]:
+    """A plain socket with an association established (by :func:`associate_rq`) and the
+    accepted presentation context's id."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(associate_rq(called, calling))
+    kind, body = read_pdu(sock)
+    items = body[68:] if kind == 0x02 else b""
+    while items:
+        item_type, _, length = struct.unpack(">BBH", items[:4])
+        if item_type == 0x21 and items[6] == 0:  # a presentation context, accepted
+            return sock, items[4]
+        items = items[4 + length :]
+    sock.close()
+    raise ConnectionError(f"association not accepted (PDU type 0x{kind:02X})")

@@ -1,9 +1,12 @@
 """The C-STORE receiver over real associations: pynetdicom's SCU and dcmtk's tools."""
 
 import errno
+import logging
 import os
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -13,7 +16,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 
-from helpers import CT_SMALL, DCMTK, needs_dcmtk
+from helpers import CT_SMALL, DCMTK, associate_rq, needs_dcmtk, p_data_tf, raw_associate
 from ichscan.sources.scp import (
     CT_IMAGE_STORAGE,
     DATASET_MISMATCH,
@@ -23,6 +26,7 @@ from ichscan.sources.scp import (
     StoreHandler,
     build_ae,
     decodable_transfer_syntaxes,
+    start_server,
     tls_context,
 )
 from ichscan.synth import generate
@@ -36,9 +40,7 @@ class Server:
         self.opts = ScpOptions(port=0, store=store, **options)
         self.handler = StoreHandler(store, self.received.append)
         self.ae = build_ae(self.opts)
-        self.server = self.ae.start_server(
-            (self.opts.bind, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handler)], ssl_context=tls_context(self.opts)
-        )
+        self.server = start_server(self.ae, (self.opts.bind, 0), evt_handlers=[(evt.EVT_C_STORE, self.handler)], ssl_context=tls_context(self.opts))
         self.port = self.server.server_address[1]
 
     def stop(self):
@@ -188,6 +190,99 @@ def test_association_limit_and_idle_timeout(tmp_path):
         third.release()
     finally:
         srv.stop()
+
+
+def answer_then_close(sock) -> bytes:
+    """What the server sends before it closes the connection (b"" if it sent nothing)."""
+    sock.settimeout(30)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+@pytest.mark.parametrize(("kind", "length"), [(0x04, 0xFFFFFFFF), (0x04, 65536 + 1), (0x05, 2**30)])
+def test_a_pdu_announcing_more_than_allowed_is_aborted_at_once(tmp_path, kind, length):
+    # pynetdicom buffered whatever followed such a header (up to the 4 GB it announced).
+    srv = Server(tmp_path / "store", max_pdu=65536)
+    try:
+        sock, context = raw_associate(srv.port)
+        sock.sendall(struct.pack(">BBI", kind, 0, length) + bytes(1000))
+        answer = answer_then_close(sock)
+        assert answer[:1] == b"\x07"  # A-ABORT
+        assert answer[8:10] == b"\x02\x06"  # by the service provider: invalid PDU parameter value
+        sock.close()
+        ok, _ = raw_associate(srv.port)  # and it keeps serving
+        ok.close()
+    finally:
+        srv.stop()
+    assert leftovers(tmp_path / "store") == []
+
+
+@pytest.mark.parametrize("established", [False, True], ids=["association-request", "p-data"])
+def test_a_peer_trickling_a_pdu_is_dropped_before_it_is_through(tmp_path, caplog, established):
+    # Bytes that keep coming, one at a time, never tripped the socket timeout: such a peer
+    # held its association slot for as long as it liked (ten of them: every slot).
+    srv = Server(tmp_path / "store", idle_timeout=1.0)
+    caplog.set_level(logging.WARNING)
+    try:
+        if established:
+            sock, context = raw_associate(srv.port)
+            pdu = p_data_tf(context, bytes(600), command=True, last=False)
+        else:
+            sock, pdu = socket.create_connection(("127.0.0.1", srv.port), timeout=30), associate_rq()
+        sent = 0
+        try:
+            for byte in pdu:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.2)
+                sock.setblocking(False)
+                try:
+                    if sock.recv(4096)[:1] in (b"", b"\x07"):  # closed, or an A-ABORT
+                        break
+                except BlockingIOError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+        except OSError:
+            pass
+        assert sent < len(pdu)
+        sock.close()
+        deadline = time.monotonic() + 30
+        while srv.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        srv.stop()
+    # One line: ours, or (established) pynetdicom's "Network timeout reached" if it came first.
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
+def test_a_peer_gone_mid_data_set_stores_nothing_and_logs_no_traceback(tmp_path, caplog, rst):
+    # A reset in the middle of a PDU made pynetdicom log the ConnectionResetError's traceback.
+    srv = Server(tmp_path / "store")
+    ds = pydicom.dcmread(CT_SMALL)
+    try:
+        with caplog.at_level(logging.WARNING):
+            sock, context = raw_associate(srv.port)
+            sock.sendall(p_data_tf(context, bytes(200), command=False, last=False))  # a fragment, not the last
+            sock.sendall(struct.pack(">BBI", 0x04, 0, 1000) + bytes(100))  # and a PDU cut short
+            if rst:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            deadline = time.monotonic() + 30
+            while srv.ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not srv.ae.active_associations
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+        assert send(srv, ds) == 0x0000  # and it keeps serving
+    finally:
+        srv.stop()
+    assert srv.received == [str(tmp_path / "store" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm")]
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path]:

@@ -210,7 +210,7 @@ def _ae_titles(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--accept-all-storage", is_flag=True, help="Accept every storage SOP class, not only CT Image Storage (others are stored and get a skipped row).")
 @click.option("--max-associations", type=click.IntRange(1, 1000), default=10, help="Simultaneous associations; more are rejected.")
 @click.option("--max-pdu", type=click.IntRange(4096, 2**24), default=65536, help="Largest PDU we receive, in bytes.")
-@click.option("--idle-timeout", type=click.FloatRange(1, 3600), default=60.0, help="Seconds of silence after which a peer's association is dropped.")
+@click.option("--idle-timeout", type=click.FloatRange(1, 3600), default=60.0, help="Seconds of silence after which a peer's association is dropped; also the most a PDU may take to arrive whole (plus 1 s per 64 KiB).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Server certificate (PEM): accept TLS associations only.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CA certificate (PEM): require client certificates it signed.")

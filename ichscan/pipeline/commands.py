@@ -43,7 +43,7 @@ from ichscan.sources.base import Source
 from ichscan.sources.dicomweb import DicomWebSource, PullQuery, PullStats
 from ichscan.sources.folder import FolderSource, check_input_folder
 from ichscan.sources.manifest import ManifestSource, check_manifest
-from ichscan.sources.scp import DIMSE, STOW, ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, tls_context
+from ichscan.sources.scp import DIMSE, STOW, ScpOptions, ScpSource, StoreHandler, build_ae, decodable_transfer_syntaxes, start_server, tls_context
 from ichscan.sources.stow import StowOptions, start_stow_server
 from ichscan.sources.watch import WatchSource
 
@@ -431,9 +431,7 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
             try:
                 if opts.dimse:
                     try:
-                        server = ae.start_server(
-                            (opts.scp.bind, opts.scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
-                        )
+                        server = start_server(ae, (opts.scp.bind, opts.scp.port), evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context)
                     except OSError as exc:
                         raise RunError(f"cannot listen on {opts.scp.bind}:{opts.scp.port}: {exc.strerror or exc}") from None
                     source.server = server

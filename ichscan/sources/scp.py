@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -277,6 +279,163 @@ def build_ae(opts: ScpOptions):
     else:
         ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
     return ae
+
+
+#: The most a PDU other than P-DATA-TF may announce (P-DATA-TF: our maximum PDU size, which
+#: the peer was told): an A-ASSOCIATE-RQ proposing every storage class, with a user identity,
+#: is far smaller.
+MAX_CONTROL_PDU = 1 << 20
+#: Besides the timeout, a PDU gets one second for every this many bytes it announces.
+MIN_PDU_RATE = 64 * 1024
+#: A-ABORT reasons (PS3.8 9.3.8): reason not specified; invalid PDU parameter value.
+ABORT_UNSPECIFIED, ABORT_INVALID_PARAMETER = 0x00, 0x06
+_PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF", 5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}
+
+
+class _DroppedPeer(logging.Filter):
+    """Keeps pynetdicom's "PDU shorter than expected" error off the log when it follows a
+    peer dropped by ``GuardedSocket`` in the same thread: that peer already had its one
+    warning."""
+
+    dropped = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.dropped, "flag", False) and record.getMessage().startswith("The received PDU is shorter than expected"):
+            self.dropped.flag = False
+            return False
+        return True
+
+
+_DROPPED_PEER = _DroppedPeer()
+
+
+def _guarded_socket_class():
+    from pynetdicom.transport import AssociationSocket
+
+    class GuardedSocket(AssociationSocket):
+        """pynetdicom's socket with bounds on what one PDU from the peer may cost.
+
+        pynetdicom reads a PDU as its 6-byte header, then as many bytes as the header
+        announces, into memory, with nothing but the socket timeout between two bytes: a
+        header announcing 4 GB made the receiver buffer whatever came (4 GB if sent), and a
+        peer sending a byte a second held its association slot forever, before and after
+        negotiation (the timers are checked only between PDUs). Here a PDU may announce at
+        most our maximum PDU size (P-DATA-TF) or :data:`MAX_CONTROL_PDU` (the others), and
+        must arrive whole within the timeout (the ACSE timeout until the association is
+        established, then the network one, i.e. ``--idle-timeout``) plus one second per
+        :data:`MIN_PDU_RATE` bytes. A peer breaking either is sent an A-ABORT and dropped
+        with one warning; pynetdicom sees a short read (a closed connection).
+
+        The DUL reader calls :meth:`recv` for a header, then for the body it announced,
+        strictly in turn, which is how the two calls are told apart.
+        """
+
+        _body_next = False
+        _deadline: float | None = None
+        _allowed: float | None = None
+        _kind = ""
+
+        def recv(self, nr_bytes: int) -> bytearray:
+            assoc = self.assoc
+            timeout = assoc.network_timeout if assoc.is_established else assoc.acse_timeout
+            now = time.monotonic()
+            if not self._body_next:  # a PDU header
+                data, late = self._recv_by(nr_bytes, None if timeout is None else now + timeout)
+                if late:
+                    return self._drop(data, f"sent {len(data)} of the 6 bytes of a PDU header in {timeout:.0f} s", ABORT_UNSPECIFIED)
+                if len(data) == 6:
+                    kind, length = data[0], struct.unpack(">I", data[2:6])[0]
+                    most = (assoc.acceptor.maximum_length or 0xFFFFFFFF) if kind == 0x04 else MAX_CONTROL_PDU
+                    if length > most:
+                        name = _PDU_NAMES.get(kind, f"0x{kind:02X}")
+                        return self._drop(data[:5], f"announced {length} bytes for its {name}, more than {most}", ABORT_INVALID_PARAMETER)
+                    self._allowed = None if timeout is None else timeout + length / MIN_PDU_RATE
+                    self._deadline = None if timeout is None else now + self._allowed
+                    self._kind = _PDU_NAMES.get(kind, f"0x{kind:02X}")
+                    self._body_next = True
+                return data
+            self._body_next = False
+            data, late = self._recv_by(nr_bytes, self._deadline)
+            if late:
+                what = f"sent {len(data)} of the {nr_bytes} bytes of its {self._kind} in {self._allowed:.0f} s"
+                return self._drop(data, what, ABORT_UNSPECIFIED)
+            return data
+
+        def _recv_by(self, nr_bytes: int, deadline: float | None) -> tuple[bytearray, bool]:
+            """Up to ``nr_bytes`` (fewer: the peer closed); True once ``deadline`` passed."""
+            sock = self.socket
+            data = bytearray()
+            if sock is None:
+                return data, False
+            saved = sock.gettimeout()
+            try:
+                while len(data) < nr_bytes:
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return data, True
+                        sock.settimeout(left if saved is None else min(left, saved))
+                    chunk = sock.recv(min(65536, nr_bytes - len(data)))
+                    if not chunk:
+                        break
+                    data.extend(chunk)
+            except TimeoutError:
+                return data, deadline is not None and time.monotonic() >= deadline
+            except OSError as exc:  # reset by the peer: a closed connection, for pynetdicom too
+                log.debug("connection from %s lost: %s", self._peer(), exc)
+            finally:
+                try:
+                    sock.settimeout(saved)
+                except OSError:
+                    pass
+            return data, False
+
+        def _peer(self) -> str:
+            requestor = self.assoc.requestor
+            return f"{requestor.ae_title or '?'}@{requestor.address}:{requestor.port}"
+
+        def _drop(self, data: bytearray, what: str, reason: int) -> bytearray:
+            # An established association's own network timeout may have aborted it already
+            # (pynetdicom logs that, once): then this is no news.
+            aborted = self.assoc.is_aborted or getattr(self.assoc, "_sent_abort", False)
+            log.log(logging.DEBUG if aborted else logging.WARNING, "association from %s dropped: it %s", self._peer(), what)
+            _DroppedPeer.dropped.flag = True
+            try:  # best effort: the peer may be gone or not reading
+                self.socket.settimeout(1.0)
+                self.socket.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, reason))
+            except OSError:
+                pass
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return data
+
+    return GuardedSocket
+
+
+def start_server(ae, address: tuple[str, int], evt_handlers, ssl_context: ssl.SSLContext | None = None):
+    """``ae.start_server(address, block=False, ...)``, with each association's socket a
+    guarded one (see ``GuardedSocket`` in :func:`_guarded_socket_class`)."""
+    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+    guarded = _guarded_socket_class()
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if _DROPPED_PEER not in dul_log.filters:
+        dul_log.addFilter(_DROPPED_PEER)
+
+    class GuardedRequestHandler(RequestHandler):
+        def _create_association(self):
+            assoc = super()._create_association()
+            # pynetdicom builds the socket (and queues its connection event) itself; only
+            # its reading changes, so the instance keeps its state and gets the subclass.
+            assoc.dul.socket.__class__ = guarded
+            return assoc
+
+    server = ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context, server_class=ThreadedAssociationServer, request_handler=GuardedRequestHandler)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
+    ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it too
+    return server
 
 
 class ScpSource:
