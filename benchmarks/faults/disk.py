@@ -423,7 +423,7 @@ def eio_fsync(args, target: str) -> dict:
         eio_target=target,
         eio_every=every,
         eio_injected=len(injected),
-        eio_injected_on_folders=sum(1 for line in injected if Path(line.split(" ", 2)[2]).is_dir()),
+        **eio_kinds(injected, under),
         refused=log_lines(work, REFUSED),
         **under_fault,
         **store_leftovers(server.store, sent_uids),
@@ -432,6 +432,22 @@ def eio_fsync(args, target: str) -> dict:
         exit_status=exit_status,
         exit_status_after_restart=exit_status_2,
     )
+
+
+def eio_kinds(injected: list[str], under: Path) -> dict:
+    """The failed calls by what they synced: files (temporary files, SQLite's), a series
+    folder (in the store: the fsync after the rename), other folders (made for a new
+    study or series, before any write)."""
+    kinds = {"eio_on_files": 0, "eio_on_series_folders": 0, "eio_on_other_folders": 0}
+    for line in injected:
+        path = Path(line.split(" ", 2)[2])
+        if not path.is_dir():
+            kinds["eio_on_files"] += 1
+        elif len(path.relative_to(under).parts) == 2:
+            kinds["eio_on_series_folders"] += 1
+        else:
+            kinds["eio_on_other_folders"] += 1
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> int:
