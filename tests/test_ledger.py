@@ -133,6 +133,46 @@ def test_reconcile_appends_missing_rows_once_and_cuts_a_torn_line(tmp_path):
         assert out.read_bytes() == before
 
 
+def test_a_disk_full_mid_batch_leaves_no_torn_row_and_the_rows_follow_when_there_is_room(tmp_path, monkeypatch):
+    """The live CSV reporter meets a full disk in the middle of a batch (a short write, then
+    ENOSPC, as a file system does): the half-written rows are cut, so no half row ends up
+    before later rows, and once there is room the rows that failed are written from the
+    ledger with the next batch, each once."""
+    from ichscan.default_plugins.csv_report import CsvReporter
+
+    out = tmp_path / "results.csv"
+    table = StudyTable({label: 0.5 for label in LABELS})
+    batches = [[ok_result(f"/in/{b}-{i}.dcm", f"1.{b}.{i}") for i in range(30)] for b in range(4)]
+    real_write, room = os.write, {"bytes": None}
+
+    def disk(fd, data):
+        if room["bytes"] is None or fd != reporter._fh.fileno():
+            return real_write(fd, data)
+        if room["bytes"] == 0:
+            raise OSError(28, "No space left on device")
+        n = real_write(fd, bytes(data[: room["bytes"]]))
+        room["bytes"] -= n
+        return n
+
+    monkeypatch.setattr(os, "write", disk)
+    with Ledger(tmp_path / "state.sqlite") as ledger:
+        reporter = CsvReporter(out, None, ledger=ledger, live=True)
+        for b, batch in enumerate(batches):
+            screen(ledger, batch)  # the ledger first, as Pipeline.report does
+            if b == 1:
+                room["bytes"] = 1000  # three rows and a half fit
+                with pytest.raises(OSError, match="cannot append to .*results.csv: No space left on device; its rows are in the state file"):
+                    reporter.on_results(batch, table)
+                assert [len(row) for row in read_rows(out)[1]] == [len(RESULT_COLUMNS)] * 30  # cut back to batch 0
+                room["bytes"] = None  # room again
+            else:
+                reporter.on_results(batch, table)
+        reporter.on_finish(None, table)
+    header, rows = read_rows(out)
+    assert header == list(RESULT_COLUMNS) and all(len(row) == len(RESULT_COLUMNS) for row in rows)
+    assert sorted(row[1] for row in rows) == sorted(r.sop_instance_uid for batch in batches for r in batch)
+
+
 def test_reconcile_keeps_both_rows_of_a_file_screened_twice(tmp_path):
     out = tmp_path / "results.csv"
     with Ledger(tmp_path / "state.sqlite") as ledger:

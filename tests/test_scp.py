@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import threading
@@ -153,6 +154,31 @@ def test_storage_failure_answers_a700_leaves_nothing_and_keeps_serving(server, m
     assert server.received == []
     assert send(server, ds) == 0x0000  # the same server, still serving
     assert len(server.received) == 1
+
+
+def test_a_folder_fsync_failing_after_the_rename_is_not_taken_for_a_duplicate(server, monkeypatch):
+    """EIO from the folder's fsync after the rename: 0xA700, and the file (complete) stays.
+    The re-send must sync the folder and hand the file on to be screened, not answer
+    Success as for a duplicate of something already handed on (it never was)."""
+    real = os.fsync
+
+    def eio_on_a_folder_with_the_file(fd):
+        if threading.current_thread() is not threading.main_thread() and stat.S_ISDIR(os.fstat(fd).st_mode):
+            if any(name.endswith(".dcm") and not name.startswith(".") for name in os.listdir(fd)):
+                raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", eio_on_a_folder_with_the_file)
+    ds = pydicom.dcmread(CT_SMALL)
+    assert send(server, ds) == OUT_OF_RESOURCES
+    assert server.received == []
+    assert send(server, ds) == OUT_OF_RESOURCES  # the folder still does not sync
+    monkeypatch.setattr(os, "fsync", real)
+    assert send(server, ds) == 0x0000
+    stored = [p for p in leftovers(server.opts.store)]
+    assert server.received == [str(p) for p in stored] and len(stored) == 1
+    assert send(server, ds) == 0x0000  # from now on a plain duplicate
+    assert len(server.received) == 1 and server.handler.stats.duplicates == 1
 
 
 def test_called_and_calling_ae_titles_are_enforced(tmp_path):

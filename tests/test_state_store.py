@@ -141,3 +141,47 @@ def test_batch_with_dicom_results_on_a_state_file_in_use_stops_with_one_line(tmp
     assert not any((tmp_path / "dicom").rglob("*.dcm"))
     run_batch(opts)  # released: the same run now makes its results
     assert any((tmp_path / "dicom").rglob("*.dcm"))
+
+
+def test_a_state_file_that_cannot_be_written_is_not_called_foreign(tmp_path):
+    """A full disk at open (here: a file size limit of 0 bytes, which SQLite meets as a
+    failed write) is reported as the file not opening, not as a file of something else."""
+    import resource
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom ichscan.state import StateError, StateStore\ntry:\n    StateStore(sys.argv[1])\nexcept StateError as exc:\n    print(exc)\n"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state.sqlite")], capture_output=True, text=True, preexec_fn=limit, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"cannot open state file {tmp_path / 'state.sqlite'}: "), proc.stdout
+    assert "not an ichscan ledger" not in proc.stdout
+
+
+def test_a_state_file_that_stops_committing_ends_the_run_with_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    """The ledger's commit failing mid-run (SQLite's 'database or disk is full') ends the run
+    with a one-line RunError, not a traceback; the next run gives every file one row."""
+    from ichscan.pipeline import BatchOptions, RunError, run_batch
+    from ichscan.state.ledger import Ledger as LedgerClass
+    from ichscan.synth import generate
+    from helpers import read_csv
+
+    generate(tmp_path / "in", studies=1, slices=4, seed=5, size=64)
+    opts = BatchOptions(input_dir=tmp_path / "in", out=tmp_path / "results.csv", overlays_for="none", workers=0, batch_size=1, progress=False)
+    real, calls = LedgerClass.record, []
+
+    def full_after_one(self, rows):
+        calls.append(len(rows))
+        if len(calls) > 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, rows)
+
+    monkeypatch.setattr(LedgerClass, "record", full_after_one)
+    with pytest.raises(RunError, match=r"state file .*state\.sqlite: database or disk is full; stopped") as err:
+        run_batch(opts)
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(LedgerClass, "record", real)
+    opts.resume = True
+    run_batch(opts)
+    rows = read_csv(tmp_path / "results.csv")
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in (tmp_path / "in").rglob("*.dcm"))

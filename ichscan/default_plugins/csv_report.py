@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +40,12 @@ def write_studies_csv(path: Path, studies: StudyTable, only: set[str] | None = N
 class CsvReporter(Reporter):
     """Appends one row per file to ``--out``; keeps ``--studies-out`` current.
 
+    Each batch of rows goes to the file as one write of whole rows, unbuffered: when it
+    fails (a full disk), the file is cut back to its last whole row, so no half row is
+    ever followed by other rows. With a ``ledger``, the rows that could not be written are
+    written with the next batch once there is room (the ledger records every result
+    before any reporter sees it); without one they are missing until ``batch --resume``.
+
     Parameters
     ----------
     out
@@ -61,6 +69,7 @@ class CsvReporter(Reporter):
         self.out = out
         self.studies_out = studies_out
         self.live = live
+        self.ledger = ledger
         if ledger is not None:
             repair = reconcile_csv(out, ledger, RESULT_COLUMNS)
             if repair.torn_bytes:
@@ -69,17 +78,55 @@ class CsvReporter(Reporter):
                 log.warning("restored %d rows to %s from the ledger", repair.appended, out)
             if repair.unknown:
                 log.warning("%s holds %d rows the ledger %s does not know (another run?)", out, repair.unknown, ledger.path)
-        self._fh = open(out, "a" if ledger is not None else "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in on_finish
-        self._writer = csv.writer(self._fh)
-        if self._fh.tell() == 0:
-            self._writer.writerow(RESULT_COLUMNS)
-        self._fh.flush()
+        self._open("a" if ledger is not None else "w")
+        if self._end == 0:
+            self._append([RESULT_COLUMNS])
+        self._behind = False  # rows failed to be written; the ledger has them
         self._last_studies = 0.0
         self._studies_dirty = False
 
+    def _open(self, mode: str) -> None:
+        self._fh = open(self.out, mode + "b", buffering=0)  # noqa: SIM115 - closed in on_finish
+        self._end = os.fstat(self._fh.fileno()).st_size  # where the whole rows end
+
+    def _append(self, rows) -> None:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(rows)
+        encoded = text.getvalue().encode("utf-8")
+        data = memoryview(encoded)
+        try:
+            while data:
+                data = data[os.write(self._fh.fileno(), data) :]
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fh.fileno(), self._end)  # the half-written rows go
+            except OSError:
+                pass  # still torn at the end: the next reconcile_csv cuts it
+            behind = "; its rows are in the state file and are written once there is room" if self.ledger is not None else ""
+            raise OSError(exc.errno, f"cannot append to {self.out}: {exc.strerror or exc}{behind}") from None
+        self._end += len(encoded)
+
+    def _catch_up(self) -> None:
+        """Write the rows the ledger has and the file lacks (this batch's among them)."""
+        self._fh.close()
+        try:
+            repair = reconcile_csv(self.out, self.ledger, RESULT_COLUMNS)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot append to {self.out}: {exc.strerror or exc}; still behind the state file") from None
+        finally:
+            self._open("a")
+        self._behind = False
+        log.warning("%s caught up: %d rows that could not be written before are written now", self.out, repair.appended)
+
     def on_results(self, results: list[SliceResult], studies: StudyTable) -> None:
-        self._writer.writerows(result_row(r) for r in results)
-        self._fh.flush()
+        if self._behind:
+            self._catch_up()
+        else:
+            try:
+                self._append(result_row(r) for r in results)
+            except OSError:
+                self._behind = self.ledger is not None
+                raise
         if self.live:
             return
         self._studies_dirty |= bool(studies.changed)
@@ -92,8 +139,12 @@ class CsvReporter(Reporter):
         self._write_studies(studies, studies.complete if self.live else None)
 
     def on_finish(self, summary: RunSummary, studies: StudyTable) -> None:
-        self._fh.close()
-        self._write_studies(studies)
+        try:
+            if self._behind:
+                self._catch_up()
+        finally:
+            self._fh.close()
+            self._write_studies(studies)
 
     def _write_studies(self, studies: StudyTable, only: set[str] | None = None) -> None:
         if self.studies_out is None:

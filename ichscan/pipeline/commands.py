@@ -222,10 +222,28 @@ def _writable(outputs: RunOutputs, **more: Path) -> list[tuple[str, Path]]:
 
 def _run(pipeline: Pipeline, ledger: Ledger, stop: threading.Event, engine: Callable[[Pipeline], None] | None = None) -> RunSummary:
     try:
-        with stop_on_signals(stop):
+        with stop_on_signals(stop), ledger_failures(ledger):
             return pipeline.run(engine)
     finally:
         ledger.close()
+
+
+@contextmanager
+def ledger_failures(ledger: Ledger) -> Iterator[None]:
+    """A state file that cannot commit (disk full, I/O error) ends the run with one line.
+
+    Nothing is lost by stopping: a result is recorded in the ledger before any output shows
+    it, and what was queued or received but not recorded is screened by the next run.
+
+    Raises
+    ------
+    RunError
+        For any ``sqlite3.Error`` raised out of the block.
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise RunError(f"state file {ledger.path}: {exc}; stopped (the next run screens what was not recorded)") from None
 
 
 def source_factories(pm: pluggy.PluginManager) -> dict[str, Callable[[str], Source]]:
@@ -471,7 +489,8 @@ def run_serve(opts: ServeOptions, pm: pluggy.PluginManager | None = None, stop: 
                     store,
                 )
             try:
-                summary = pipeline.run()
+                with ledger_failures(ledger):
+                    summary = pipeline.run()
             finally:
                 ledger.close()
     stats = handler.stats

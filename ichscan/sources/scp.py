@@ -4,7 +4,9 @@ The handler only stores and hands the path on; screening never runs inside it. E
 instance goes to ``STORE/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 through a hidden temporary file in the same folder: write, fsync, atomic rename, fsync
 of the folder, and only then Success (0x0000). Any failure on the way answers 0xA700
-and leaves no file behind.
+and leaves no file behind, with one exception: when the folder's fsync fails after the
+rename, the complete file stays (not screened, not answered Success) until a re-send
+syncs the folder; that re-send gets Success and the file is screened.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ class StoreHandler:
         self.on_stored = on_stored
         self.stats = StoreStats()
         self._dirs_made: set[Path] = set()
+        # Files renamed into place whose folder fsync then failed (answered 0xA700): the
+        # complete file stays, as removing it could remove a concurrent writer's copy; a
+        # re-send syncs the folder and hands it on, instead of taking it for a duplicate.
+        self._unsynced: set[Path] = set()
+        self._lock = threading.Lock()
 
     def __call__(self, event) -> int:
         peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
@@ -187,7 +194,8 @@ class StoreHandler:
         int
             A C-STORE status: ``SUCCESS`` once the file is durably on disk (or was already
             stored), ``INVALID_UID`` or ``CANNOT_UNDERSTAND`` (a UID element that cannot be
-            decoded; nothing written either way) or ``OUT_OF_RESOURCES`` (no file left).
+            decoded; nothing written either way) or ``OUT_OF_RESOURCES`` (no file left, but
+            for a failed folder fsync: see the module's docstring).
         """
         try:
             uids = read_uids(ds, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -203,27 +211,44 @@ class StoreHandler:
         study, series, sop = uids
         target = self.store / study / series / f"{sop}.dcm"
         if target.exists():
-            # Keep the first copy: a re-send after a lost response is answered as stored
-            # and screened once (the ledger knows the file).
-            self.stats.add("duplicates", protocol)
-            log.info("%s: %s already stored; kept the first copy", sender, sop, extra=uid_fields(study, series, sop))
-            return SUCCESS
-        try:
-            folder = target.parent
-            if folder not in self._dirs_made:
-                folder.mkdir(parents=True, exist_ok=True)
-                fsync_dir(folder.parent)
-                fsync_dir(folder.parent.parent)
-                self._dirs_made.add(folder)
-            write_durably(target, encoded())
-        except OSError as exc:
-            self.stats.add("failed", protocol)
-            log.error("%s: cannot store %s: %s (answered as out of resources)", sender, sop, exc.strerror or exc, extra=uid_fields(study, series, sop))
-            return OUT_OF_RESOURCES
+            with self._lock:
+                unsynced = target in self._unsynced
+                self._unsynced.discard(target)
+            if not unsynced:
+                # Keep the first copy: a re-send after a lost response is answered as stored
+                # and screened once (the ledger knows the file).
+                self.stats.add("duplicates", protocol)
+                log.info("%s: %s already stored; kept the first copy", sender, sop, extra=uid_fields(study, series, sop))
+                return SUCCESS
+            try:
+                fsync_dir(target.parent)
+            except OSError as exc:
+                with self._lock:
+                    self._unsynced.add(target)
+                return self._failed(exc, sender, uids, protocol)
+        else:
+            try:
+                folder = target.parent
+                if folder not in self._dirs_made:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    fsync_dir(folder.parent)
+                    fsync_dir(folder.parent.parent)
+                    self._dirs_made.add(folder)
+                write_durably(target, encoded())
+            except OSError as exc:
+                if target.exists():  # renamed into place, then the folder's fsync failed
+                    with self._lock:
+                        self._unsynced.add(target)
+                return self._failed(exc, sender, uids, protocol)
         self.stats.add("stored", protocol)
         log.debug("%s: stored %s", sender, sop, extra=uid_fields(study, series, sop))
         self.on_stored(str(target))
         return SUCCESS
+
+    def _failed(self, exc: OSError, sender: str, uids: list[str], protocol: str) -> int:
+        self.stats.add("failed", protocol)
+        log.error("%s: cannot store %s: %s (answered as out of resources)", sender, uids[2], exc.strerror or exc, extra=uid_fields(*uids))
+        return OUT_OF_RESOURCES
 
 
 @dataclass

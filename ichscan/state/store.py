@@ -85,6 +85,12 @@ class StateStore:
             # FULL: a committed result survives a power cut, not only a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
             self._migrate()
+        except sqlite3.OperationalError as exc:
+            # The file could not be read or written (disk full, I/O error, read-only), which
+            # says nothing about what it holds.
+            self._close_connection(checkpoint=False)
+            self._lock_fh.close()
+            raise StateError(f"cannot open state file {self.path}: {exc}") from None
         except sqlite3.DatabaseError as exc:
             self._close_connection(checkpoint=False)
             self._lock_fh.close()
