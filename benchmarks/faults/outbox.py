@@ -40,6 +40,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -181,6 +182,35 @@ def wait_screened(srv: ServerProcess, senders: list[Sender], items, timeout: flo
     wait_for(screened, timeout, "every acknowledged instance to be screened", srv.proc, srv.log)
 
 
+class StudySender(threading.Thread):
+    """Sends ``items`` a study at a time, ``pace`` s apart: each study by its own
+    common.Sender, which sends again what has no Success after a failure, so a study is
+    split across associations only where the server was killed while receiving it."""
+
+    def __init__(self, port: int, items, pace: float):
+        super().__init__(daemon=True)
+        self.port, self.pace = port, pace
+        self.studies = split_by_study(items, len({i.study_instance_uid for i in items}))
+        self.senders: list[Sender] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        for study in self.studies:
+            if self._halt.is_set():
+                return
+            sender = Sender(self.port, study, batch=len(study))
+            self.senders.append(sender)
+            sender.start()
+            while not sender.done:
+                if self._halt.wait(0.2):
+                    sender.stop()
+                    return
+            self._halt.wait(self.pace)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
 def fresh(name: str) -> Path:
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
@@ -194,7 +224,9 @@ def sigkill(args) -> dict:
     orthanc = start_orthanc(work / "orthanc")
     port = free_port()
     srv = start_server(work, port, orthanc, args.forward_wait)
-    senders = [Sender(port, share, batch=args.slices, pace_s=args.pace).start() for share in split_by_study(items, args.senders)]
+    feeders = [StudySender(port, share, args.pace) for share in split_by_study(items, args.senders)]
+    for feeder in feeders:
+        feeder.start()
     started = time.monotonic()
     at_kills = []
     restart_s = []
@@ -211,8 +243,9 @@ def sigkill(args) -> dict:
             t = time.monotonic()
             srv = start_server(work, port, orthanc, args.forward_wait)
             restart_s.append(time.monotonic() - t)
-        for s in senders:
-            s.join(timeout=600)
+        for feeder in feeders:
+            feeder.join(timeout=600)
+        senders = [sender for feeder in feeders for sender in feeder.senders]
         wait_screened(srv, senders, items, 900)
         code = srv.stop(signal.SIGTERM)
         acked = {p: t for s in senders for p, t in s.acked.items()}
@@ -236,8 +269,8 @@ def sigkill(args) -> dict:
             at_kills=at_kills,
         )
     finally:
-        for s in senders:
-            s.stop()
+        for feeder in feeders:
+            feeder.stop()
         if srv.proc.poll() is None:
             kill_tree(srv.proc)
         orthanc.close()
@@ -321,7 +354,7 @@ def main(argv=None) -> None:
     parser.add_argument("--slices", type=int, default=10)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--senders", type=int, default=2)
-    parser.add_argument("--pace", type=float, default=10.0, help="outbox-sigkill: seconds between a sender's studies")
+    parser.add_argument("--pace", type=float, default=15.0, help="outbox-sigkill: seconds between a sender's studies")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--low", type=float, default=3.0, help="shortest wait before a kill (after the restart), s")
     parser.add_argument("--high", type=float, default=12.0, help="longest wait before a kill, s")
