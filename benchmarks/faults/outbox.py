@@ -5,10 +5,13 @@ Two scenarios, each with ``ichscan serve-scp --dicom-out DIR --forward ORTHANC@1
 forwarding to a real Orthanc, and dcmtk ``storescu`` senders (common.Sender) sending phantom
 head CT studies to it:
 
-* ``outbox-sigkill``: while studies are screened and their results flow to Orthanc, serve-scp
-  (with its decode workers) is SIGKILLed at ``--kills`` random moments and restarted each time
-  on the same port, store, CSV and state file. When every instance is in and screened it is
-  stopped with SIGTERM (``--forward-wait`` lets the outbox drain).
+* ``outbox-sigkill``: two senders send a study at a time, ``--pace`` s apart; while studies
+  are screened and their results flow to Orthanc, serve-scp (with its decode workers) is
+  SIGKILLed ``--kills`` times and restarted each time on the same port, store, CSV and state
+  file. Each kill comes after a random wait (``--low``..``--high`` s, common.random_moments),
+  then at the next moment the state file shows a delivery pending (at most ``--aim`` s
+  more), plus 0-0.2 s: SR and key images made, some sent, some not. When every instance is
+  in and screened it is stopped with SIGTERM (``--forward-wait`` lets the outbox drain).
 * ``orthanc-down``: Orthanc is stopped for ``--down`` seconds while the studies are sent to
   serve-scp and screened (their results wait in the outbox), then started again on the same
   HTTP and DICOM ports. During the outage a C-ECHO and one more study are sent to serve-scp.
