@@ -208,11 +208,21 @@ class Orthanc:
 
     ``ichscan_port``: a DICOM modality "ichscan" (AE ICHSCAN) it can send to;
     ``dicomweb``: load the DICOMweb plugin (root ``/dicom-web/``, at :attr:`dicomweb_url`);
-    ``http_port``: reuse a port (a restarted Orthanc at the same URL).
+    ``http_port``, ``dicom_port``: reuse ports (a restarted Orthanc at the same URL and AE address);
+    ``extra``: more configuration entries (e.g. ``LuaScripts``), added to the generated ones.
     """
 
-    def __init__(self, work: Path, ichscan_port: int | None = None, *, dicomweb: bool = False, http_port: int | None = None):
-        self.http_port, self.dicom_port = http_port or free_port(), free_port()
+    def __init__(
+        self,
+        work: Path,
+        ichscan_port: int | None = None,
+        *,
+        dicomweb: bool = False,
+        http_port: int | None = None,
+        dicom_port: int | None = None,
+        extra: dict | None = None,
+    ):
+        self.http_port, self.dicom_port = http_port or free_port(), dicom_port or free_port()
         work.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "ichscan-test",
@@ -230,6 +240,7 @@ class Orthanc:
         }
         if dicomweb:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        config.update(extra or {})
         path = work / "orthanc.json"
         path.write_text(json.dumps(config))
         self.log = work / "orthanc.log"

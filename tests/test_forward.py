@@ -218,6 +218,35 @@ def test_restart_sends_pending_results_once_with_the_same_uids(phantoms, tmp_pat
         target.close()
 
 
+def test_a_target_that_refuses_connections_is_retried_past_the_refusal_limit(phantoms, tmp_path):
+    """A PACS that is down (connection refused) is unreachable, not a refusal of the objects:
+    pynetdicom reports the failed connection as an aborted association, which once counted
+    towards MAX_REFUSALS, so a PACS down for a few minutes got its results given up."""
+    import sqlite3
+
+    from ichscan.state import StateStore
+    from ichscan.state.forwarder import Forwarder
+    from ichscan.state.rounds import MAX_REFUSALS
+
+    destination = Destination("TARGET", "127.0.0.1", free_port())  # nothing listens there
+    batch(phantoms, tmp_path, forward=(destination,), forward_wait=0)
+    rounds: list[int] = []
+    with StateStore(tmp_path / "state.sqlite") as store:
+        forwarder = Forwarder(store, [destination], min_backoff=0.01, max_backoff=0.01)
+        deliver = forwarder._deliver
+        forwarder._deliver = lambda key, items: (rounds.append(len(items)), deliver(key, items))
+        forwarder.start()
+        try:
+            # Twice the rounds after which a refusal is given up (or until nothing is pending).
+            wait_for(lambda: len(rounds) > 2 * MAX_REFUSALS or not forwarder._pending(), 60, "rounds past the refusal limit")
+        finally:
+            forwarder.stop()
+            forwarder.join(timeout=10)
+    rows = sqlite3.connect(tmp_path / "state.sqlite").execute("SELECT state, attempts, last_error FROM deliveries").fetchall()
+    assert rows and all(state == "pending" and attempts == 0 for state, attempts, _ in rows), rows
+    assert all("does not accept" not in error and error for _, _, error in rows)
+
+
 # -- Orthanc ---------------------------------------------------------------------------------
 
 

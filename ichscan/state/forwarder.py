@@ -149,9 +149,11 @@ class Forwarder(DeliveryRounds):
             self._unreachable(key, items, f"cannot connect: {exc}")
             return
         if not assoc.is_established:
-            if assoc.is_aborted:
-                # pynetdicom aborts when the peer accepted none of the proposed SOP classes:
-                # a refusal of these objects, counted towards giving up, not "unreachable".
+            if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+                # pynetdicom aborts when the peer answered but accepted none of the proposed
+                # SOP classes: a refusal of these objects, counted towards giving up. It also
+                # reports a refused connection, a timeout or the peer's abort as "aborted"
+                # (then no context was answered): unreachable, retried without limit.
                 names = ", ".join(sorted({UID(item.detail[0]).name for item in items}))
                 for item in items:
                     self._refused(key, item, f"association aborted: {key} does not accept {names}?")
@@ -159,7 +161,7 @@ class Forwarder(DeliveryRounds):
             if assoc.is_rejected:
                 reason = "association rejected (check our --calling-ae and its AE title)"
             else:
-                reason = "no association (connection refused or timed out)"
+                reason = "no association (connection refused, timed out or aborted)"
             self._unreachable(key, items, reason)
             return
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
