@@ -288,3 +288,39 @@ def test_serve_scp_gives_the_model_neighbours_in_position_order(tmp_path, series
     by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: key for p, key in where.items()}
     stored = {str(p): by_sop[p.stem] for p in store.rglob("*.dcm")}
     assert seen_by_model(out, stored) == expected_neighbours(where)
+
+
+def test_a_study_with_slices_waiting_for_neighbours_is_summarised_once_when_whole(tmp_path, series_files, caplog):
+    """--study-timeout shorter than the wait for a missing neighbour (--series-timeout): the
+    study's slices next to the gap are still in the pipeline when the others' results are a
+    study-timeout old, so the study is not quiet yet; it is summarised once, with every slice
+    (it used to be summarised with part of them and revised when the rest came)."""
+    import logging
+
+    from pynetdicom import AE
+
+    root, where = series_files
+    study = pydicom.dcmread(next(iter(where)), stop_before_pixels=True).StudyInstanceUID
+    pm = get_plugin_manager([PLUGIN_DIR])
+    port = free_port()
+    store = tmp_path / "store"
+    watch = WatchOptions(input_dir=store, max_latency=0.0, series_timeout=3.0, study_timeout=0.3, **common(tmp_path, "serve"))
+    stop = threading.Event()
+    opts = ServeOptions(scp=ScpOptions(port=port, store=store), watch=watch, drain_timeout=5)
+    caplog.set_level(logging.INFO, logger="ichscan.pipeline.run")
+    thread = threading.Thread(target=run_serve, args=(opts, pm, stop), daemon=True)
+    thread.start()
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = wait_for(lambda: (a := ae.associate("127.0.0.1", port, ae_title="ICHSCAN")).is_established and a, 60, "an association")
+    for path in where:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+    assoc.release()
+    summaries = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"study {study}:")]  # noqa: E731
+    wait_for(summaries, 60, "the study's summary")
+    time.sleep(1.0)  # a second, late summary would come now
+    stop.set()
+    thread.join(60)
+    assert len(read_csv(tmp_path / "serve" / "results.csv")) == len(where)
+    assert summaries() == [summaries()[0]]
+    assert summaries()[0].startswith(f"study {study}: {len(where)} slices")

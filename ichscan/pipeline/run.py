@@ -19,6 +19,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +61,11 @@ class LiveSummary(RunSummary):
 
 
 class StudyClock:
-    """Which studies have gone quiet for ``timeout`` seconds since their last result."""
+    """Which studies have gone quiet for ``timeout`` seconds since their last result.
+
+    A study with files still in the pipeline (``busy``) is not quiet, however long its
+    screening takes: with a backlog longer than ``timeout``, it would otherwise be summarised
+    with part of its slices and revised later (its clock starts again instead)."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
@@ -75,10 +80,16 @@ class StudyClock:
             return None
         return max(0.0, min(self.last_seen.values()) + self.timeout - now)
 
-    def quiet(self, now: float) -> list[str]:
-        due = [uid for uid, seen in self.last_seen.items() if now - seen >= self.timeout]
-        for uid in due:
-            del self.last_seen[uid]
+    def quiet(self, now: float, busy: Callable[[str], bool] = lambda uid: False) -> list[str]:
+        due = []
+        for uid, seen in list(self.last_seen.items()):
+            if now - seen < self.timeout:
+                continue
+            if busy(uid):
+                self.last_seen[uid] = now
+            else:
+                del self.last_seen[uid]
+                due.append(uid)
         return due
 
     def pending(self) -> list[str]:
@@ -193,6 +204,10 @@ class Pipeline:
         self.progress = progress or Progress(enabled=False)
         self.clock = StudyClock(study_timeout)
         self.in_flight: dict[str, int | None] = {}  # path -> ledger row id
+        # In-flight paths whose study is known (from the source, or once decoded), per study:
+        # a study with files still in the pipeline is not quiet.
+        self._study_of: dict[str, str] = {}
+        self._busy_studies: Counter[str] = Counter()
         self.exclusions = None  # set by the command: our own outputs (sources skip them)
         self.series = SeriesAssembler(screener.context, series_timeout if self.live else math.inf)
         # A model with a series head refines whole series: screened slices wait here.
@@ -293,7 +308,7 @@ class Pipeline:
             now = self._advance(source)
             self.report_overlaid()
             if self.live:
-                quiet = self.clock.quiet(time.monotonic())
+                quiet = self.clock.quiet(time.monotonic(), self._busy_studies.__contains__)
                 if quiet:
                     self.complete_studies(quiet)
 
@@ -308,6 +323,8 @@ class Pipeline:
         now = time.monotonic()
         final = source.finished and not self.pool.pending
         if decoded:
+            for piece in decoded:
+                self._hold(piece.path, piece.instance.study_key)
             self.series.add(decoded, now)
         self.batcher.add(self.series.take(now, flush=final))
         # Every batch that is due: one collect may bring several chunks, and slices left
@@ -360,8 +377,22 @@ class Pipeline:
         self.queue(entries)
         self.pool.submit(entries)
 
+    def _hold(self, path: str, study: str) -> None:
+        if study and path not in self._study_of:
+            self._study_of[path] = study
+            self._busy_studies[study] += 1
+
+    def _release(self, path: str) -> None:
+        study = self._study_of.pop(path, None)
+        if study is not None:
+            self._busy_studies[study] -= 1
+            if self._busy_studies[study] <= 0:
+                del self._busy_studies[study]
+
     def queue(self, entries: list[Entry]) -> None:
         """Record entries as queued (ledger) and in flight: each then gets its row once."""
+        for entry in entries:
+            self._hold(entry.path, entry.study)
         if self.ledger is not None:
             ids = self.ledger.queue([FileIdentity(e.path, e.size, e.mtime_ns) for e in entries])
             self.in_flight.update(ids)
@@ -407,6 +438,8 @@ class Pipeline:
         else:
             for result in results:
                 self.in_flight.pop(result.path, None)
+        for result in results:
+            self._release(result.path)
         self.studies.add(results)
         self.summary.count(results)
         if self.metrics is not None:

@@ -27,6 +27,8 @@ class Entry:
     (the ledger screens a path again when they change); ``-1`` when not known.
     ``skip``: a reason to give the file a ``skipped`` row without decoding it (a selection
     rule decided on its header, e.g. ``largest-series``), its identity in ``instance``.
+    ``study``: its StudyInstanceUID when the source knows it before decoding (a receiver's
+    store path), so the study does not go quiet while the file waits to be screened.
     """
 
     path: str
@@ -35,15 +37,17 @@ class Entry:
     mtime_ns: int = -1
     skip: str = ""
     instance: Instance | None = field(default=None, compare=False, repr=False)
+    study: str = field(default="", compare=False)
 
 
 def stored_entry(path: str) -> Entry | None:
-    """An entry with the identity (size, mtime) of a file a receiver stored; None if it is gone."""
+    """An entry with the identity (size, mtime) of a file a receiver stored, and its study
+    (``STORE/<study>/<series>/<sop>.dcm``); None if it is gone."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    return Entry(path, "", st.st_size, st.st_mtime_ns)
+    return Entry(path, "", st.st_size, st.st_mtime_ns, study=os.path.basename(os.path.dirname(os.path.dirname(path))))
 
 
 #: The former name of :class:`Entry`.
