@@ -70,7 +70,8 @@ __all__ = [
 #: dcmtk's storescu by full path: pynetdicom puts a look-alike script in the venv's bin.
 STORESCU = Path("/usr/bin/storescu")
 WORK = ROOT / ".bench" / "faults"
-RESULTS = WORK / "results"
+#: Where save_result() writes (ICHSCAN_FAULTS_RESULTS: elsewhere, e.g. for CI's short run).
+RESULTS = Path(os.environ.get("ICHSCAN_FAULTS_RESULTS", WORK / "results"))
 
 
 @dataclass(frozen=True)

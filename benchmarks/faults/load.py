@@ -1,9 +1,9 @@
 """Sustained load on ``ichscan serve-scp``: 8 dcmtk senders, flat out, for 10 minutes.
 
-    python benchmarks/faults/load.py [--senders 8] [--minutes 10] [--size 256]
+    python benchmarks/faults/load.py [--senders 8] [--minutes 10] [--size 256] [--rate R] [--name load]
 
 Each sender sends one study (20 slices, one association) after another, as fast as the
-server takes them, with fresh Study/Series/SOP Instance UIDs every time (a pool of phantoms
+server takes them (or, with ``--rate``, so that all senders together offer R instances/s), with fresh Study/Series/SOP Instance UIDs every time (a pool of phantoms
 whose UIDs are rewritten in place, same length, so every instance is new to the server and
 the senders cost little CPU). The server runs with its defaults but for ``--overlays-for none``.
 
@@ -17,7 +17,7 @@ Measured:
 - disk: the store, the state file and the CSVs at the end;
 - the accounting of common.account (0 lost, 0 duplicates).
 
-Figures go to .bench/faults/results/load.json.
+Figures go to .bench/faults/results/<name>.json.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class FreshStudies:
         return items
 
 
-def sender_loop(port: int, fresh: FreshStudies, until: float, acked: dict[str, float], items: dict[str, Phantom], stop: threading.Event) -> None:
+def sender_loop(port: int, fresh: FreshStudies, until: float, acked: dict[str, float], items: dict[str, Phantom], stop: threading.Event, study_every_s: float) -> None:
     while time.monotonic() < until and not stop.is_set():
+        began = time.monotonic()
         study = fresh.next()
         sender = Sender(port, study, batch=len(study), retry_s=1.0)
         sender.run()
@@ -76,6 +77,7 @@ def sender_loop(port: int, fresh: FreshStudies, until: float, acked: dict[str, f
             if str(item.path) in sender.acked:
                 acked[item.sop_instance_uid] = sender.acked[str(item.path)]
                 items[item.sop_instance_uid] = item
+        stop.wait(max(0.0, study_every_s - (time.monotonic() - began)))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,11 +92,13 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=0.0, help="instances/s from all senders together (0: as fast as the server takes them)")
     parser.add_argument("--drain-timeout", type=float, default=1800)
+    parser.add_argument("--name", default="load", help="the scenario's name in the results")
     args = parser.parse_args()
 
     pool = split_by_study(phantoms(args.senders * 20, size=args.size, slices=20, seed=4242), args.senders)
-    work = WORK / "load"
+    work = WORK / args.name
     shutil.rmtree(work, ignore_errors=True)
     port = free_port()
     server = ServerProcess(work, port, "--study-timeout", "5", "--max-latency", "1")
@@ -105,7 +109,8 @@ def main() -> None:
     stop = threading.Event()
     start_wall, start = time.time(), time.monotonic()
     until = start + args.minutes * 60
-    threads = [threading.Thread(target=sender_loop, args=(port, f, until, acked, items, stop), daemon=True) for f in fresh]
+    study_every_s = 20 * args.senders / args.rate if args.rate else 0.0
+    threads = [threading.Thread(target=sender_loop, args=(port, f, until, acked, items, stop, study_every_s), daemon=True) for f in fresh]
     for t in threads:
         t.start()
     samples: list[tuple[float, float]] = []
@@ -139,6 +144,7 @@ def main() -> None:
             {
                 "minute": minute + 1,
                 "received": len(in_minute),
+                "screened": sum(1 for t in done_at.values() if minute * 60 <= t - start_wall < (minute + 1) * 60),
                 "lag_p50_s": round(percentile(in_minute, 0.5), 2),
                 "lag_p95_s": round(percentile(in_minute, 0.95), 2),
                 "lag_max_s": round(max(in_minute, default=float("nan")), 2),
@@ -150,7 +156,7 @@ def main() -> None:
     rss_all = [r for _t, r in samples]
     half = len(rss_all) // 2
     figures = account(
-        "load",
+        args.name,
         # account() keys on file paths; the senders reuse theirs every round, so each gets its UID.
         {str(items[u].path) + "#" + u: t for u, t in acked.items()},
         [Phantom(Path(str(i.path) + "#" + u), u, i.study_instance_uid) for u, i in items.items()],
@@ -158,6 +164,7 @@ def main() -> None:
         None,
         senders=args.senders,
         minutes=args.minutes,
+        rate_asked=args.rate or "flat out",
         size=args.size,
         sending_s=round(sending_s),
         drained_after_s=round(drained_s),
