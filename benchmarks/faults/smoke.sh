@@ -16,4 +16,17 @@ run benchmarks/faults/outbox.py --only orthanc-down --size 128 --down 15 --down-
 run benchmarks/faults/disk.py --instances 100
 run benchmarks/faults/network.py --instances 60 --size 128 --associations 15 --max-associations 5 --loris 4 --loris-window 12 --defaults-window 35 --pdu-stream-mb 16 --disconnects 10
 run benchmarks/faults/load.py --senders 2 --minutes 0.5 --size 128 --rate 20
+# kill.py and outbox.py SIGKILL whole process trees, multiprocessing's resource tracker too, so
+# the killed runs' shared-memory slabs stay in /dev/shm (docs/robustness.md, "Found, not fixed
+# yet"): remove those whose process is gone, so that repeated CI runs do not pile them up.
+"$PY" -c '
+import os, re
+gone = 0
+for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+    match = re.match(r"ichscan-(\d+)-", name)
+    if match and not os.path.exists(f"/proc/{match.group(1)}"):
+        os.unlink(os.path.join("/dev/shm", name))
+        gone += 1
+print(f"removed {gone} shared-memory slabs of killed runs from /dev/shm")
+'
 "$PY" benchmarks/faults/report.py "$ICHSCAN_FAULTS_RESULTS"
